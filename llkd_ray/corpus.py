@@ -1,0 +1,325 @@
+"""Corpus and gold-set input on Ray Data.
+
+``read_corpus`` streams any corpus Ray Data can read (JSONL, CSV, Parquet, plain text; a file, a
+directory, a glob or a URI) into rows of ``id``, ``text`` (and ``gold_label`` when the pool hides
+gold labels). Every input row gets a stable ``id`` and a verdict: rows that cannot be used carry a
+``reason`` and go to the ``rejected`` dataset, never silently away.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import ray
+import ray.data
+from ray.data._internal.datasource.csv_datasource import CSVDatasource
+from ray.data._internal.datasource.json_datasource import PandasJSONDatasource
+from ray.data._internal.datasource.text_datasource import TextDatasource
+from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
+from ray.data.datasource import FileBasedDatasource
+from ray.data.expressions import col
+
+from llkd_ray.config import DataConfig
+from llkd_ray.errors import DataError
+
+Format = Literal["jsonl", "csv", "parquet", "text"]
+
+#: Reasons a row is rejected, in the order they are checked.
+REJECT_REASONS = ("missing_text", "non_string_text", "empty_text", "whitespace_text", "text_too_long")
+
+_EXTENSIONS: dict[str, Format] = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
+_ROW_ID = "_row_id"
+_BUILTIN_PREFIX = "builtin:"
+_BUILTIN_SETS = {"sst2": ("train", "test"), "trec": ("train", "test")}
+
+
+@dataclass
+class Corpus:
+    """A validated corpus: ``rows`` (id, text[, gold_label]) and ``rejected`` (id, text, reason).
+
+    Both are lazy Ray Datasets over the same read; nothing is materialised.
+    """
+
+    reference: str
+    rows: ray.data.Dataset
+    rejected: ray.data.Dataset
+    columns: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def builtin_path(reference: str) -> Path:
+    """Resolve ``builtin:NAME/SPLIT`` to the JSONL file shipped inside the package."""
+    name, _, split = reference.removeprefix(_BUILTIN_PREFIX).partition("/")
+    if name not in _BUILTIN_SETS or split not in _BUILTIN_SETS[name]:
+        known = ", ".join(f"builtin:{n}/{s}" for n, splits in _BUILTIN_SETS.items() for s in splits)
+        raise DataError(f"unknown built-in data set {reference!r}; known: {known}")
+    return Path(str(resources.files("llkd_ray") / "builtin" / name / f"{split}.jsonl"))
+
+
+def resolve_paths(reference: str) -> list[str]:
+    """Expand a reference into the paths or URIs Ray Data should read; fail if nothing is there."""
+    if reference.startswith(_BUILTIN_PREFIX):
+        return [str(builtin_path(reference))]
+    if "://" in reference:
+        return [reference]
+    if any(ch in reference for ch in "*?["):
+        matches = sorted(glob.glob(reference, recursive=True))
+        if not matches:
+            raise DataError(f"no files match {reference!r}")
+        return matches
+    if not Path(reference).exists():
+        raise DataError(f"input not found: {reference}")
+    return [reference]
+
+
+def detect_format(paths: list[str]) -> Format:
+    """Infer the format from the file extension; for a directory, from the files inside it."""
+    suffixes: set[str] = set()
+    for path in paths:
+        filesystem, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        info = filesystem.get_file_info(inner)
+        if info.type == pafs.FileType.Directory:
+            listing = filesystem.get_file_info(pafs.FileSelector(inner, recursive=True))
+            suffixes |= {Path(f.path).suffix.lower() for f in listing if f.type == pafs.FileType.File}
+        else:
+            suffixes.add(Path(inner).suffix.lower())
+    formats = {_EXTENSIONS[s] for s in suffixes if s in _EXTENSIONS}
+    if len(formats) != 1:
+        found = ", ".join(sorted(suffixes)) or "no files"
+        raise DataError(
+            f"cannot tell the corpus format from {', '.join(paths)} (found {found}); "
+            f"use files ending in {', '.join(_EXTENSIONS)} or set data.format"
+        )
+    return formats.pop()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _add_row_ids(block: pd.DataFrame | pa.Table, path: str, start: int) -> pd.DataFrame | pa.Table:
+    hashes = _compute_row_hashes(path, start, len(block))
+    if isinstance(block, pd.DataFrame):
+        return block.assign(**{_ROW_ID: hashes})
+    return block.append_column(_ROW_ID, pa.array(hashes, type=pa.uint64()))
+
+
+def _with_row_ids(base: type[FileBasedDatasource]) -> type[FileBasedDatasource]:
+    """A Ray file datasource that also emits a hash of (file path, row position) for each row."""
+
+    class RowIdDatasource(base):  # type: ignore[misc, valid-type]
+        def _read_stream(self, f: pa.NativeFile, path: str):
+            position = 0
+            for block in super()._read_stream(f, path):
+                yield _add_row_ids(block, path, position)
+                position += len(block)
+
+    RowIdDatasource.__name__ = f"RowId{base.__name__}"
+    return RowIdDatasource
+
+
+def read_raw(paths: list[str], fmt: Format, text_column: str) -> ray.data.Dataset:
+    """Read the corpus with Ray Data's own readers, adding the per-file row id column."""
+    if fmt == "parquet":
+        return ray.data.read_parquet(paths, include_row_hash=True).rename_columns({"row_hash": _ROW_ID})
+    if fmt == "jsonl":
+        target = ray.data.DataContext.get_current().target_max_block_size
+        datasource = _with_row_ids(PandasJSONDatasource)(paths, target_output_size_bytes=target, file_extensions=None)
+    elif fmt == "csv":
+        # Every CSV cell is text; pin the text column's type so blocks agree on it.
+        convert = pacsv.ConvertOptions(column_types={text_column: pa.string()}, strings_can_be_null=False)
+        datasource = _with_row_ids(CSVDatasource)(paths, arrow_csv_args={"convert_options": convert})
+    else:
+        datasource = _with_row_ids(TextDatasource)(paths, drop_empty_lines=False)
+    return ray.data.read_datasource(datasource)
+
+
+def classify_rows(
+    batch: pd.DataFrame,
+    *,
+    text_column: str,
+    id_column: str | None,
+    label_column: str | None,
+    max_chars: int,
+) -> pd.DataFrame:
+    """Give every row an ``id`` and a ``reason`` (None when the row is usable). Pure pandas."""
+    n = len(batch)
+    if id_column and id_column in batch:
+        ids = [None if _is_missing(v) else str(v) for v in batch[id_column]]
+        ids = [i if i is not None else f"{h:016x}" for i, h in zip(ids, batch[_ROW_ID], strict=True)]
+    else:
+        ids = [f"{h:016x}" for h in batch[_ROW_ID]]
+    raw_texts = batch[text_column] if text_column in batch else pd.Series([None] * n, index=batch.index)
+    texts: list[str | None] = []
+    reasons: list[str | None] = []
+    for value in raw_texts:
+        reason = _reject_reason(value, max_chars)
+        reasons.append(reason)
+        texts.append(value if isinstance(value, str) else (None if _is_missing(value) else json.dumps(value, default=str)))
+    out = pd.DataFrame({"id": ids, "text": texts, "reason": reasons})
+    if label_column:
+        labels = batch[label_column] if label_column in batch else [None] * n
+        out["gold_label"] = [None if _is_missing(v) else str(v) for v in labels]
+    return out
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _reject_reason(value: Any, max_chars: int) -> str | None:
+    if _is_missing(value):
+        return "missing_text"
+    if not isinstance(value, str):
+        return "non_string_text"
+    if not value:
+        return "empty_text"
+    if not value.strip():
+        return "whitespace_text"
+    if len(value) > max_chars:
+        return "text_too_long"
+    return None
+
+
+def _first_columns(dataset: ray.data.Dataset) -> list[str] | None:
+    """Column names of the first non-empty block, or None for an empty corpus."""
+    for batch in dataset.iter_batches(batch_size=1, batch_format="pandas"):
+        return [c for c in batch.columns if c != _ROW_ID]
+    return None
+
+
+def read_corpus(data: DataConfig, *, reference: str | None = None, limit: int | None = None) -> Corpus:
+    """Validate and stream the corpus named by ``data.input`` (or ``reference``).
+
+    Fails fast when the input does not exist, its format is unknown, or the text column is absent
+    from the data (the message lists the columns found).
+    """
+    reference = reference or data.input
+    paths = resolve_paths(reference)
+    fmt = data.format if data.format != "auto" else detect_format(paths)
+    raw = read_raw(paths, fmt, data.text_column)
+    limit = limit or data.limit
+    if limit:
+        raw = raw.limit(limit)
+    columns = _first_columns(raw)
+    if columns is not None and data.text_column not in columns:
+        raise DataError(
+            f"text column {data.text_column!r} not found in {reference}; columns found: {', '.join(columns)}"
+        )
+    classified = raw.map_batches(
+        classify_rows,
+        batch_format="pandas",
+        fn_kwargs={
+            "text_column": data.text_column,
+            "id_column": data.id_column,
+            "label_column": data.label_column,
+            "max_chars": data.max_chars,
+        },
+    )
+    rows = classified.filter(expr=col("reason").is_null()).drop_columns(["reason"])
+    rejected = classified.filter(expr=col("reason").is_not_null())
+    if data.label_column:
+        rejected = rejected.drop_columns(["gold_label"])
+    return Corpus(reference=reference, rows=rows, rejected=rejected, columns=columns or [])
+
+
+# --------------------------------------------------------------------------- gold sets
+
+
+def read_gold(reference: str, label_names: list[str], *, text_column: str = "text", label_column: str = "label") -> pd.DataFrame:
+    """Load a (small) gold set of ``text``, ``label`` and check every label against the label set."""
+    data = DataConfig(input=reference, text_column=text_column, label_column=label_column)
+    corpus = read_corpus(data)
+    frame = corpus.rows.to_pandas()
+    rejected = corpus.rejected.count()
+    if rejected:
+        raise DataError(f"gold set {reference} has {rejected} rows without a usable text")
+    if frame.empty:
+        raise DataError(f"gold set {reference} is empty")
+    known = set(label_names)
+    for position, label in enumerate(frame["gold_label"]):
+        if label not in known:
+            text = frame["text"].iloc[position]
+            raise DataError(
+                f"gold set {reference}: unknown label {label!r} in row {position} ({text[:60]!r}); "
+                f"labels are {', '.join(label_names)}"
+            )
+    return frame.rename(columns={"gold_label": "label"})[["id", "text", "label"]]
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+@dataclass
+class CorpusStats:
+    reference: str
+    rows: int
+    valid: int
+    rejected_by_reason: dict[str, int]
+    label_distribution: dict[str, int]
+    text_length_percentiles: dict[str, float]
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "rows": self.rows,
+            "valid": self.valid,
+            "rejected": self.rejected,
+            "rejected_by_reason": self.rejected_by_reason,
+            "label_distribution": self.label_distribution,
+            "text_length_percentiles": self.text_length_percentiles,
+        }
+
+
+def inspect_corpus(data: DataConfig) -> CorpusStats:
+    """Stream the corpus once and summarise it (row counts, rejections, labels, text lengths)."""
+    corpus = read_corpus(data)
+    reasons: Counter[str] = Counter()
+    labels: Counter[str] = Counter()
+    lengths: list[np.ndarray] = []
+    for batch in corpus.rows.iter_batches(batch_format="pandas", batch_size=4096):
+        lengths.append(batch["text"].str.len().to_numpy())
+        if "gold_label" in batch:
+            labels.update(str(v) for v in batch["gold_label"] if v is not None)
+    for batch in corpus.rejected.iter_batches(batch_format="pandas", batch_size=4096):
+        reasons.update(batch["reason"])
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0)
+    valid = int(all_lengths.size)
+    percentiles = (
+        {f"p{q}": float(np.percentile(all_lengths, q)) for q in (5, 50, 95, 99)} | {"max": float(all_lengths.max())}
+        if valid
+        else {}
+    )
+    return CorpusStats(
+        reference=corpus.reference,
+        rows=valid + sum(reasons.values()),
+        valid=valid,
+        rejected_by_reason=dict(sorted(reasons.items())),
+        label_distribution=dict(sorted(labels.items())),
+        text_length_percentiles=percentiles,
+    )

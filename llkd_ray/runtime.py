@@ -1,0 +1,28 @@
+"""Connecting to Ray: the cluster of a submitted job, or a local one on a laptop or CI."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+
+def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> None:
+    """Join the job's cluster when there is one (``RAY_ADDRESS``), else start a local Ray.
+
+    ``env_vars`` reach every Ray worker (e.g. ``VLLM_TARGET_DEVICE`` for vLLM on CPU).
+    """
+    if ray.is_initialized():
+        return
+    runtime_env: dict[str, Any] = {"env_vars": env_vars} if env_vars else {}
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        num_cpus=None if address else num_cpus,
+        runtime_env=runtime_env or None,
+        include_dashboard=False if not address else None,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
