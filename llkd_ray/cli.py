@@ -87,6 +87,15 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from llkd_ray.bench import quality_main
+
+    return quality_main(args)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -118,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-chars", type=int, default=20_000)
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(handler=_data_inspect)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
+    quality = bench_commands.add_parser(
+        "quality", help="LLKD against its baselines on a labeled data set: results.json, results.md, quality.png"
+    )
+    from llkd_ray.bench import add_quality_arguments
+
+    add_quality_arguments(quality)
+    quality.set_defaults(handler=_bench_quality)
 
     return parser
 

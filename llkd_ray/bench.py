@@ -1,0 +1,799 @@
+"""Quality benchmark: LLKD against its baselines on real data (``llkd bench quality``).
+
+The teacher labels the pool once; every strategy and seed then trains a student from those same
+pseudo-labels with the same fixed step budget (the same number of batches), and each student is
+scored on the gold set. Output in ``OUTPUT/``:
+
+- ``results.json`` — the settings, the teacher's accuracy and macro-F1 on the gold set, and per
+  strategy and seed: accuracy, macro-F1, data usage, wall time (plus the mean ± std summary);
+- ``results.md`` — the mean ± std table, the best value of each metric in bold, the teacher as a row;
+- ``quality.png`` — gold macro-F1 against data usage, one point per strategy (mean ± std).
+
+Work files (the sampled pool and gold set, the teacher's labels, each run's student) stay under
+``OUTPUT/work/``; a run whose result is already there with the same settings is not redone, so an
+interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llkd_ray.config import MINILM, STRATEGIES, LabelSpec, PipelineConfig, _apply_override, validate_config
+from llkd_ray.errors import ConfigError, DataError
+
+#: Built-in data sets: pool and gold splits, label descriptions from the shipped configs.
+BUILTIN_DATASETS = {"sst2": "demo.yaml", "trec": "trec.yaml"}
+
+#: Metrics of the table, in column order: (key, header).
+METRICS = (("macro_f1", "macro-F1"), ("accuracy", "accuracy"))
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained configuration: a selection strategy and, for ``llkd``, its candidate factor M."""
+
+    strategy: str
+    candidates_per_step: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"llkd (M={self.candidates_per_step})" if self.strategy == "llkd" else self.strategy
+
+    @property
+    def slug(self) -> str:
+        return f"llkd-m{self.candidates_per_step}" if self.strategy == "llkd" else self.strategy
+
+
+def build_variants(strategies: Sequence[str], candidates: Sequence[int]) -> list[Variant]:
+    """``llkd`` once per M in ``candidates``; every baseline once, with M = 1 (their usual setting)."""
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ConfigError(f"unknown strategy {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
+    if not strategies:
+        raise ConfigError("no strategy to benchmark")
+    if any(m < 1 for m in candidates) or not candidates:
+        raise ConfigError("--candidates takes positive integers, e.g. 1,4")
+    variants: list[Variant] = []
+    for strategy in dict.fromkeys(strategies):
+        if strategy == "llkd":
+            variants.extend(Variant("llkd", m) for m in dict.fromkeys(candidates))
+        else:
+            variants.append(Variant(strategy))
+    return variants
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_label_specs(path: str | Path) -> list[LabelSpec]:
+    """Label names and descriptions from YAML, in any of three shapes.
+
+    A mapping ``name: description``; a list of ``{name, description[, verbalizer]}``; or a file with
+    a ``labels`` list at its top or under ``task`` (so a pipeline config works as is).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"label descriptions not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise DataError(f"label descriptions {path} are not valid YAML: {error}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("task"), dict):
+        raw = raw["task"]
+    if isinstance(raw, dict) and "labels" in raw:
+        raw = raw["labels"]
+    if isinstance(raw, dict):
+        raw = [{"name": str(name), "description": description} for name, description in raw.items()]
+    if not isinstance(raw, list):
+        raise DataError(
+            f"label descriptions {path}: expected a mapping of label name to description "
+            "or a list of {name, description}"
+        )
+    task = _validated({"task": {"labels": raw}, "data": {"input": "unused"}}, str(path))
+    return task.task.labels
+
+
+def _validated(raw: dict[str, Any], source: str) -> PipelineConfig:
+    try:
+        return validate_config(raw, source)
+    except ConfigError as error:
+        raise DataError(str(error)) from None
+
+
+def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
+    rows = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{what} {path} line {number} is not JSON: {error.msg}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise DataError(f"{what} {path} line {number} has no usable 'text'")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{what} {path} is empty")
+    return rows
+
+
+def _resolve_file(reference: str) -> Path:
+    from llkd_ray.corpus import builtin_path
+
+    path = builtin_path(reference) if reference.startswith("builtin:") else Path(reference).expanduser()
+    if not path.is_file():
+        raise DataError(f"not found: {reference}")
+    return path
+
+
+@dataclass
+class BenchData:
+    """The benchmark's inputs, sampled and written to the work directory with explicit ids."""
+
+    name: str
+    labels: list[LabelSpec]
+    pool_path: Path
+    gold_path: Path
+    pool_rows: int
+    gold_rows: int
+    pool_has_labels: bool
+    gold_labels: dict[str, str] = field(repr=False)
+    pool_labels: dict[str, str] = field(repr=False)
+    source: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_data(
+    *,
+    dataset: str | None,
+    pool: str | None,
+    gold: str | None,
+    labels_file: str | None,
+    pool_size: int | None,
+    gold_size: int | None,
+    sample_seed: int,
+    directory: Path,
+) -> BenchData:
+    """Resolve the data set, sample the pool (and the gold set when asked) and write both as JSONL.
+
+    Every row gets an ``id`` (``p…`` / ``g…``) so teacher labels and gold labels join exactly.
+    """
+    if dataset:
+        if pool or gold or labels_file:
+            raise ConfigError("give either --data builtin:NAME or --pool, --gold and --labels, not both")
+        name = dataset.removeprefix("builtin:")
+        if name not in BUILTIN_DATASETS:
+            raise ConfigError(
+                f"unknown data set {dataset!r}; built-in: {', '.join('builtin:' + n for n in BUILTIN_DATASETS)}"
+            )
+        pool, gold = f"builtin:{name}/train", f"builtin:{name}/test"
+        label_specs = read_label_specs(Path(__file__).parent / "configs" / BUILTIN_DATASETS[name])
+    else:
+        missing = [flag for flag, value in (("--pool", pool), ("--gold", gold), ("--labels", labels_file)) if not value]
+        if missing:
+            raise ConfigError(f"custom data needs {', '.join(missing)} (or use --data builtin:sst2|builtin:trec)")
+        assert pool and gold and labels_file
+        name = Path(pool).stem if Path(pool).stem not in ("train", "pool") else Path(pool).parent.name or "custom"
+        label_specs = read_label_specs(labels_file)
+    names = [label.name for label in label_specs]
+    pool_all = _read_jsonl(_resolve_file(pool), "pool")
+    gold_all = _read_jsonl(_resolve_file(gold), "gold set")
+    _check_labels(gold_all, names, "gold set", gold, required=True)
+    pool_has_labels = all("label" in row for row in pool_all)
+    if pool_has_labels:
+        _check_labels(pool_all, names, "pool", pool, required=False)
+    rng = random.Random(sample_seed)
+    pool_rows = _sample(pool_all, pool_size, rng)
+    gold_rows = _sample(gold_all, gold_size, rng)
+    directory.mkdir(parents=True, exist_ok=True)
+    pool_path, gold_path = directory / "pool.jsonl", directory / "gold.jsonl"
+    pool_labels = _write_with_ids(pool_path, pool_rows, "p", keep_label=pool_has_labels)
+    gold_labels = _write_with_ids(gold_path, gold_rows, "g", keep_label=True)
+    return BenchData(
+        name=name,
+        labels=label_specs,
+        pool_path=pool_path,
+        gold_path=gold_path,
+        pool_rows=len(pool_rows),
+        gold_rows=len(gold_rows),
+        pool_has_labels=pool_has_labels,
+        gold_labels=gold_labels,
+        pool_labels=pool_labels,
+        source={"pool": pool, "gold": gold, "pool_total": str(len(pool_all)), "gold_total": str(len(gold_all))},
+    )
+
+
+def _check_labels(rows: list[dict[str, Any]], names: list[str], what: str, reference: str, *, required: bool) -> None:
+    known = set(names)
+    for number, row in enumerate(rows, 1):
+        label = row.get("label")
+        if label is None and not required:
+            continue
+        if label is None or str(label) not in known:
+            raise DataError(f"{what} {reference} row {number}: label {label!r} is not one of {', '.join(names)}")
+
+
+def _sample(rows: list[dict[str, Any]], size: int | None, rng: random.Random) -> list[dict[str, Any]]:
+    if size is None or size >= len(rows):
+        return list(rows)
+    return [rows[i] for i in sorted(rng.sample(range(len(rows)), size))]
+
+
+def _write_with_ids(path: Path, rows: list[dict[str, Any]], prefix: str, *, keep_label: bool) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    with path.open("w") as handle:
+        for position, row in enumerate(rows):
+            row_id = f"{prefix}{position:06d}"
+            out = {"id": row_id, "text": row["text"]}
+            if keep_label:
+                out["label"] = str(row["label"])
+                labels[row_id] = out["label"]
+            handle.write(json.dumps(out) + "\n")
+    return labels
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class BenchSettings:
+    """Everything one benchmark run depends on (recorded in ``results.json``)."""
+
+    teacher: str = "embedding"
+    teacher_model: str | None = None
+    student: str = MINILM
+    seeds: int = 3
+    steps: int = 120
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    max_length: int = 64
+    momentum: float = 0.99
+    workers: int = 1
+    pool_size: int | None = 2000
+    gold_size: int | None = None
+    sample_seed: int = 0
+    overrides: list[str] = field(default_factory=list)
+
+
+def base_config(data: BenchData, settings: BenchSettings) -> PipelineConfig:
+    """The pipeline config every run starts from (strategy, M and seed are set per run)."""
+    raw: dict[str, Any] = {
+        "task": {"name": data.name, "labels": [label.model_dump(exclude_none=True) for label in data.labels]},
+        "data": {
+            "input": str(data.pool_path),
+            "format": "jsonl",
+            "id_column": "id",
+            "label_column": "label" if data.pool_has_labels else None,
+            "gold": str(data.gold_path),
+        },
+        "teacher": {"backend": settings.teacher},
+        "student": {"model": settings.student, "max_length": settings.max_length},
+        "selection": {"momentum": settings.momentum},
+        "training": {
+            "workers": settings.workers,
+            "batch_size": settings.batch_size,
+            "learning_rate": settings.learning_rate,
+            "max_steps": settings.steps,
+            "checkpoint_every": max(settings.steps, 1),
+        },
+    }
+    if settings.teacher_model:
+        raw["teacher"][settings.teacher] = {"model": settings.teacher_model}
+    for override in settings.overrides:
+        _apply_override(raw, override)
+    return validate_config(raw, "benchmark settings")
+
+
+def run_config(base: PipelineConfig, variant: Variant, seed: int) -> PipelineConfig:
+    config = base.model_copy(deep=True)
+    config.selection.strategy = variant.strategy  # type: ignore[assignment]
+    config.selection.candidates_per_step = variant.candidates_per_step
+    config.training.seed = seed
+    return config
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarize(runs: list[dict[str, Any]], variants: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Mean and sample std over seeds, per variant, of every reported number."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in variants:
+        mine = [run for run in runs if run["variant"] == name]
+        if not mine:
+            continue
+        entry: dict[str, Any] = {
+            "seeds": len(mine),
+            "strategy": mine[0]["strategy"],
+            "candidates_per_step": mine[0]["candidates_per_step"],
+        }
+        for key in ("accuracy", "macro_f1", "data_usage", "sample_step_usage", "wall_time_s"):
+            values = [float(run[key]) for run in mine if run.get(key) is not None]
+            if values:
+                entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std(values)
+        summary[name] = entry
+    return summary
+
+
+def _cell(mean: float | None, std: float | None, *, percent: bool = False, digits: int = 3) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if percent:
+        return f"{100 * mean:.1f}% ± {100 * (std or 0):.1f}"
+    return f"{mean:.{digits}f} ± {(std or 0):.{digits}f}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The mean ± std table: one row per strategy and one for the teacher; best of each metric in bold."""
+    summary: dict[str, dict[str, Any]] = results["summary"]
+    teacher = results["teacher"]
+    settings = results["settings"]
+    data = results["data"]
+    best = {
+        key: max(
+            [entry[f"{key}_mean"] for entry in summary.values() if f"{key}_mean" in entry] + [teacher[key]],
+            default=math.nan,
+        )
+        for key, _ in METRICS
+    }
+
+    def metric(key: str, mean: float, std: float | None) -> str:
+        text = _cell(mean, std) if std is not None else f"{mean:.3f}"
+        return f"**{text}**" if round(mean, 3) == round(best[key], 3) else text
+
+    lines = [
+        f"# Quality benchmark: {data['name']}",
+        "",
+        f"Pool {data['pool_rows']:,} rows (of {int(data['pool_total']):,}), gold {data['gold_rows']:,} rows; "
+        f"teacher `{settings['teacher']}`, student `{settings['student']}`; "
+        f"{settings['steps']} steps of batch {settings['batch_size']} for every strategy, "
+        f"lr {settings['learning_rate']:g}, max length {settings['max_length']}, momentum {settings['momentum']}; "
+        f"{settings['seeds']} seed(s), mean ± std.",
+        "",
+        "| strategy | "
+        + " | ".join(header for _, header in METRICS)
+        + " | data usage | sample-steps trained | wall time (s) |",
+        "|---|" + "---:|" * (len(METRICS) + 3),
+    ]
+    for name, entry in summary.items():
+        cells = [metric(key, entry[f"{key}_mean"], entry[f"{key}_std"]) for key, _ in METRICS]
+        cells.append(_cell(entry.get("data_usage_mean"), entry.get("data_usage_std"), percent=True))
+        cells.append(_cell(entry.get("sample_step_usage_mean"), entry.get("sample_step_usage_std"), percent=True))
+        cells.append(_cell(entry.get("wall_time_s_mean"), entry.get("wall_time_s_std"), digits=0))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    teacher_cells = [metric(key, teacher[key], None) for key, _ in METRICS]
+    lines.append("| *teacher (zero-shot, labels the pool)* | " + " | ".join(teacher_cells) + " | – | – | – |")
+    lines += [
+        "",
+        "Data usage: the fraction of the pool selected at least once. Sample-steps trained: selected "
+        "sample-steps over all sample-steps the strategy looked at.",
+    ]
+    if teacher.get("pool_accuracy") is not None:
+        lines.append(
+            f"The teacher's pseudo-labels agree with the pool's hidden gold labels on "
+            f"{100 * teacher['pool_accuracy']:.1f}% of rows "
+            f"(mean confidence {teacher.get('pool_mean_confidence') or math.nan:.3f})."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(results: dict[str, Any], path: Path) -> None:
+    """Gold macro-F1 against data usage: each strategy's mean ± std, its seeds faint, the teacher a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = results["summary"]
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colors = plt.get_cmap("tab10")
+    for index, (name, entry) in enumerate(summary.items()):
+        color = colors(index % 10)
+        seeds = [run for run in results["runs"] if run["variant"] == name]
+        axes.scatter(
+            [100 * run["data_usage"] for run in seeds],
+            [run["macro_f1"] for run in seeds],
+            color=color,
+            alpha=0.3,
+            s=18,
+            linewidths=0,
+        )
+        axes.errorbar(
+            100 * entry["data_usage_mean"],
+            entry["macro_f1_mean"],
+            xerr=100 * entry["data_usage_std"],
+            yerr=entry["macro_f1_std"],
+            fmt="o",
+            color=color,
+            markersize=8,
+            capsize=3,
+            label=name,
+        )
+    teacher = results["teacher"]["macro_f1"]
+    axes.axhline(teacher, color="0.4", linestyle="--", linewidth=1, label=f"teacher ({teacher:.3f})")
+    axes.set_xlabel("data usage (% of the pool selected at least once)")
+    axes.set_ylabel("macro-F1 on the gold set")
+    axes.set_xlim(0, 105)
+    axes.grid(alpha=0.3)
+    settings = results["settings"]
+    axes.set_title(
+        f"{results['data']['name']}: {settings['steps']} steps × batch {settings['batch_size']}, "
+        f"{settings['seeds']} seed(s)",
+        fontsize=10,
+    )
+    axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_results(results: dict[str, Any], output: Path) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and ``quality.png`` into ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output / "results.json", "md": output / "results.md", "png": output / "quality.png"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["md"].write_text(render_markdown(results))
+    render_plot(results, paths["png"])
+    return paths
+
+
+# --------------------------------------------------------------------------- stages (the contracts)
+
+
+def _label(config: PipelineConfig, output: Path) -> Path:
+    """The teacher labels ``config.data.input`` into ``output`` (Parquet); returns the directory."""
+    from llkd_ray.label import label_corpus
+
+    label_corpus(config, output=output)
+    return output
+
+
+def _read_labels(directory: Path) -> list[dict[str, Any]]:
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(directory), format="parquet").to_table(columns=["id", "pseudo_label", "confidence"])
+    return table.to_pylist()
+
+
+def _train(config: PipelineConfig, labels: Path, output: Path) -> dict[str, Any]:
+    """Train one student; returns its training summary."""
+    from llkd_ray.train import train_student
+
+    result = train_student(config, labels=labels, output=output)
+    summary_path = output / "training_summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    return result if isinstance(result, dict) else asdict(result)
+
+
+def _evaluate(model_dir: Path, texts: list[str], gold: list[str], label_names: list[str]) -> dict[str, Any]:
+    from llkd_ray.evaluate import classification_metrics, predict_labels
+
+    predicted = predict_labels(model_dir, texts)
+    return classification_metrics(gold, predicted, label_names)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _usage(summary: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Data usage (fraction of the pool ever selected) and selected sample-steps over all."""
+    usage = summary.get("data_usage")
+    if isinstance(usage, dict):
+        return usage.get("pool_fraction"), usage.get("sample_step_fraction")
+    return usage, summary.get("sample_step_usage")
+
+
+def teacher_scores(
+    data: BenchData, base: PipelineConfig, work: Path, log: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]]:
+    """Label the pool once (reused when already there) and the gold set; the teacher's own scores."""
+    from llkd_ray.evaluate import classification_metrics
+
+    teacher_key = _hash({"teacher": base.teacher.model_dump(mode="json"), "task": base.task.model_dump(mode="json")})
+    pool_labels = work / f"labels-{teacher_key}"
+    gold_labels = work / f"teacher-gold-{teacher_key}"
+    started = time.perf_counter()
+    if not (pool_labels / "_manifest.json").is_file():
+        log(f"teacher: labelling the pool ({data.pool_rows} rows)")
+        _label(base, pool_labels)
+    if not (gold_labels / "_manifest.json").is_file():
+        log(f"teacher: labelling the gold set ({data.gold_rows} rows)")
+        gold_config = base.model_copy(deep=True)
+        gold_config.data.input = str(data.gold_path)
+        gold_config.data.label_column = "label"
+        _label(gold_config, gold_labels)
+    names = [label.name for label in data.labels]
+    on_gold = {row["id"]: row["pseudo_label"] for row in _read_labels(gold_labels)}
+    ids = sorted(data.gold_labels)
+    missing = [i for i in ids if i not in on_gold]
+    if missing:
+        raise DataError(f"the teacher left {len(missing)} gold rows unlabelled (e.g. {missing[0]})")
+    scores = classification_metrics([data.gold_labels[i] for i in ids], [on_gold[i] for i in ids], names)
+    teacher: dict[str, Any] = {
+        "accuracy": scores["accuracy"],
+        "macro_f1": scores["macro_f1"],
+        "labelling_wall_time_s": time.perf_counter() - started,
+    }
+    pool_rows = _read_labels(pool_labels)
+    teacher["pool_labelled"] = len(pool_rows)
+    teacher["pool_mean_confidence"] = statistics.fmean(row["confidence"] for row in pool_rows) if pool_rows else None
+    if data.pool_labels:
+        agree = [
+            row["pseudo_label"] == data.pool_labels[row["id"]] for row in pool_rows if row["id"] in data.pool_labels
+        ]
+        teacher["pool_accuracy"] = sum(agree) / len(agree) if agree else None
+    return pool_labels, teacher
+
+
+def run_benchmark(
+    data: BenchData,
+    settings: BenchSettings,
+    variants: list[Variant],
+    output: Path,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Label once, train every variant and seed from the same labels, score each on the gold set."""
+    from llkd_ray.runtime import init_ray
+
+    work = output / "work"
+    base = base_config(data, settings)
+    init_ray()
+    labels_dir, teacher = teacher_scores(data, base, work, log)
+    log(f"teacher on the gold set: accuracy {teacher['accuracy']:.3f}, macro-F1 {teacher['macro_f1']:.3f}")
+    gold_ids = sorted(data.gold_labels)
+    gold_texts = _gold_texts(data.gold_path, gold_ids)
+    gold = [data.gold_labels[i] for i in gold_ids]
+    names = [label.name for label in data.labels]
+    runs: list[dict[str, Any]] = []
+    total = len(variants) * settings.seeds
+    for seed in range(settings.seeds):
+        for variant in variants:
+            config = run_config(base, variant, seed)
+            key = _hash({"config": config.model_dump(mode="json"), "labels": labels_dir.name})
+            run_dir = work / "runs" / variant.slug / f"seed{seed}"
+            result_path = run_dir / "result.json"
+            if result_path.is_file() and json.loads(result_path.read_text()).get("key") == key:
+                run = json.loads(result_path.read_text())
+                log(
+                    f"[{len(runs) + 1}/{total}] {variant.name} seed {seed}: done before, macro-F1 {run['macro_f1']:.3f}"
+                )
+                runs.append(run)
+                continue
+            started = time.perf_counter()
+            summary = _train(config, labels_dir, run_dir / "train")
+            train_time = time.perf_counter() - started
+            scores = _evaluate(run_dir / "train" / "student", gold_texts, gold, names)
+            pool_fraction, step_fraction = _usage(summary)
+            run = {
+                "key": key,
+                "variant": variant.name,
+                "strategy": variant.strategy,
+                "candidates_per_step": variant.candidates_per_step,
+                "seed": seed,
+                "accuracy": scores["accuracy"],
+                "macro_f1": scores["macro_f1"],
+                "per_class_f1": scores.get("per_class_f1"),
+                "data_usage": pool_fraction,
+                "sample_step_usage": step_fraction,
+                "steps": summary.get("steps"),
+                "train_wall_time_s": train_time,
+                "wall_time_s": time.perf_counter() - started,
+            }
+            result_path.write_text(json.dumps(run, indent=2) + "\n")
+            runs.append(run)
+            log(
+                f"[{len(runs)}/{total}] {variant.name} seed {seed}: macro-F1 {run['macro_f1']:.3f}, "
+                f"accuracy {run['accuracy']:.3f}, data usage {_pct(pool_fraction)}, {run['wall_time_s']:.0f} s"
+            )
+    return {
+        "benchmark": "quality",
+        "data": {
+            "name": data.name,
+            "pool": data.source["pool"],
+            "gold": data.source["gold"],
+            "pool_rows": data.pool_rows,
+            "pool_total": int(data.source["pool_total"]),
+            "gold_rows": data.gold_rows,
+            "gold_total": int(data.source["gold_total"]),
+            "labels": names,
+        },
+        "settings": asdict(settings) | {"variants": [v.name for v in variants], "config": base.model_dump(mode="json")},
+        "teacher": teacher,
+        "runs": runs,
+        "summary": summarize(runs, [v.name for v in variants]),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _gold_texts(path: Path, ids: list[str]) -> list[str]:
+    by_id = {row["id"]: row["text"] for row in _read_jsonl(path, "gold set")}
+    return [by_id[i] for i in ids]
+
+
+# --------------------------------------------------------------------------- quick mode
+
+
+#: ``--quick``: a tiny pool, a tiny student, one seed, a few steps — keeps the script working in CI.
+QUICK = {"pool_size": 96, "gold_size": 96, "seeds": 1, "steps": 6, "batch_size": 16, "max_length": 32}
+
+
+def build_tiny_student(directory: Path, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer BERT encoder (hidden 32) with the MiniLM tokenizer.
+
+    Saved as a bare encoder so any label set gets a fresh classification head.
+    """
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from llkd_ray.models import resolve_model_path
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(directory)
+    tokenizer.model_max_length = 128
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data (a built-in set, or a pool + gold pair with label descriptions)")
+    data.add_argument(
+        "--dataset",
+        "--data",
+        dest="dataset",
+        default=None,
+        help="builtin:sst2 or builtin:trec (default builtin:sst2 when no --pool is given)",
+    )
+    data.add_argument(
+        "--pool", help="unlabeled pool, JSONL with 'text' (a 'label' is kept hidden, to score the teacher)"
+    )
+    data.add_argument("--gold", help="gold set, JSONL with 'text' and 'label'")
+    data.add_argument("--labels", help="label descriptions, YAML: {name: description} or a list of {name, description}")
+    data.add_argument("--pool-size", type=int, help="sample this many pool rows (default 2000; 0 = the whole pool)")
+    data.add_argument("--gold-size", type=int, help="sample this many gold rows (default: the whole gold set)")
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--teacher",
+        choices=("embedding", "hf", "vllm"),
+        default="embedding",
+        help="teacher backend (default: the offline embedding teacher)",
+    )
+    models.add_argument("--teacher-model", help="teacher model (hub id or local dir; default the backend's)")
+    models.add_argument("--student", help=f"student model (default {MINILM}; --quick: a tiny random BERT)")
+    runs = parser.add_argument_group("strategies and budget")
+    runs.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default all five)")
+    runs.add_argument(
+        "--candidates",
+        default="1,4",
+        help="llkd's candidates_per_step M values to compare, comma-separated (default 1,4)",
+    )
+    runs.add_argument("--seeds", type=int, help="seeds per strategy (default 3)")
+    runs.add_argument("--steps", type=int, help="training steps for every strategy (default 120)")
+    runs.add_argument("--batch-size", type=int, help="global batch size (default 32)")
+    runs.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, help="default 5e-5")
+    runs.add_argument("--max-length", type=int, help="student max tokens (default 64)")
+    runs.add_argument("--momentum", type=float, help="threshold EMA momentum (default 0.99)")
+    runs.add_argument("--workers", type=int, help="Ray Train workers per run (default 1)")
+    runs.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any pipeline config value for every run, e.g. --set selection.weighting=none",
+    )
+    parser.add_argument("--output", "-o", help="output directory (default runs/bench-quality-NAME)")
+    parser.add_argument("--quick", action="store_true", help="tiny pool and student, one seed, a few steps (CI)")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    settings = BenchSettings(teacher=args.teacher, teacher_model=args.teacher_model, overrides=list(args.overrides))
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(settings, key, value)
+    for key in ("seeds", "steps", "batch_size", "learning_rate", "max_length", "momentum", "workers", "gold_size"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(settings, key, value)
+    if args.pool_size is not None:
+        settings.pool_size = args.pool_size or None
+    if args.student:
+        settings.student = args.student
+    for key in ("seeds", "steps", "batch_size", "max_length", "workers"):
+        if getattr(settings, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
+    return settings
+
+
+def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    """``llkd bench quality``: run the benchmark and write results.json, results.md, quality.png."""
+    variants = build_variants(
+        [s.strip() for s in args.strategies.split(",") if s.strip()], _int_list(args.candidates, "--candidates")
+    )
+    settings = settings_from_args(args)
+    dataset = args.dataset or (None if args.pool else "builtin:sst2")
+    name = (dataset or "").removeprefix("builtin:") or Path(args.pool).stem
+    output = Path(args.output or f"runs/bench-quality-{name}{'-quick' if args.quick else ''}")
+    data = prepare_data(
+        dataset=dataset,
+        pool=args.pool,
+        gold=args.gold,
+        labels_file=args.labels,
+        pool_size=settings.pool_size,
+        gold_size=settings.gold_size,
+        sample_seed=settings.sample_seed,
+        directory=output / "work" / "data",
+    )
+    if args.quick and not args.student:
+        settings.student = str(build_tiny_student(output / "work" / "tiny-student"))
+    log(
+        f"quality benchmark on {data.name}: pool {data.pool_rows} rows, gold {data.gold_rows} rows, "
+        f"{len(variants)} strategies x {settings.seeds} seed(s), {settings.steps} steps of batch {settings.batch_size}"
+    )
+    started = time.perf_counter()
+    results = run_benchmark(data, settings, variants, output, log=log)
+    results["wall_time_s"] = time.perf_counter() - started
+    paths = write_results(results, output)
+    log("")
+    log(paths["md"].read_text())
+    log(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``benchmarks/quality.py`` (the same as ``llkd bench quality``)."""
+    from llkd_ray.cli import main as cli_main
+
+    return cli_main(["bench", "quality", *(argv if argv is not None else __import__("sys").argv[1:])])
