@@ -1,0 +1,197 @@
+"""The quality benchmark's own logic: inputs, variants, aggregation, table and plot (no training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llkd_ray import bench
+from llkd_ray.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(variant: str, seed: int, f1: float, acc: float, usage: float, strategy: str = "all", m: int = 1) -> dict:
+    return {
+        "variant": variant,
+        "strategy": strategy,
+        "candidates_per_step": m,
+        "seed": seed,
+        "accuracy": acc,
+        "macro_f1": f1,
+        "data_usage": usage,
+        "sample_step_usage": usage / 2,
+        "wall_time_s": 10.0 + seed,
+    }
+
+
+def _results(runs: list[dict]) -> dict:
+    variants = list(dict.fromkeys(run["variant"] for run in runs))
+    settings = bench.BenchSettings(seeds=2)
+    return {
+        "data": {"name": "toy", "pool_rows": 100, "pool_total": 1000, "gold_rows": 50, "labels": ["a", "b"]},
+        "settings": vars(settings) | {"variants": variants},
+        "teacher": {"accuracy": 0.70, "macro_f1": 0.69, "pool_accuracy": 0.71, "pool_mean_confidence": 0.8},
+        "runs": runs,
+        "summary": bench.summarize(runs, variants),
+    }
+
+
+def test_variants_compare_llkd_m_values_and_run_each_baseline_once() -> None:
+    variants = bench.build_variants(["llkd", "all", "random"], [1, 4])
+    assert [v.name for v in variants] == ["llkd (M=1)", "llkd (M=4)", "all", "random"]
+    assert [v.candidates_per_step for v in variants] == [1, 4, 1, 1]
+    assert len({v.slug for v in variants}) == 4
+    with pytest.raises(ConfigError, match="unknown strategy best"):
+        bench.build_variants(["best"], [1])
+    with pytest.raises(ConfigError, match="positive"):
+        bench.build_variants(["llkd"], [0])
+
+
+def test_summary_is_mean_and_sample_std_over_seeds() -> None:
+    runs = [_run("all", 0, 0.70, 0.72, 1.0), _run("all", 1, 0.74, 0.76, 1.0)]
+    entry = bench.summarize(runs, ["all", "missing"])
+    assert list(entry) == ["all"]
+    assert entry["all"]["seeds"] == 2
+    assert entry["all"]["macro_f1_mean"] == pytest.approx(0.72)
+    assert entry["all"]["macro_f1_std"] == pytest.approx(0.0282843, abs=1e-6)
+    assert entry["all"]["data_usage_std"] == 0.0
+    single = bench.summarize(runs[:1], ["all"])["all"]
+    assert single["macro_f1_std"] == 0.0
+
+
+def test_markdown_table_bolds_the_best_and_has_the_teacher_row() -> None:
+    runs = [
+        _run("llkd (M=4)", 0, 0.80, 0.78, 0.30, "llkd", 4),
+        _run("llkd (M=4)", 1, 0.82, 0.80, 0.32, "llkd", 4),
+        _run("all", 0, 0.70, 0.81, 1.0),
+        _run("all", 1, 0.72, 0.83, 1.0),
+    ]
+    table = bench.render_markdown(_results(runs))
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "**0.810 ± 0.014**" in rows["llkd (M=4)"]  # best macro-F1
+    assert "**0.820 ± 0.014**" in rows["all"]  # best accuracy
+    assert "31.0% ± 1.4" in rows["llkd (M=4)"]  # data usage
+    teacher = next(line for name, line in rows.items() if name.startswith("*teacher"))
+    assert "0.690" in teacher and "**" not in teacher
+    assert "71.0%" in table  # the teacher's agreement with the pool's hidden labels
+
+
+def test_teacher_is_bold_when_it_beats_every_student() -> None:
+    table = bench.render_markdown(_results([_run("all", 0, 0.60, 0.61, 1.0)]))
+    teacher = next(line for line in table.splitlines() if line.startswith("| *teacher"))
+    assert "**0.690**" in teacher and "**0.700**" in teacher
+
+
+def test_write_results_writes_json_markdown_and_png(tmp_path: Path) -> None:
+    runs = [_run("llkd (M=1)", s, 0.7 + s / 100, 0.7, 0.2, "llkd") for s in range(2)]
+    runs += [_run("random", s, 0.65, 0.66, 0.2, "random") for s in range(2)]
+    paths = bench.write_results(_results(runs), tmp_path)
+    assert json.loads(paths["json"].read_text())["summary"]["random"]["seeds"] == 2
+    assert paths["md"].read_text().startswith("# Quality benchmark: toy")
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "neg: a bad review\npos: a good review\n",
+        "- {name: neg, description: a bad review}\n- {name: pos, description: a good review}\n",
+        "labels:\n  neg: a bad review\n  pos: a good review\n",
+        "task:\n  labels:\n    - {name: neg, description: a bad review}\n    - {name: pos, description: a good review}\n",
+    ],
+)
+def test_label_descriptions_in_every_shape(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "labels.yaml"
+    path.write_text(content)
+    specs = bench.read_label_specs(path)
+    assert [(s.name, s.description) for s in specs] == [("neg", "a bad review"), ("pos", "a good review")]
+
+
+def test_bad_label_descriptions_name_the_problem(tmp_path: Path) -> None:
+    path = tmp_path / "labels.yaml"
+    path.write_text("just a string\n")
+    with pytest.raises(DataError, match="expected a mapping"):
+        bench.read_label_specs(path)
+    path.write_text("only: one label\n")
+    with pytest.raises(DataError, match="labels"):
+        bench.read_label_specs(path)
+    with pytest.raises(DataError, match="not found"):
+        bench.read_label_specs(tmp_path / "absent.yaml")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_custom_pool_and_gold_are_sampled_with_ids(tmp_path: Path) -> None:
+    pool = _write_jsonl(tmp_path / "pool.jsonl", [{"text": f"text {i}", "label": "neg"} for i in range(50)])
+    gold = _write_jsonl(tmp_path / "gold.jsonl", [{"text": f"gold {i}", "label": "pos"} for i in range(10)])
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("neg: a bad review\npos: a good review\n")
+    data = bench.prepare_data(
+        dataset=None, pool=str(pool), gold=str(gold), labels_file=str(labels),
+        pool_size=20, gold_size=None, sample_seed=0, directory=tmp_path / "work",
+    )  # fmt: skip
+    assert (data.pool_rows, data.gold_rows) == (20, 10)
+    written = [json.loads(line) for line in data.pool_path.read_text().splitlines()]
+    assert len({row["id"] for row in written}) == 20 and all(row["text"].startswith("text ") for row in written)
+    assert data.pool_has_labels and set(data.pool_labels.values()) == {"neg"}
+    assert set(data.gold_labels.values()) == {"pos"}
+    again = bench.prepare_data(
+        dataset=None, pool=str(pool), gold=str(gold), labels_file=str(labels),
+        pool_size=20, gold_size=None, sample_seed=0, directory=tmp_path / "again",
+    )  # fmt: skip
+    assert again.pool_path.read_text() == data.pool_path.read_text()  # the sample is reproducible
+
+
+def test_gold_label_outside_the_label_set_fails(tmp_path: Path) -> None:
+    pool = _write_jsonl(tmp_path / "pool.jsonl", [{"text": "x"}])
+    gold = _write_jsonl(tmp_path / "gold.jsonl", [{"text": "y", "label": "maybe"}])
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("neg: a bad review\npos: a good review\n")
+    with pytest.raises(DataError, match="'maybe' is not one of neg, pos"):
+        bench.prepare_data(
+            dataset=None, pool=str(pool), gold=str(gold), labels_file=str(labels),
+            pool_size=None, gold_size=None, sample_seed=0, directory=tmp_path / "work",
+        )  # fmt: skip
+
+
+def test_builtin_dataset_uses_the_shipped_label_descriptions(tmp_path: Path) -> None:
+    data = bench.prepare_data(
+        dataset="builtin:trec", pool=None, gold=None, labels_file=None,
+        pool_size=100, gold_size=50, sample_seed=0, directory=tmp_path,
+    )  # fmt: skip
+    assert [label.name for label in data.labels] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert (data.pool_rows, data.gold_rows) == (100, 50) and data.pool_has_labels
+
+
+def test_run_configs_share_everything_but_strategy_m_and_seed(tmp_path: Path) -> None:
+    data = bench.prepare_data(
+        dataset="builtin:sst2", pool=None, gold=None, labels_file=None,
+        pool_size=10, gold_size=10, sample_seed=0, directory=tmp_path,
+    )  # fmt: skip
+    settings = bench.BenchSettings(steps=7, overrides=["selection.weighting=none"])
+    base = bench.base_config(data, settings)
+    one = bench.run_config(base, bench.Variant("llkd", 4), seed=2)
+    two = bench.run_config(base, bench.Variant("random"), seed=0)
+    assert (one.selection.strategy, one.selection.candidates_per_step, one.training.seed) == ("llkd", 4, 2)
+    assert (two.selection.strategy, two.selection.candidates_per_step, two.training.seed) == ("random", 1, 0)
+    for config in (one, two):
+        assert config.training.max_steps == 7 and config.selection.weighting == "none"
+        assert config.data.input == str(data.pool_path) and config.data.id_column == "id"
+    assert base.selection.strategy == "llkd" and base.training.seed == 0  # the base is untouched
+
+
+def test_cli_rejects_incomplete_custom_data_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llkd_ray.cli", "bench", "quality", "--pool", "p.jsonl", "--output", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--gold, --labels" in result.stderr and "Traceback" not in result.stderr
