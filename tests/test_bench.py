@@ -102,7 +102,8 @@ def test_write_results_writes_json_markdown_and_png(tmp_path: Path) -> None:
         "neg: a bad review\npos: a good review\n",
         "- {name: neg, description: a bad review}\n- {name: pos, description: a good review}\n",
         "labels:\n  neg: a bad review\n  pos: a good review\n",
-        "task:\n  labels:\n    - {name: neg, description: a bad review}\n    - {name: pos, description: a good review}\n",
+        "task:\n  labels:\n    - {name: neg, description: a bad review}\n"
+        "    - {name: pos, description: a good review}\n",
     ],
 )
 def test_label_descriptions_in_every_shape(tmp_path: Path, content: str) -> None:
