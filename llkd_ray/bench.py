@@ -142,6 +142,14 @@ def _resolve_file(reference: str) -> Path:
     return path
 
 
+def dataset_name(dataset: str | None, pool: str | None) -> str:
+    """``sst2`` for ``builtin:sst2``; a custom pool's file stem (its folder's name for ``train``/``pool``)."""
+    if dataset:
+        return dataset.removeprefix("builtin:")
+    path = Path(pool or "custom")
+    return path.parent.name if path.stem in ("train", "pool") and path.parent.name else path.stem
+
+
 @dataclass
 class BenchData:
     """The benchmark's inputs, sampled and written to the work directory with explicit ids."""
@@ -175,8 +183,8 @@ def prepare_data(
     """
     if dataset:
         if pool or gold or labels_file:
-            raise ConfigError("give either --data builtin:NAME or --pool, --gold and --labels, not both")
-        name = dataset.removeprefix("builtin:")
+            raise ConfigError("give either --dataset builtin:NAME or --pool, --gold and --labels, not both")
+        name = dataset_name(dataset, None)
         if name not in BUILTIN_DATASETS:
             raise ConfigError(
                 f"unknown data set {dataset!r}; built-in: {', '.join('builtin:' + n for n in BUILTIN_DATASETS)}"
@@ -186,9 +194,9 @@ def prepare_data(
     else:
         missing = [flag for flag, value in (("--pool", pool), ("--gold", gold), ("--labels", labels_file)) if not value]
         if missing:
-            raise ConfigError(f"custom data needs {', '.join(missing)} (or use --data builtin:sst2|builtin:trec)")
+            raise ConfigError(f"custom data needs {', '.join(missing)} (or use --dataset builtin:sst2|builtin:trec)")
         assert pool and gold and labels_file
-        name = Path(pool).stem if Path(pool).stem not in ("train", "pool") else Path(pool).parent.name or "custom"
+        name = dataset_name(None, pool)
         label_specs = read_label_specs(labels_file)
     names = [label.name for label in label_specs]
     pool_all = _read_jsonl(_resolve_file(pool), "pool")
@@ -472,9 +480,17 @@ def _label(config: PipelineConfig, output: Path) -> Path:
 
 
 def _read_labels(directory: Path) -> list[dict[str, Any]]:
+    """The accepted rows of a labeling output (``rejected/`` and ``_*`` files left out)."""
     import pyarrow.dataset as pads
 
-    table = pads.dataset(str(directory), format="parquet").to_table(columns=["id", "pseudo_label", "confidence"])
+    parts = sorted(
+        str(path)
+        for path in directory.rglob("*.parquet")
+        if not any(part.startswith(("_", ".")) or part == "rejected" for part in path.relative_to(directory).parts)
+    )
+    if not parts:
+        raise DataError(f"the teacher wrote no labeled rows to {directory}")
+    table = pads.dataset(parts, format="parquet").to_table(columns=["id", "pseudo_label", "confidence"])
     return table.to_pylist()
 
 
@@ -517,7 +533,14 @@ def teacher_scores(
     """Label the pool once (reused when already there) and the gold set; the teacher's own scores."""
     from llkd_ray.evaluate import classification_metrics
 
-    teacher_key = _hash({"teacher": base.teacher.model_dump(mode="json"), "task": base.task.model_dump(mode="json")})
+    teacher_key = _hash(
+        {
+            "teacher": base.teacher.model_dump(mode="json"),
+            "task": base.task.model_dump(mode="json"),
+            "pool": hashlib.sha256(data.pool_path.read_bytes()).hexdigest(),
+            "gold": hashlib.sha256(data.gold_path.read_bytes()).hexdigest(),
+        }
+    )
     pool_labels = work / f"labels-{teacher_key}"
     gold_labels = work / f"teacher-gold-{teacher_key}"
     started = time.perf_counter()
@@ -764,7 +787,7 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
     )
     settings = settings_from_args(args)
     dataset = args.dataset or (None if args.pool else "builtin:sst2")
-    name = (dataset or "").removeprefix("builtin:") or Path(args.pool).stem
+    name = dataset_name(dataset, args.pool)
     output = Path(args.output or f"runs/bench-quality-{name}{'-quick' if args.quick else ''}")
     data = prepare_data(
         dataset=dataset,
