@@ -96,6 +96,15 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return quality_main(args)
 
 
+# --------------------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from llkd_ray.serve import run_server
+
+    return run_server(args.model, args.config, overrides=args.overrides, host=args.host, port=args.port)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -137,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quality_arguments(quality)
     quality.set_defaults(handler=_bench_quality)
+
+    serve = commands.add_parser(
+        "serve", help="serve a student over HTTP on Ray Serve (blocks until Ctrl-C; see docs/serving.md)"
+    )
+    serve.add_argument("--model", required=True, help="sequence-classification model directory (with id2label)")
+    serve.add_argument("--host", default=None, help="bind address (default serving.host: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="HTTP port (default serving.port: 8000)")
+    _config_arguments(serve, required=False)
+    serve.set_defaults(handler=_serve)
 
     return parser
 

@@ -185,18 +185,32 @@ class TrainingConfig(_Section):
 
 
 class ServingConfig(_Section):
+    """Online serving on Ray Serve (``llkd serve``; see docs/serving.md)."""
+
     host: str = "127.0.0.1"
+    """Address the HTTP proxy binds to; loopback unless you choose otherwise."""
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     max_batch_size: PositiveInt = 32
+    """Most texts in one forward pass (texts from concurrent requests are batched together)."""
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
+    """How long the first text of a batch waits for more before the batch runs anyway."""
     batching: bool = True
+    """``false``: every request runs its own forward pass (for comparison in benchmarks)."""
     max_texts_per_request: PositiveInt = 64
     max_chars: PositiveInt = 10_000
+    """Longer texts are rejected (422); texts over the model's token limit are truncated and flagged."""
+    max_length: PositiveInt | None = None
+    """Token limit for truncation; default the model's own (tokenizer/position-embedding limit)."""
     min_replicas: Annotated[int, Field(ge=0)] = 1
     max_replicas: PositiveInt = 1
     target_ongoing_requests: PositiveFloat = 8.0
+    """Autoscaling target: requests in flight per replica."""
+    max_ongoing_requests: PositiveInt = 64
+    """Requests one replica accepts at once; keep it at or above max_batch_size so batches can fill."""
     num_cpus: PositiveFloat = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: one GPU per replica when the cluster has GPUs and ``num_gpus`` is 0, else CPU."""
     auth_token_env: str = "LLKD_API_TOKEN"
     """Environment variable holding the bearer token; auth is off when it is unset."""
 
@@ -204,6 +218,13 @@ class ServingConfig(_Section):
     def _replica_range(self) -> ServingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"serving.min_replicas ({self.min_replicas}) exceeds serving.max_replicas ({self.max_replicas})")
+        if self.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError(
+                f"serving.target_ongoing_requests ({self.target_ongoing_requests}) exceeds "
+                f"serving.max_ongoing_requests ({self.max_ongoing_requests})"
+            )
+        if self.device == "cpu" and self.num_gpus > 0:
+            raise ValueError(f"serving.device is 'cpu' but serving.num_gpus is {self.num_gpus}")
         return self
 
 
