@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from llkd_ray.config import PipelineConfig, load_config
 from llkd_ray.errors import LlkdError
@@ -96,6 +97,34 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return quality_main(args)
 
 
+# --------------------------------------------------------------------------- pipeline
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llkd_ray.pipeline import format_summary, run_pipeline
+
+    config = _load(args)
+    output = args.output or f"runs/{Path(args.config).stem}"
+    result = run_pipeline(config, output, serve=args.serve, force=args.force)
+    if not args.serve:
+        print(format_summary(result))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from llkd_ray.pipeline import run_demo
+
+    run_demo(quick=args.quick, output=args.output, overrides=args.overrides, force=args.force)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from llkd_ray.report import build_report
+
+    print(build_report(args.run))
+    return 0
+
+
 # --------------------------------------------------------------------------- serve
 
 
@@ -146,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quality_arguments(quality)
     quality.set_defaults(handler=_bench_quality)
+
+    from llkd_ray.pipeline import STAGES
+
+    run = commands.add_parser("run", help="label -> train -> evaluate -> report (-> serve), resuming finished stages")
+    _config_arguments(run)
+    run.add_argument("--output", "-o", default=None, help="run directory (default runs/CONFIG-NAME)")
+    run.add_argument("--serve", action="store_true", help="serve the student when the pipeline is done")
+    run.add_argument("--force", choices=STAGES, default=None, help="redo this stage and every stage after it")
+    run.set_defaults(handler=_run)
+
+    demo = commands.add_parser("demo", help="the offline demo: SST-2, embedding teacher, MiniLM student, report")
+    demo.add_argument("--quick", action="store_true", help="small pool, few steps (about 2 minutes on 2 cores)")
+    demo.add_argument("--output", "-o", default=None, help="run directory (default runs/demo or runs/demo-quick)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--force", choices=STAGES, default=None, help="redo this stage and every stage after it")
+    demo.set_defaults(handler=_demo)
+
+    report = commands.add_parser("report", help="write RUN/report/index.html with plots from a run directory")
+    report.add_argument("run", help="run directory written by llkd run / llkd demo")
+    report.set_defaults(handler=_report)
 
     serve = commands.add_parser(
         "serve", help="serve a student over HTTP on Ray Serve (blocks until Ctrl-C; see docs/serving.md)"

@@ -1,0 +1,29 @@
+"""Ray job: the whole pipeline (label → train → evaluate → report), resumable stage by stage.
+
+    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/quick.yaml --output /tmp/runs/quick
+"""
+
+from __future__ import annotations
+
+from _common import config_parser, run
+
+
+def main() -> int:
+    parser = config_parser(__doc__.splitlines()[0])
+    parser.add_argument("--output", "-o", required=True, help="run directory (on a multi-node cluster: shared storage)")
+    parser.add_argument("--force", default=None, help="redo this stage and every stage after it")
+    args = parser.parse_args()
+
+    from llkd_ray.config import load_config
+    from llkd_ray.pipeline import format_summary, run_pipeline
+    from llkd_ray.runtime import init_ray
+
+    config = load_config(args.config, args.overrides)
+    init_ray()  # joins the job's cluster (RAY_ADDRESS is set by the job supervisor)
+    result = run_pipeline(config, args.output, force=args.force)
+    print(format_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

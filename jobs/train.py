@@ -1,0 +1,30 @@
+"""Ray job: train the student on pseudo-labels with LLKD selection (Ray Train, DDP).
+
+    ray job submit --working-dir . -- python jobs/train.py --config configs/demo.yaml \
+        --labels /tmp/runs/labels --output /tmp/runs/train
+"""
+
+from __future__ import annotations
+
+from _common import config_parser, run
+
+
+def main() -> int:
+    parser = config_parser(__doc__.splitlines()[0])
+    parser.add_argument("--labels", required=True, help="labels directory written by the label stage")
+    parser.add_argument("--output", "-o", required=True, help="training output directory")
+    args = parser.parse_args()
+
+    from llkd_ray.train import train_student
+
+    from llkd_ray.config import load_config
+    from llkd_ray.runtime import init_ray
+
+    config = load_config(args.config, args.overrides)
+    init_ray()
+    train_student(config, labels=args.labels, output=args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,446 @@
+"""The end-to-end pipeline: label → train → evaluate → report → (serve), resumable stage by stage.
+
+``run_pipeline`` writes everything under one run directory::
+
+    RUN/config.yaml           the resolved config of the latest run
+    RUN/labels/               teacher pseudo-labels of the pool (label stage)
+    RUN/train/                the student, metrics.jsonl, training_summary.json (train stage)
+    RUN/eval/teacher_gold/    the teacher's labels of the gold set (evaluate stage)
+    RUN/eval.json             teacher and student metrics on the gold set (evaluate stage)
+    RUN/report/index.html     the run report with its PNG plots (report stage)
+    RUN/_stages/STAGE.json    one marker per stage: config hash, status, wall time
+
+A stage is skipped when its marker says ``done`` with the hash of the config sections it depends
+on and its outputs are there, and no stage before it ran in this invocation. Markers are written
+atomically: ``running`` before the stage starts, ``done`` after its outputs are complete. A stage
+that was interrupted (``running`` with the same hash) is resumed where the stage supports it
+(labeling commits its output exactly once) and redone from scratch otherwise. ``force`` redoes the
+named stage and every stage after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from llkd_ray.config import PipelineConfig, load_config
+from llkd_ray.errors import ConfigError, DataError, LlkdError
+
+#: Stages in order, each recorded by a marker. ``serve`` may follow them: it runs only when asked
+#: for and is never skipped or recorded (it blocks until interrupted).
+STAGES = ("label", "train", "evaluate", "report")
+
+#: Config sections each stage's output depends on (its hash decides whether it is redone).
+_LABEL_SECTIONS = ("task", "data", "teacher")
+_MODEL_SECTIONS = (*_LABEL_SECTIONS, "selection", "student", "training")
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "label": _LABEL_SECTIONS,
+    "train": _MODEL_SECTIONS,
+    "evaluate": _MODEL_SECTIONS,
+    "report": _MODEL_SECTIONS,
+}
+
+#: Stages whose interrupted output the stage itself resumes (the others start over).
+_RESUMABLE = frozenset({"label"})
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- layout and markers
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each stage writes inside a run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def student(self) -> Path:
+        return self.train / "student"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def teacher_gold(self) -> Path:
+        return self.eval_dir / "teacher_gold"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report_index(self) -> Path:
+        return self.report / "index.html"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "_stages"
+
+    def marker(self, stage: str) -> Path:
+        return self.stages / f"{stage}.json"
+
+    def outputs(self, stage: str) -> list[Path]:
+        """The paths a stage writes (removed before the stage is redone from scratch)."""
+        return {
+            "label": [self.labels],
+            "train": [self.train],
+            "evaluate": [self.eval_dir, self.eval_json],
+            "report": [self.report],
+        }[stage]
+
+    def complete(self, stage: str) -> bool:
+        """Whether the outputs a finished stage leaves behind are all there."""
+        checks = {
+            "label": [self.labels],
+            "train": [self.student / "config.json"],
+            "evaluate": [self.eval_json],
+            "report": [self.report_index],
+        }[stage]
+        return all(path.exists() for path in checks)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and a rename: readers see all of it or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def read_marker(layout: RunLayout, stage: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(layout.marker(stage).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def stage_hash(config: PipelineConfig, stage: str) -> str:
+    return config.section_hash(*STAGE_SECTIONS[stage])
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class StageRecord:
+    name: str
+    status: str
+    """``ran``, ``resumed`` or ``skipped`` (done earlier with the same config)."""
+    wall_s: float
+    hash: str
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def report(self) -> Path:
+        return RunLayout(self.run_dir).report_index
+
+
+def plan_stages(config: PipelineConfig, layout: RunLayout, *, force: str | None = None) -> dict[str, str]:
+    """What each stage will do: ``skip`` (done with this config), ``resume`` or ``run``.
+
+    A stage runs when its marker is missing, not ``done``, of another config hash, its outputs are
+    gone, it is at or after ``force``, or any stage before it runs.
+    """
+    if force is not None and force not in STAGES:
+        raise ConfigError(f"--force {force!r}: unknown stage; stages are {', '.join(STAGES)}")
+    forced_from = STAGES.index(force) if force else len(STAGES)
+    plan: dict[str, str] = {}
+    upstream_runs = False
+    for position, stage in enumerate(STAGES):
+        marker = read_marker(layout, stage)
+        same_config = marker is not None and marker.get("hash") == stage_hash(config, stage)
+        if upstream_runs or position >= forced_from or not same_config:
+            plan[stage] = "run"
+        elif marker.get("status") == "done" and layout.complete(stage):
+            plan[stage] = "skip"
+        elif stage in _RESUMABLE and marker.get("status") == "running":
+            plan[stage] = "resume"
+        else:
+            plan[stage] = "run"
+        upstream_runs = upstream_runs or plan[stage] != "skip"
+    return plan
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def label_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+    from llkd_ray.label import label_corpus
+
+    log(f"label: teacher {config.teacher.backend} labels {config.data.input} -> {layout.labels}")
+    label_corpus(config, output=layout.labels)
+    return _read_manifest(layout.labels)
+
+
+def train_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+    from llkd_ray.train import train_student
+
+    log(f"train: {config.selection.strategy} student on {config.training.workers} workers -> {layout.train}")
+    train_student(config, labels=layout.labels, output=layout.train)
+    return training_summary(layout)
+
+
+def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+    """Teacher and student on the gold set, through the same metrics; writes ``eval.json``."""
+    from llkd_ray.corpus import read_gold
+    from llkd_ray.evaluate import classification_metrics, predict_labels
+    from llkd_ray.label import label_corpus
+
+    if not config.data.gold:
+        raise ConfigError("data.gold: the evaluate stage needs a gold set (text, label)")
+    names = config.task.label_names
+    gold = read_gold(config.data.gold, names)
+    log(f"evaluate: teacher labels the gold set {config.data.gold} ({len(gold)} rows)")
+    teacher_config = config.model_copy(deep=True)
+    teacher_config.data.input = config.data.gold
+    teacher_config.data.format = "auto"
+    teacher_config.data.text_column = "text"
+    teacher_config.data.id_column = None
+    teacher_config.data.label_column = "label"
+    teacher_config.data.limit = None
+    label_corpus(teacher_config, output=layout.teacher_gold)
+    on_gold = dict(read_label_rows(layout.teacher_gold, ["id", "pseudo_label"]).itertuples(index=False))
+    missing = [row_id for row_id in gold["id"] if row_id not in on_gold]
+    if missing:
+        raise DataError(f"the teacher left {len(missing)} gold rows unlabelled (e.g. id {missing[0]})")
+    truth = list(gold["label"])
+    teacher = classification_metrics(truth, [on_gold[row_id] for row_id in gold["id"]], names)
+
+    log(f"evaluate: student {layout.student} predicts the gold set")
+    student = classification_metrics(truth, list(predict_labels(layout.student, list(gold["text"]))), names)
+
+    summary = training_summary(layout)
+    result = {
+        "gold": config.data.gold,
+        "gold_rows": len(gold),
+        "labels": names,
+        "teacher": {"backend": config.teacher.backend, **teacher},
+        "student": {"model": str(layout.student), **student},
+        "data_usage": summary.get("data_usage"),
+        "strategy": config.selection.strategy,
+        "config_hash": stage_hash(config, "evaluate"),
+    }
+    write_json_atomic(layout.eval_json, result)
+    return result
+
+
+def report_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+    from llkd_ray.report import build_report
+
+    index = build_report(layout.root)
+    log(f"report: {index}")
+    return {"index": str(index)}
+
+
+def serve_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+    from llkd_ray.serve import run_server
+
+    log(f"serve: {layout.student} on http://{config.serving.host}:{config.serving.port} (Ctrl-C stops)")
+    run_server(layout.student, config)
+    return {}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[PipelineConfig, RunLayout, Log], dict[str, Any]]] = {
+    "label": label_stage,
+    "train": train_stage,
+    "evaluate": evaluate_stage,
+    "report": report_stage,
+}
+
+
+# --------------------------------------------------------------------------- reading outputs
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / "_manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def training_summary(layout: RunLayout) -> dict[str, Any]:
+    path = layout.train / "training_summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_label_rows(directory: Path, columns: list[str] | None = None):
+    """The accepted rows of a labeling output (its Parquet parts; ``rejected/`` and ``_*`` excluded)."""
+    import pyarrow.dataset as pads
+
+    parts = sorted(
+        path
+        for path in directory.rglob("*.parquet")
+        if not any(part.startswith(("_", ".")) or part == "rejected" for part in path.relative_to(directory).parts)
+    )
+    if not parts:
+        raise DataError(f"no labeled rows in {directory}")
+    return pads.dataset([str(p) for p in parts], format="parquet").to_table(columns=columns).to_pandas()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    output: str | Path,
+    *,
+    serve: bool = False,
+    force: str | None = None,
+    log: Log = print,
+) -> PipelineResult:
+    """Run label → train → evaluate → report (→ serve) into ``output``, skipping finished stages."""
+    from llkd_ray.runtime import init_ray
+
+    layout = RunLayout(Path(output))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    plan = plan_stages(config, layout, force=force)
+    layout.config.write_text(config.to_yaml())
+    result = PipelineResult(run_dir=layout.root)
+    if serve or any(action != "skip" for action in plan.values()):
+        init_ray()
+    for stage, action in plan.items():
+        digest = stage_hash(config, stage)
+        if action == "skip":
+            marker = read_marker(layout, stage) or {}
+            log(f"{stage}: done earlier with the same config ({digest}), skipped")
+            result.stages[stage] = StageRecord(stage, "skipped", float(marker.get("wall_s", 0.0)), digest)
+            continue
+        if action == "run":
+            for path in layout.outputs(stage):
+                _remove(path)
+        started_at = _now()
+        marker = {"stage": stage, "hash": digest, "sections": list(STAGE_SECTIONS[stage]), "status": "running",
+                  "started_at": started_at}
+        write_json_atomic(layout.marker(stage), marker)
+        started = time.perf_counter()
+        summary = STAGE_FUNCTIONS[stage](config, layout, log)
+        wall = time.perf_counter() - started
+        write_json_atomic(layout.marker(stage), {**marker, "status": "done", "finished_at": _now(), "wall_s": wall,
+                                                 "summary": _jsonable(summary)})
+        result.stages[stage] = StageRecord(stage, "resumed" if action == "resume" else "ran", wall, digest)
+    if layout.eval_json.is_file():
+        result.eval = json.loads(layout.eval_json.read_text())
+    if serve:  # blocks until interrupted: nothing to record or skip
+        log(format_summary(result))
+        serve_stage(config, layout, log)
+    return result
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
+    """A small JSON-safe digest of a stage's summary for its marker (scalars only)."""
+    return {k: v for k, v in summary.items() if isinstance(v, str | int | float | bool) or v is None}
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+DEMO_CONFIGS = {False: "demo.yaml", True: "quick.yaml"}
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped inside the package (``llkd_ray/configs/NAME``)."""
+    path = resources.files("llkd_ray") / "configs" / name
+    if not path.is_file():
+        raise LlkdError(f"packaged config {name} is missing from the installation")
+    return Path(str(path))
+
+
+def demo_config(quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    return load_config(packaged_config(DEMO_CONFIGS[quick]), overrides)
+
+
+def run_demo(
+    quick: bool = False,
+    output: str | Path | None = None,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    force: str | None = None,
+    log: Log = print,
+) -> PipelineResult:
+    """The offline demo (SST-2, embedding teacher, MiniLM student): run it and print its table."""
+    config = demo_config(quick, overrides)
+    output = Path(output) if output else Path("runs") / ("demo-quick" if quick else "demo")
+    started = time.perf_counter()
+    result = run_pipeline(config, output, force=force, log=log)
+    log("")
+    log(format_summary(result, total_s=time.perf_counter() - started))
+    return result
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "n/a"
+
+
+def format_summary(result: PipelineResult, total_s: float | None = None) -> str:
+    """The demo's table: teacher and student on the gold set, data usage, wall time per stage."""
+    evaluation = result.eval
+    rows = [("", "accuracy", "macro-F1")]
+    for who in ("teacher", "student"):
+        metrics = evaluation.get(who, {})
+        rows.append((who, *(f"{metrics.get(key, float('nan')):.3f}" for key in ("accuracy", "macro_f1"))))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"Gold set: {evaluation.get('gold', '?')} ({evaluation.get('gold_rows', '?')} rows)"]
+    lines += [f"  {name:<{width}}  {acc:>8}  {f1:>8}" for name, acc, f1 in rows]
+    teacher, student = evaluation.get("teacher", {}), evaluation.get("student", {})
+    if "macro_f1" in teacher and "macro_f1" in student:
+        delta = student["macro_f1"] - teacher["macro_f1"]
+        verdict = "above" if delta > 0 else "not above"
+        lines.append(f"  student is {verdict} its teacher by {delta:+.3f} macro-F1")
+    usage = evaluation.get("data_usage")
+    if isinstance(usage, dict):
+        lines.append(
+            f"Data usage: {_percent(usage.get('pool_fraction'))} of the labeled pool selected at least once; "
+            f"{_percent(usage.get('sample_step_fraction'))} of sample-steps back-propagated"
+        )
+    elif isinstance(usage, int | float):
+        lines.append(f"Data usage: {_percent(usage)} of the labeled pool")
+    lines.append("Wall time per stage:")
+    for record in result.stages.values():
+        note = " (done earlier, skipped)" if record.status == "skipped" else ""
+        lines.append(f"  {record.name:<9} {record.wall_s:8.1f} s{note}")
+    if total_s is not None:
+        lines.append(f"  {'total':<9} {total_s:8.1f} s")
+    lines.append(f"Report: {result.report}")
+    return "\n".join(lines)

@@ -1,0 +1,548 @@
+"""The run report: ``llkd report RUN`` writes ``RUN/report/index.html`` and its PNG plots.
+
+It reads what the stages left in the run directory (see :mod:`llkd_ray.pipeline`):
+
+- ``train/metrics.jsonl`` — per-step loss, selected fraction, per-class teacher and student
+  thresholds, cumulative data usage; gold-set evaluations during training;
+- ``train/selected_ids.parquet`` — ids of the pool rows the student trained on at least once;
+- ``labels/`` — the teacher's pseudo-labels and confidences (and hidden gold labels when the pool
+  had them);
+- ``eval.json`` — teacher and student metrics and confusion matrices on the gold set;
+- ``_stages/*.json`` — wall time per stage.
+
+Every plot is drawn only from data that is there; a missing input gives a note in the page, not
+a failure. Plots use matplotlib's Agg backend (no display needed). The page is static HTML with
+no scripts and no external resources.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llkd_ray.errors import LlkdError
+
+_TEACHER_COLOR = "#d95f02"
+_STUDENT_COLOR = "#1b9e77"
+_OTHER_COLOR = "#7570b3"
+
+
+# --------------------------------------------------------------------------- reading a run
+
+
+@dataclass
+class RunData:
+    root: Path
+    steps: list[dict[str, Any]]
+    gold_evals: list[dict[str, Any]]
+    evaluation: dict[str, Any]
+    summary: dict[str, Any]
+    stages: dict[str, dict[str, Any]]
+    labels: Any  # pandas.DataFrame | None
+    selected_ids: set[str] | None
+    label_names: list[str]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interrupted run
+    return records
+
+
+def _is_gold_eval(record: dict[str, Any]) -> bool:
+    return any(key in record for key in ("gold_macro_f1", "gold_accuracy", "gold")) or record.get("kind") in (
+        "eval",
+        "gold",
+    )
+
+
+def _gold_value(record: dict[str, Any], metric: str) -> float | None:
+    if f"gold_{metric}" in record:
+        return record[f"gold_{metric}"]
+    for key in ("gold", "eval"):
+        if isinstance(record.get(key), dict) and metric in record[key]:
+            return record[key][metric]
+    if record.get("kind") in ("eval", "gold"):
+        return record.get(metric)
+    return None
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    from llkd_ray.pipeline import RunLayout, read_label_rows
+
+    layout = RunLayout(Path(run_dir))
+    if not layout.root.is_dir():
+        raise LlkdError(f"run directory not found: {layout.root}")
+    records = _read_jsonl(layout.train / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r or "selected_fraction" in r]
+    gold_evals = [r for r in records if _is_gold_eval(r)]
+    evaluation = _read_json(layout.eval_json)
+    summary = _read_json(layout.train / "training_summary.json")
+    stages = {p.stem: _read_json(p) for p in sorted(layout.stages.glob("*.json"))}
+    labels = None
+    if layout.labels.is_dir():
+        try:
+            labels = read_label_rows(layout.labels)
+        except LlkdError:
+            labels = None
+    selected_ids = None
+    selected_path = layout.train / "selected_ids.parquet"
+    if selected_path.is_file():
+        import pyarrow.parquet as pq
+
+        selected_ids = {str(v) for v in pq.read_table(selected_path, columns=["id"]).column("id").to_pylist()}
+    names = evaluation.get("labels") or _label_names_from_config(layout.config) or []
+    return RunData(layout.root, steps, gold_evals, evaluation, summary, stages, labels, selected_ids, names)
+
+
+def _label_names_from_config(path: Path) -> list[str] | None:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return [label["name"] for label in raw["task"]["labels"]]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+# --------------------------------------------------------------------------- series helpers
+
+
+def _step_axis(steps: list[dict[str, Any]]) -> list[int]:
+    return [int(r.get("step", i + 1)) for i, r in enumerate(steps)]
+
+
+def _per_class(record: dict[str, Any], key: str, names: Sequence[str]) -> list[float] | None:
+    """A per-class vector from a record: a list in label order or a {label: value} mapping."""
+    value = record.get(key)
+    if isinstance(value, dict):
+        return [value.get(name, math.nan) for name in names]
+    if isinstance(value, list):
+        return [float(v) if v is not None else math.nan for v in value]
+    return None
+
+
+def _first_key(records: Iterable[dict[str, Any]], *candidates: str) -> str | None:
+    for record in records:
+        for key in candidates:
+            if key in record:
+                return key
+    return None
+
+
+def _usage_value(record: dict[str, Any], which: str) -> float | None:
+    """Cumulative data usage from a step record: ``pool_fraction`` or ``sample_step_fraction``."""
+    usage = record.get("data_usage")
+    if isinstance(usage, dict):
+        return usage.get(which)
+    aliases = {
+        "pool_fraction": ("pool_fraction", "data_usage", "pool_fraction_selected", "cumulative_pool_fraction"),
+        "sample_step_fraction": ("sample_step_fraction", "sample_step_usage", "cumulative_sample_step_fraction"),
+    }[which]
+    for key in aliases:
+        if isinstance(record.get(key), int | float):
+            return record[key]
+    return None
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(width: float = 7.5, height: float = 3.6, ncols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_thresholds(run: RunData, path: Path) -> Path | None:
+    names = run.label_names
+    teacher_key = _first_key(run.steps, "teacher_thresholds", "tau_teacher", "tauT")
+    student_key = _first_key(run.steps, "student_thresholds", "tau_student", "tauS")
+    if not (teacher_key or student_key):
+        return None
+    fig, (left, right) = _figure(10, 3.8, ncols=2)
+    x = _step_axis(run.steps)
+    for axis, key, title in ((left, teacher_key, "teacher confidence threshold τT[k]"),
+                             (right, student_key, "student uncertainty threshold τS[k]")):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("step")
+        if key is None:
+            axis.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=axis.transAxes)
+            continue
+        vectors = [_per_class(r, key, names) for r in run.steps]
+        width = max((len(v) for v in vectors if v), default=0)
+        for k in range(width):
+            ys = [v[k] if v and k < len(v) else math.nan for v in vectors]
+            axis.plot(x, ys, label=names[k] if k < len(names) else f"class {k}", linewidth=1.4)
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_selection(run: RunData, path: Path) -> Path | None:
+    if not run.steps:
+        return None
+    x = _step_axis(run.steps)
+    fig, (axis,) = _figure()
+    fraction = [r.get("selected_fraction", math.nan) for r in run.steps]
+    axis.plot(x, fraction, color=_OTHER_COLOR, alpha=0.45, linewidth=1, label="selected fraction of the batch")
+    if len(fraction) >= 5:
+        window = max(3, len(fraction) // 15)
+        smooth = [_nanmean(fraction[max(0, i - window + 1): i + 1]) for i in range(len(fraction))]
+        axis.plot(x, smooth, color=_OTHER_COLOR, linewidth=2, label=f"selected fraction ({window}-step mean)")
+    pool = [_usage_value(r, "pool_fraction") for r in run.steps]
+    if any(v is not None for v in pool):
+        axis.plot(x, [math.nan if v is None else v for v in pool], color=_STUDENT_COLOR, linewidth=2,
+                  label="cumulative: pool rows ever selected")
+    sample_steps = [_usage_value(r, "sample_step_fraction") for r in run.steps]
+    if any(v is not None for v in sample_steps):
+        axis.plot(x, [math.nan if v is None else v for v in sample_steps], color=_TEACHER_COLOR, linewidth=2,
+                  linestyle="--", label="cumulative: selected sample-steps / all")
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("step")
+    axis.set_ylabel("fraction")
+    axis.set_title("Selection and data usage", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def plot_training(run: RunData, path: Path) -> Path | None:
+    if not run.steps and not run.gold_evals:
+        return None
+    fig, (left, right) = _figure(10, 3.8, ncols=2)
+    x = _step_axis(run.steps)
+    loss = [r.get("loss", math.nan) for r in run.steps]
+    left.plot(x, loss, color=_OTHER_COLOR, linewidth=1.2)
+    left.set_title("training loss (selected samples, weighted)", fontsize=10)
+    left.set_xlabel("step")
+    left.grid(alpha=0.3)
+    right.set_title("gold-set macro-F1", fontsize=10)
+    right.set_xlabel("step")
+    points = [(r.get("step"), _gold_value(r, "macro_f1")) for r in run.gold_evals]
+    points = [(s, v) for s, v in points if s is not None and v is not None]
+    if points:
+        right.plot([s for s, _ in points], [v for _, v in points], marker="o", color=_STUDENT_COLOR,
+                   label="student (during training)")
+    student = run.evaluation.get("student", {}).get("macro_f1")
+    teacher = run.evaluation.get("teacher", {}).get("macro_f1")
+    last = max(x) if x else (points[-1][0] if points else 1)
+    if student is not None:
+        right.plot([last], [student], marker="*", markersize=14, color=_STUDENT_COLOR, linestyle="none",
+                   label=f"student, final ({student:.3f})")
+    if teacher is not None:
+        right.axhline(teacher, color=_TEACHER_COLOR, linestyle="--", label=f"teacher ({teacher:.3f})")
+    if not (points or student is not None or teacher is not None):
+        right.text(0.5, 0.5, "no gold-set evaluation recorded", ha="center", va="center", transform=right.transAxes)
+    else:
+        right.legend(fontsize=8, loc="lower right")
+    right.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_confidence(run: RunData, path: Path) -> Path | None:
+    labels = run.labels
+    if labels is None or "confidence" not in labels:
+        return None
+    import numpy as np
+
+    confidence = labels["confidence"].to_numpy(dtype=float)
+    has_gold = "gold_label" in labels and labels["gold_label"].notna().any()
+    ncols = 2 if has_gold else 1
+    fig, axes = _figure(10 if has_gold else 6, 3.8, ncols=ncols)
+    k = max(len(run.label_names), 2)
+    bins = np.linspace(1.0 / k, 1.0, 21)
+    axis = axes[0]
+    if run.selected_ids is not None:
+        selected = labels["id"].astype(str).isin(run.selected_ids).to_numpy()
+        axis.hist([confidence[selected], confidence[~selected]], bins=bins, stacked=True,
+                  color=[_STUDENT_COLOR, "#bbbbbb"],
+                  label=[f"selected at least once ({int(selected.sum())})",
+                         f"never selected ({int((~selected).sum())})"])
+        axis.legend(fontsize=8, loc="upper left")
+        axis.set_title("teacher confidence: selected vs never selected", fontsize=10)
+    else:
+        axis.hist(confidence, bins=bins, color=_TEACHER_COLOR, alpha=0.8)
+        axis.set_title("teacher confidence (selection not recorded)", fontsize=10)
+    axis.set_xlabel("teacher confidence of its pseudo-label")
+    axis.set_ylabel("rows")
+    if has_gold:
+        known = labels["gold_label"].notna().to_numpy()
+        correct = (labels["pseudo_label"].astype(str) == labels["gold_label"].astype(str)).to_numpy() & known
+        wrong = known & ~correct
+        axis = axes[1]
+        axis.hist([confidence[correct], confidence[wrong]], bins=bins, stacked=True, color=[_STUDENT_COLOR, "#e7298a"],
+                  label=[f"correct ({int(correct.sum())})", f"wrong ({int(wrong.sum())})"])
+        axis.set_title("teacher confidence: correct vs wrong (hidden pool labels)", fontsize=10)
+        axis.set_xlabel("teacher confidence of its pseudo-label")
+        axis.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
+def plot_confusion(run: RunData, path: Path) -> Path | None:
+    matrices = [(who, run.evaluation.get(who, {}).get("confusion")) for who in ("teacher", "student")]
+    matrices = [(who, m) for who, m in matrices if m]
+    if not matrices:
+        return None
+    import numpy as np
+
+    names = run.label_names
+    fig, axes = _figure(5 * len(matrices), 4.2, ncols=len(matrices))
+    for axis, (who, matrix) in zip(axes, matrices, strict=True):
+        values = np.asarray(_confusion_array(matrix, names), dtype=float)
+        totals = values.sum(axis=1, keepdims=True)
+        shares = np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
+        axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                axis.text(j, i, f"{int(values[i, j])}", ha="center", va="center", fontsize=9,
+                          color="white" if shares[i, j] > 0.6 else "black")
+        ticks = range(len(names))
+        axis.set_xticks(list(ticks), names, rotation=45 if len(names) > 3 else 0, fontsize=8)
+        axis.set_yticks(list(ticks), names, fontsize=8)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("gold")
+        metrics = run.evaluation.get(who, {})
+        axis.set_title(f"{who}: accuracy {metrics.get('accuracy', math.nan):.3f}, "
+                       f"macro-F1 {metrics.get('macro_f1', math.nan):.3f}", fontsize=10)
+    return _save(fig, path)
+
+
+def _confusion_array(matrix: Any, names: Sequence[str]) -> list[list[float]]:
+    """A confusion matrix as rows (gold) × columns (predicted) in label order."""
+    if isinstance(matrix, dict):
+        if "matrix" in matrix:
+            return matrix["matrix"]
+        return [[matrix.get(gold, {}).get(pred, 0) for pred in names] for gold in names]
+    return matrix
+
+
+def plot_label_distribution(run: RunData, path: Path) -> Path | None:
+    labels = run.labels
+    if labels is None or "pseudo_label" not in labels:
+        return None
+    import numpy as np
+
+    names = run.label_names or sorted(labels["pseudo_label"].astype(str).unique())
+    counts = labels["pseudo_label"].astype(str).value_counts()
+    pseudo = [int(counts.get(name, 0)) for name in names]
+    fig, (axis,) = _figure(max(5.0, 1.1 * len(names) + 2), 3.6)
+    x = np.arange(len(names))
+    has_gold = "gold_label" in labels and labels["gold_label"].notna().any()
+    width = 0.4 if has_gold else 0.6
+    axis.bar(x - (width / 2 if has_gold else 0), pseudo, width, color=_TEACHER_COLOR, label="teacher pseudo-labels")
+    if has_gold:
+        gold_counts = labels["gold_label"].dropna().astype(str).value_counts()
+        axis.bar(x + width / 2, [int(gold_counts.get(n, 0)) for n in names], width, color="#999999",
+                 label="hidden gold labels")
+    axis.set_xticks(x, names, rotation=45 if len(names) > 3 else 0, fontsize=8)
+    axis.set_ylabel("pool rows")
+    axis.set_title(f"label distribution of the pool ({len(labels)} labeled rows)", fontsize=10)
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+#: (file name, title, caption, plot function) in page order.
+PLOTS = (
+    ("training.png", "Loss and gold-set macro-F1",
+     "Left: the weighted loss on the selected samples per step. Right: the student's macro-F1 on the gold set "
+     "during training and at the end, against the teacher's.", plot_training),
+    ("thresholds.png", "Adaptive thresholds per class",
+     "The teacher-confidence threshold τT[k] and the student-uncertainty threshold τS[k] of each class over the "
+     "training steps (EMA of the global batch statistics, normalised by the strongest class).", plot_thresholds),
+    ("selection.png", "Selected fraction and data usage",
+     "Share of each step's batch that passed both thresholds, and the cumulative data usage: pool rows selected at "
+     "least once, and selected sample-steps over all sample-steps.", plot_selection),
+    ("confidence.png", "Teacher confidence",
+     "The teacher's confidence in its pseudo-label over the labeled pool: rows the student trained on vs rows it "
+     "never selected, and (where the pool's hidden gold labels exist) rows the teacher got right vs wrong.",
+     plot_confidence),
+    ("confusion.png", "Confusion matrices on the gold set",
+     "Rows are gold labels, columns predictions; cells count rows, shading is the share of the gold row.",
+     plot_confusion),
+    ("labels.png", "Pseudo-label distribution",
+     "How the teacher labeled the pool (and the hidden gold distribution when the pool had one).",
+     plot_label_distribution),
+)
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return "n/a" if value is None else str(value)
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
+
+
+def _summary_html(run: RunData) -> str:
+    evaluation = run.evaluation
+    parts = []
+    if evaluation:
+        rows = "".join(
+            f"<tr><th>{who}</th><td>{_fmt(evaluation.get(who, {}).get('accuracy'))}</td>"
+            f"<td>{_fmt(evaluation.get(who, {}).get('macro_f1'))}</td></tr>"
+            for who in ("teacher", "student")
+        )
+        parts.append(
+            f"<h2>Gold set</h2><p>{html.escape(str(evaluation.get('gold', '')))} "
+            f"({_fmt(evaluation.get('gold_rows'))} rows)</p>"
+            f"<table><tr><th></th><th>accuracy</th><th>macro-F1</th></tr>{rows}</table>"
+        )
+        per_class = _per_class_table(evaluation, run.label_names)
+        if per_class:
+            parts.append(per_class)
+    usage = evaluation.get("data_usage") or run.summary.get("data_usage")
+    facts = []
+    if isinstance(usage, dict):
+        facts.append(("pool rows selected at least once", _pct(usage.get("pool_fraction"))))
+        facts.append(("selected sample-steps / all", _pct(usage.get("sample_step_fraction"))))
+    elif isinstance(usage, int | float):
+        facts.append(("data usage", _pct(usage)))
+    if run.labels is not None:
+        facts.append(("labeled pool rows", str(len(run.labels))))
+        if "confidence" in run.labels:
+            facts.append(("mean teacher confidence", _fmt(float(run.labels["confidence"].mean()))))
+        if "gold_label" in run.labels and run.labels["gold_label"].notna().any():
+            known = run.labels["gold_label"].notna()
+            agree = (run.labels["pseudo_label"].astype(str) == run.labels["gold_label"].astype(str))[known].mean()
+            facts.append(("teacher accuracy on the pool (hidden labels)", _fmt(float(agree))))
+    for key, title in (("strategy", "selection strategy"), ("steps", "training steps")):
+        if key in run.summary:
+            facts.append((title, _fmt(run.summary[key])))
+    if run.steps and "steps" not in run.summary:
+        facts.append(("training steps", str(len(run.steps))))
+    if facts:
+        parts.append("<h2>Training</h2><table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>"
+                                                          for k, v in facts) + "</table>")
+    if run.stages:
+        rows = "".join(
+            f"<tr><th>{html.escape(name)}</th><td>{html.escape(str(marker.get('status', '?')))}</td>"
+            f"<td>{_fmt(marker.get('wall_s'), 1)} s</td>"
+            f"<td><code>{html.escape(str(marker.get('hash', '')))}</code></td></tr>"
+            for name, marker in _ordered_stages(run.stages)
+        )
+        parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>wall time</th>"
+                     f"<th>config hash</th></tr>{rows}</table>")
+    return "\n".join(parts)
+
+
+def _ordered_stages(stages: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    from llkd_ray.pipeline import STAGES
+
+    order = {name: i for i, name in enumerate(STAGES)}
+    return sorted(stages.items(), key=lambda item: order.get(item[0], len(order)))
+
+
+def _per_class_table(evaluation: dict[str, Any], names: Sequence[str]) -> str:
+    teacher = evaluation.get("teacher", {}).get("per_class")
+    student = evaluation.get("student", {}).get("per_class")
+    if not (isinstance(teacher, dict) and isinstance(student, dict)):
+        return ""
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{_fmt(_f1(teacher.get(name)))}</td>"
+        f"<td>{_fmt(_f1(student.get(name)))}</td></tr>"
+        for name in names
+    )
+    return f"<table><tr><th>F1 per class</th><th>teacher</th><th>student</th></tr>{rows}</table>"
+
+
+def _f1(entry: Any) -> Any:
+    return entry.get("f1") if isinstance(entry, dict) else entry
+
+
+_STYLE = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1100px;
+       color: #222; padding: 0 1rem; }
+h1 { font-size: 1.5rem; margin-bottom: 0.2rem; }
+h2 { font-size: 1.15rem; margin-top: 1.8rem; border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
+table { border-collapse: collapse; margin: 0.6rem 1.5rem 0.6rem 0; display: inline-table; vertical-align: top; }
+th, td { border: 1px solid #ddd; padding: 0.3rem 0.7rem; text-align: right; }
+th { background: #f6f6f6; text-align: left; }
+figure { margin: 1rem 0 2rem 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9rem; max-width: 900px; }
+.muted { color: #777; }
+"""
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Render ``RUN/report/index.html`` and its PNGs from the run directory; return the page's path."""
+    run = load_run(run_dir)
+    out = run.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    missing = []
+    for filename, title, caption, plot in PLOTS:
+        target = out / filename
+        target.unlink(missing_ok=True)
+        if plot(run, target) is None:
+            missing.append(title)
+            continue
+        sections.append(
+            f'<h2>{html.escape(title)}</h2><figure><img src="{filename}" alt="{html.escape(title)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    if missing:
+        sections.append(
+            '<p class="muted">Not drawn (their inputs are not in this run yet): '
+            + html.escape(", ".join(missing)) + "</p>"
+        )
+    title = f"llkd run report — {run.root.resolve().name}"
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p class=\"muted\">{html.escape(str(run.root.resolve()))}</p>"
+        f"{_summary_html(run)}\n{''.join(sections)}</body></html>\n"
+    )
+    index = out / "index.html"
+    temporary = out / ".index.html.tmp"
+    temporary.write_text(page, encoding="utf-8")
+    temporary.replace(index)
+    return index

@@ -1,0 +1,275 @@
+"""Cluster scenarios the heavy tests run in a subprocess of their own.
+
+The test session holds a local Ray (the ``ray_local`` fixture); a real head started with
+``ray start`` or a ``ray.cluster_utils.Cluster`` must not share a process with it. Each scenario
+prints one JSON line starting with ``RESULT `` for the test to read, and exits non-zero on failure.
+
+    python tests/scenarios.py job-submission --output DIR [--set KEY=VALUE ...]
+    python tests/scenarios.py multinode --output DIR [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = "configs/quick.yaml"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def result(payload: dict) -> None:
+    print("RESULT " + json.dumps(payload, default=str), flush=True)
+
+
+def run_scenario(name: str, output: Path, *overrides: str, timeout: float = 600) -> dict:
+    """Run a scenario in a fresh interpreter (for the tests); its RESULT line, log tail and exit code."""
+    command = [sys.executable, str(Path(__file__).resolve()), name, "--output", str(output)]
+    for override in overrides:
+        command += ["--set", override]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise AssertionError(f"scenario {name} printed no result (exit {done.returncode})\n"
+                             f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    outcome = json.loads(lines[-1].removeprefix("RESULT "))
+    outcome["_log"] = done.stdout[-4000:] + done.stderr[-4000:]
+    outcome["_returncode"] = done.returncode
+    return outcome
+
+
+# --------------------------------------------------------------------------- a real local head
+
+
+class LocalHead:
+    """``ray start --head --block`` on 127.0.0.1 in its own process group, token auth on."""
+
+    def __init__(self, temp_dir: Path, token: str, num_cpus: int = 2) -> None:
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.token = token
+        bin_dir = Path(sys.executable).parent
+        # The job's `python` and `ray` are this interpreter's: the head's PATH starts with its bin dir.
+        self.env = {**os.environ, **OFFLINE_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+                    # SIGTERM tears the head down at once (no 30 s drain: nothing is served from it).
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                    "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env.pop("RAY_ADDRESS", None)
+        command = [
+            str(bin_dir / "ray"), "start", "--head", "--block",
+            f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            # Every other listening port free too: another Ray on this machine may hold the defaults.
+            *(f"--{name}={free_port()}" for name in (
+                "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")),
+        ]
+        self.log = open(temp_dir.parent / "head.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                request = urllib.request.Request(f"{self.dashboard}/api/version",
+                                                 headers={"Authorization": f"Bearer {self.token}"})
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"the head's dashboard did not answer within {timeout:.0f} s")
+
+    def unauthenticated_status(self) -> int:
+        """HTTP status of a job-API request that carries no token (token auth must refuse it)."""
+        try:
+            with urllib.request.urlopen(f"{self.dashboard}/api/jobs/", timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def stop(self) -> int:
+        """Signal the head's process group: SIGTERM, then SIGKILL for anything left."""
+        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break  # the group is gone
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                continue
+            if sig == signal.SIGTERM:
+                # `ray start --block` has exited; end whatever of its group is left.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+            break
+        self.process.wait(timeout=30)
+        self.log.close()
+        return self.process.returncode
+
+
+def submit_when_ready(client, timeout: float = 90, **job) -> str:
+    """Submit a job, retrying while the head's job agent is still starting (HTTP 500 "No available agent")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def job_submission(output: Path, overrides: list[str], timeout: float) -> int:
+    """Start a head, submit jobs/pipeline.py with the quick config through the SDK, wait, stop the head."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="llkdh", dir="/tmp")) / "ray"  # short: Unix socket paths are limited
+    temp_dir.mkdir()
+    head = LocalHead(temp_dir, token=secrets.token_hex(16))
+    status = "NOT_SUBMITTED"
+    logs = ""
+    try:
+        head.wait_ready()
+        unauthenticated = head.unauthenticated_status()
+        # The client authenticates the way a user's shell does: RAY_AUTH_MODE=token plus the token.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = head.token
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(head.dashboard)
+        entrypoint = " ".join(["python", "jobs/pipeline.py", "--config", QUICK, "--output", str(output),
+                               *[f"--set {o}" for o in overrides]])
+        job_id = submit_when_ready(
+            client,
+            entrypoint=entrypoint,
+            runtime_env={
+                "working_dir": str(ROOT),
+                "excludes": [".git", ".venv", ".ci-venv", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info"],
+                "env_vars": OFFLINE_ENV,
+            },
+        )
+        deadline = time.monotonic() + timeout
+        terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+        while time.monotonic() < deadline:
+            status = client.get_job_status(job_id)
+            if status in terminal:
+                break
+            time.sleep(2)
+        else:
+            client.stop_job(job_id)
+        status = str(getattr(status, "value", status))
+        logs = client.get_job_logs(job_id)
+    finally:
+        head_rc = head.stop()
+    print(logs[-6000:], flush=True)
+    result({"status": status, "unauthenticated_status": unauthenticated if status != "NOT_SUBMITTED" else None,
+            "head_returncode": head_rc, "head_alive": head.process.poll() is None, "entrypoint": entrypoint})
+    return 0 if status == "SUCCEEDED" else 1
+
+
+# --------------------------------------------------------------------------- head + 2 worker nodes
+
+
+def multinode(output: Path, overrides: list[str]) -> int:
+    """The quick pipeline on a head and 2 worker nodes, then the label stage alone on one node.
+
+    Every node offers 1 CPU, so 2 labeling actors (1 CPU each) and 2 training workers (1 CPU each)
+    cannot share a node; Ray Data also schedules its actors with SPREAD.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from llkd_ray.config import load_config
+    from llkd_ray.label import label_corpus
+    from llkd_ray.pipeline import read_label_rows, run_pipeline
+
+    os.environ.update(OFFLINE_ENV)
+    settings = [*overrides, "teacher.embedding.concurrency=2", "training.workers=2"]
+    config = load_config(ROOT / QUICK, settings)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        started = time.perf_counter()
+        run_pipeline(config, output / "multi")
+        multi_s = time.perf_counter() - started
+        actors = list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
+        placement: dict[str, list[str]] = {}
+        for actor in actors:
+            placement.setdefault(actor["class_name"], []).append(actor["node_id"])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        label_corpus(config, output=output / "single" / "labels")
+    finally:
+        ray.shutdown()
+
+    columns = ["id", "pseudo_label"]
+    multi = read_label_rows(output / "multi" / "labels", columns)
+    single = read_label_rows(output / "single" / "labels", columns)
+    result({
+        "nodes": len(nodes),
+        "multi_rows": len(multi),
+        "single_rows": len(single),
+        "same_ids": sorted(multi["id"]) == sorted(single["id"]),
+        "duplicate_ids": int(multi["id"].duplicated().sum()),
+        "same_labels": dict(zip(multi["id"], multi["pseudo_label"], strict=True))
+        == dict(zip(single["id"], single["pseudo_label"], strict=True)),
+        "placement": {name: sorted(set(ids)) for name, ids in placement.items()},
+        "multi_s": multi_s,
+    })
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=["job-submission", "multinode"])
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--timeout", type=float, default=480)
+    args = parser.parse_args()
+    if args.scenario == "job-submission":
+        return job_submission(args.output, args.overrides, args.timeout)
+    return multinode(args.output, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
