@@ -200,8 +200,9 @@ class StudentModel:
     def __init__(self, model_dir: str, serving: ServingConfig):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
-        self.path = model_dir
+        transformers_logging.disable_progress_bar()
         want_cuda = serving.device == "cuda" or (serving.device == "auto" and torch.cuda.is_available())
         if want_cuda and not torch.cuda.is_available():
             raise RuntimeError("serving.device is 'cuda' but this replica sees no GPU")
@@ -217,9 +218,11 @@ class StudentModel:
         ).to(self.device).eval()
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        # The tokenizer's and the position embeddings' limits (HF writes a huge number for "none").
         limits = [n for n in (getattr(self.tokenizer, "model_max_length", None),
-                              getattr(config, "max_position_embeddings", None)) if n and n < 1_000_000]
-        self.max_length = min([*limits, serving.max_length] if serving.max_length else limits or [512])
+                              getattr(config, "max_position_embeddings", None), serving.max_length)
+                  if n and n < 1_000_000]
+        self.max_length = min(limits, default=512)
         self.info = {
             "name": Path(model_dir).name,
             "architecture": (config.architectures or [type(self.model).__name__])[0],
@@ -302,9 +305,6 @@ class Classifier:
             if delay_s:
                 time.sleep(delay_s)  # test-only: makes "loading" observable
             self.training_summary = read_training_summary(self.model_dir)
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()
             self.model = StudentModel(self.model_dir, self.serving)
             logger.info("llkd: loaded %s (%s labels, %s) in %.1fs", self.model_dir, len(self.model.labels),
                         self.model.device, time.perf_counter() - started)
@@ -579,9 +579,10 @@ def wait_until_ready(url: str, timeout_s: float = 600.0) -> dict[str, Any]:
     raise LlkdError(f"{url}/healthz not ready after {timeout_s:.0f}s (last: {last})")
 
 
-#: Statuses a client should retry ``/v1/classify`` on (it is idempotent): a replica that died
-#: mid-request (500 from the proxy), a gateway error, a model still loading (503).
-RETRY_STATUSES = frozenset({500, 502, 503, 504})
+#: Statuses a client should retry ``/v1/classify`` on (it has no side effects): a replica that died
+#: mid-request (500 from the proxy), Serve's request timeout (408) or back-pressure (429/503, with
+#: Retry-After), no replica available (503), a gateway in front (502/504).
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def classify(url: str, texts: Sequence[str], *, top_k: int | None = None, token: str | None = None,
