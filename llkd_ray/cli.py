@@ -32,6 +32,13 @@ def _config_arguments(parser: argparse.ArgumentParser, *, required: bool = True)
     )
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
 def _load(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides)
 
@@ -85,6 +92,50 @@ def _data_inspect(args: argparse.Namespace) -> int:
     if stats.text_length_percentiles:
         lengths = ", ".join(f"{k} {v:.0f}" for k, v in stats.text_length_percentiles.items())
         print(f"text length (chars): {lengths}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train / eval
+
+
+def _train(args: argparse.Namespace) -> int:
+    from llkd_ray.train import CONFIG_GOLD, train_student
+
+    config = _load(args)
+    eval_data = None if args.no_eval else (args.eval or CONFIG_GOLD)
+    summary = train_student(
+        config,
+        labels=args.labels,
+        output=args.output,
+        strategy=args.strategy,
+        workers=args.workers,
+        max_steps=args.max_steps,
+        eval_data=eval_data,
+    )
+    usage = summary["data_usage"]
+    line = (
+        f"trained {summary['strategy']} student: {summary['steps']} steps on {summary['workers']} workers, "
+        f"{usage['pool_fraction']:.1%} of the pool selected at least once, "
+        f"{summary['samples_per_s']:.1f} samples/s -> {summary['student']}"
+    )
+    final = summary.get("final_metrics")
+    if final:
+        line += f"\ngold {summary['gold']}: accuracy {final['accuracy']:.4f}, macro-F1 {final['macro_f1']:.4f}"
+    print(line)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from llkd_ray.evaluate import evaluate_model, format_metrics
+
+    metrics = evaluate_model(
+        args.model, args.data, text_column=args.text_column, label_column=args.label_column
+    )
+    if args.json:
+        _print_json(metrics)
+    else:
+        print(f"{args.model} on {args.data}")
+        print(format_metrics(metrics))
     return 0
 
 
@@ -165,6 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-chars", type=int, default=20_000)
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(handler=_data_inspect)
+
+    from llkd_ray.config import STRATEGIES
+
+    train = commands.add_parser("train", help="train the student on pseudo-labels with LLKD selection (Ray Train)")
+    _config_arguments(train)
+    train.add_argument("--labels", required=True, help="labels directory written by `llkd label`")
+    train.add_argument("--output", "-o", required=True, help="output directory (student/, metrics.jsonl, ...)")
+    train.add_argument("--strategy", choices=STRATEGIES, default=None, help="selection strategy (default: config)")
+    train.add_argument("--workers", type=_positive_int, default=None, help="Ray Train workers (default: config)")
+    train.add_argument("--max-steps", type=_positive_int, default=None, help="step budget (default: config epochs)")
+    train.add_argument("--eval", default=None, metavar="REF", help="gold set evaluated each epoch (default data.gold)")
+    train.add_argument("--no-eval", action="store_true", help="no gold-set evaluation during training")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="accuracy, macro-F1, per-class report, confusion matrix")
+    evaluate.add_argument("--model", required=True, help="sequence-classification model directory")
+    evaluate.add_argument("--data", required=True, help="gold set (text, label): file, directory, builtin:NAME/SPLIT")
+    evaluate.add_argument("--text-column", default="text")
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.set_defaults(handler=_eval)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="ACTION")

@@ -146,12 +146,15 @@ class SelectionConfig(_Section):
     loss: Literal["hard", "soft"] = "hard"
     weighting: Literal["confidence_uncertainty", "none"] = "confidence_uncertainty"
     candidates_per_step: PositiveInt = 1
-    """M: score M x batch candidates in inference mode, back-propagate only the selected."""
+    """M: score M x batch candidates in inference mode, back-propagate only the selected (at most
+    one batch). 1 is the paper's setting: the student signals come from the training forward pass."""
 
 
 class StudentConfig(_Section):
     model: str = MINILM
+    """Any AutoModelForSequenceClassification: hub id, local directory, or builtin:minilm."""
     max_length: PositiveInt = 64
+    """Tokens per text (longer texts are truncated)."""
 
 
 class TrainingConfig(_Section):
@@ -170,16 +173,28 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """``auto``: bf16 on GPUs that support it, full precision on CPU."""
     checkpoint_every: PositiveInt = 50
+    """Steps between checkpoints (model, optimizer, scheduler, selection state, data position)."""
+    report_every: PositiveInt = 10
+    """Steps between metric reports to Ray Train (``ray.train.report`` is a barrier that waits for
+    the controller's poll, about 2 s; metrics.jsonl gets every step regardless)."""
     max_failures: Annotated[int, Field(ge=0)] = 1
+    """Worker-group failures Ray Train recovers from by restoring the latest checkpoint."""
     seed: int = 0
     storage_path: str | None = None
-    """Ray Train storage (local dir or cloud URI); default ``OUTPUT/ray``."""
+    """Ray Train storage (local dir or cloud URI; shared by all nodes on a cluster); default
+    ``OUTPUT/ray``, removed after a successful run."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingConfig:
         if self.batch_size % self.workers:
             raise ValueError(
                 f"training.batch_size ({self.batch_size}) must be divisible by training.workers ({self.workers})"
+            )
+        per_worker = self.batch_size // self.workers
+        if per_worker % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"training.batch_size per worker ({per_worker}) must be divisible by "
+                f"training.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
         return self
 

@@ -1,0 +1,321 @@
+"""The LLKD selection rule and weighted loss, in plain torch (no Ray, no DDP).
+
+This module implements ``docs/method.md`` (the project's copy of the method spec) exactly:
+
+- :class:`Selector` holds the threshold state (global and per-class teacher and student levels),
+  identical on every worker because it is updated only from **globally reduced** sums;
+- :meth:`Selector.select` packs the local statistics into one tensor, all-reduces it, applies the
+  update, computes the thresholds, the mask of the configured strategy and the weights;
+- :func:`selection_loss` is the weighted loss with the **global** normaliser, multiplied by the
+  world size (DDP averages gradients over workers, so the averaged gradient is the gradient of
+  the loss over the global batch).
+
+The all-reduce is injected (``all_reduce``: a callable that sums a tensor over all shards in
+place), so the whole rule is testable without Ray or a process group: ``None`` is one shard.
+
+Two points the spec leaves open, decided here:
+
+- **A class seen for the first time** after step 1: until a class appears in a global batch its
+  level *is* the global level (the spec's "a class not yet seen takes the global level"); when it
+  appears, the ordinary EMA update applies to that level (it is not re-initialised).
+- **The candidate pool** (``candidates_per_step`` M > 1): the "at most one batch" cap is applied
+  per shard (each worker back-propagates at most its local batch, first selected in stream
+  order), which keeps DDP workers balanced. Thresholds and masks before the cap do not depend on
+  the sharding; with M = 1 the cap never binds, so the equivalence property holds exactly.
+  ``random`` draws its budget (the global number ``llkd`` keeps) over global candidate positions
+  with a generator seeded by (seed, step), so its mask too is shard-invariant at M = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+STRATEGIES = ("llkd", "all", "random", "teacher_confidence", "student_uncertainty")
+
+#: Sums a tensor over all shards in place (``torch.distributed.all_reduce`` with SUM).
+AllReduce = Callable[[torch.Tensor], Any]
+
+#: Statistics are reduced and thresholds compared in float64, so that the order in which shards
+#: add up their sums cannot flip a comparison that 1 worker would make.
+_STAT_DTYPE = torch.float64
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``u = H(softmax(logits)) / log K`` in [0, 1], per row (computed in float32, no grad)."""
+    logits = logits.detach().float()
+    log_p = F.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1)
+    return (entropy / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+
+
+def _cap(mask: torch.Tensor, capacity: int | None) -> torch.Tensor:
+    """Keep at most ``capacity`` of the selected rows, the first ones in order."""
+    if capacity is None:
+        return mask
+    return mask & (torch.cumsum(mask.to(torch.int64), dim=0) <= capacity)
+
+
+@dataclass
+class Selection:
+    """The outcome of one selection step on one shard (masks and weights are local, the rest global)."""
+
+    mask: torch.Tensor
+    """Local rows to train on (bool)."""
+    weights: torch.Tensor
+    """Local loss weights ``w_i`` (0 where not selected; mean 1 over the global selected set)."""
+    normaliser: float
+    """``max(1, sum_B m)`` over the global batch."""
+    teacher_thresholds: torch.Tensor
+    """``tauT[k]`` (K)."""
+    student_thresholds: torch.Tensor
+    """``tauS[k]`` (K)."""
+    candidates: int
+    """Rows in the global batch (candidates)."""
+    selected: int
+    """``sum_B m``: selected rows in the global batch."""
+    confidence_selected: float
+    """Mean teacher confidence of the selected rows (NaN when none)."""
+    confidence_rejected: float
+    """Mean teacher confidence of the rows not selected (NaN when none)."""
+
+    @property
+    def selected_fraction(self) -> float:
+        return self.selected / self.candidates if self.candidates else 0.0
+
+
+class Selector:
+    """Adaptive thresholds and the mask/weights of one strategy, identical on every shard.
+
+    ``rank``/``world_size`` only place this shard's rows in the global batch (for ``random``);
+    ``all_reduce`` sums over shards (``None``: a single shard).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        strategy: str = "llkd",
+        momentum: float = 0.99,
+        weighting: str = "confidence_uncertainty",
+        seed: int = 0,
+        all_reduce: AllReduce | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+        if num_classes < 2:
+            raise ValueError("selection needs at least 2 classes")
+        self.num_classes = num_classes
+        self.strategy = strategy
+        self.momentum = momentum
+        self.weighting = weighting
+        self.seed = seed
+        self.all_reduce = all_reduce
+        self.rank = rank
+        self.world_size = world_size
+        # State: levels T, T[k], S, S[k]; which classes were seen; steps taken.
+        self.teacher_level = torch.zeros((), dtype=_STAT_DTYPE)
+        self.student_level = torch.zeros((), dtype=_STAT_DTYPE)
+        self.teacher_class = torch.zeros(num_classes, dtype=_STAT_DTYPE)
+        self.student_class = torch.zeros(num_classes, dtype=_STAT_DTYPE)
+        self.seen = torch.zeros(num_classes, dtype=torch.bool)
+        self.steps = 0
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "teacher_level": self.teacher_level.clone(),
+            "student_level": self.student_level.clone(),
+            "teacher_class": self.teacher_class.clone(),
+            "student_class": self.student_class.clone(),
+            "seen": self.seen.clone(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher_level = state["teacher_level"].to(_STAT_DTYPE).clone()
+        self.student_level = state["student_level"].to(_STAT_DTYPE).clone()
+        self.teacher_class = state["teacher_class"].to(_STAT_DTYPE).clone()
+        self.student_class = state["student_class"].to(_STAT_DTYPE).clone()
+        self.seen = state["seen"].to(torch.bool).clone()
+        self.steps = int(state["steps"])
+
+    # ------------------------------------------------------------------ statistics
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is not None and self.world_size > 1:
+            self.all_reduce(tensor)
+        return tensor
+
+    def pack_local_stats(
+        self, confidence: torch.Tensor, labels: torch.Tensor, uncertainty: torch.Tensor
+    ) -> torch.Tensor:
+        """``[sum c, sum u, n, sum c per class (K), sum u per class (K), n per class (K), n per rank (W)]``.
+
+        The last segment (this shard's row count at its rank) gives every shard the offsets of all
+        shards in the global batch after the SUM all-reduce.
+        """
+        k = self.num_classes
+        c = confidence.to(_STAT_DTYPE)
+        u = uncertainty.to(_STAT_DTYPE)
+        y = labels.to(torch.int64)
+        n = torch.tensor([float(len(c))], dtype=_STAT_DTYPE)
+        per_rank = torch.zeros(self.world_size, dtype=_STAT_DTYPE)
+        per_rank[self.rank] = len(c)
+        return torch.cat(
+            [
+                c.sum().reshape(1),
+                u.sum().reshape(1),
+                n,
+                torch.zeros(k, dtype=_STAT_DTYPE).index_add_(0, y, c),
+                torch.zeros(k, dtype=_STAT_DTYPE).index_add_(0, y, u),
+                torch.zeros(k, dtype=_STAT_DTYPE).index_add_(0, y, torch.ones_like(c)),
+                per_rank,
+            ]
+        )
+
+    def update(self, stats: torch.Tensor) -> None:
+        """Apply the EMA update from globally reduced statistics (the output of ``pack_local_stats``)."""
+        k = self.num_classes
+        sum_c, sum_u, n = stats[0], stats[1], stats[2]
+        class_c, class_u, class_n = stats[3 : 3 + k], stats[3 + k : 3 + 2 * k], stats[3 + 2 * k : 3 + 3 * k]
+        if n <= 0:
+            return
+        present = class_n > 0
+        mean_c, mean_u = sum_c / n, sum_u / n
+        class_mean_c = torch.where(present, class_c / class_n.clamp_min(1), 0.0)
+        class_mean_u = torch.where(present, class_u / class_n.clamp_min(1), 0.0)
+        lam = self.momentum
+        if self.steps == 0:
+            # First step: every level is that step's batch statistic; absent classes take the global level.
+            self.teacher_level, self.student_level = mean_c.clone(), mean_u.clone()
+            self.teacher_class = torch.where(present, class_mean_c, mean_c)
+            self.student_class = torch.where(present, class_mean_u, mean_u)
+        else:
+            # A class not seen before sits at the global level; the EMA starts from there.
+            old_tc = torch.where(self.seen, self.teacher_class, self.teacher_level)
+            old_sc = torch.where(self.seen, self.student_class, self.student_level)
+            self.teacher_level = lam * self.teacher_level + (1 - lam) * mean_c
+            self.student_level = lam * self.student_level + (1 - lam) * mean_u
+            unseen_level_t = torch.where(self.seen, old_tc, self.teacher_level)
+            unseen_level_s = torch.where(self.seen, old_sc, self.student_level)
+            self.teacher_class = torch.where(present, lam * old_tc + (1 - lam) * class_mean_c, unseen_level_t)
+            self.student_class = torch.where(present, lam * old_sc + (1 - lam) * class_mean_u, unseen_level_s)
+        self.seen = self.seen | present
+        self.steps += 1
+
+    def thresholds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tauT[k] = T * T[k] / max_j T[j]`` and ``tauS[k] = S * S[k] / max_j S[j]`` (float64)."""
+
+        def scaled(level: torch.Tensor, per_class: torch.Tensor) -> torch.Tensor:
+            top = per_class.max()
+            if top <= 0:
+                return torch.zeros_like(per_class)
+            return level * per_class / top
+
+        return scaled(self.teacher_level, self.teacher_class), scaled(self.student_level, self.student_class)
+
+    # ------------------------------------------------------------------ selection
+
+    def _random_mask(self, budget: int, offset: int, local: int, total: int) -> torch.Tensor:
+        """``budget`` rows drawn uniformly from the global batch; this shard's slice of that draw."""
+        if budget <= 0 or total <= 0:
+            return torch.zeros(local, dtype=torch.bool)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)
+        keys = torch.rand(total, generator=generator)
+        cutoff = torch.kthvalue(keys, min(budget, total)).values
+        return keys[offset : offset + local] <= cutoff
+
+    def select(
+        self,
+        confidence: torch.Tensor,
+        labels: torch.Tensor,
+        uncertainty: torch.Tensor,
+        *,
+        capacity: int | None = None,
+    ) -> Selection:
+        """One step: update the thresholds from the global batch, then mask and weight the local rows.
+
+        ``confidence`` (c_i), ``labels`` (pseudo-label index y_i) and ``uncertainty`` (u_i) are this
+        shard's rows; ``capacity`` caps how many local rows may be kept (the M > 1 candidate pool).
+        """
+        device = confidence.device
+        c = confidence.detach().to("cpu", _STAT_DTYPE)
+        y = labels.detach().to("cpu", torch.int64)
+        u = uncertainty.detach().to("cpu", _STAT_DTYPE)
+
+        stats = self._reduce(self.pack_local_stats(c, y, u))
+        self.update(stats)
+        per_rank = stats[3 + 3 * self.num_classes :]
+        total = round(float(stats[2]))
+        offset = round(float(per_rank[: self.rank].sum()))
+
+        tau_t, tau_s = self.thresholds()
+        teacher_ok = c >= tau_t[y]
+        student_ok = u >= tau_s[y]
+        if self.strategy == "llkd":
+            mask = _cap(teacher_ok & student_ok, capacity)
+        elif self.strategy == "all":
+            mask = _cap(torch.ones_like(teacher_ok), capacity)
+        elif self.strategy == "teacher_confidence":
+            mask = _cap(teacher_ok, capacity)
+        elif self.strategy == "student_uncertainty":
+            mask = _cap(student_ok, capacity)
+        else:  # random: as many as llkd keeps over the global batch, drawn uniformly
+            llkd_kept = torch.tensor([float(_cap(teacher_ok & student_ok, capacity).sum())], dtype=_STAT_DTYPE)
+            budget = round(float(self._reduce(llkd_kept)[0]))
+            mask = _cap(self._random_mask(budget, offset, len(c), total), capacity)
+
+        m = mask.to(_STAT_DTYPE)
+        use_cu = self.strategy == "llkd" and self.weighting == "confidence_uncertainty"
+        raw = c * u if use_cu else torch.ones_like(c)
+        sums = self._reduce(torch.stack([m.sum(), (m * raw).sum(), (m * c).sum(), ((1 - m) * c).sum()]))
+        selected, selected_raw, c_selected, c_rejected = (float(v) for v in sums)
+        n_selected = round(selected)
+        # w_i = m_i c_i u_i / mean over the selected of c u (or m_i alone)
+        weights = m * raw * (selected / selected_raw) if use_cu and selected_raw > 0 else m.clone()
+        rejected = total - n_selected
+        return Selection(
+            mask=mask.to(device),
+            weights=weights.to(device=device, dtype=torch.float32),
+            normaliser=max(1.0, selected),
+            teacher_thresholds=tau_t,
+            student_thresholds=tau_s,
+            candidates=total,
+            selected=n_selected,
+            confidence_selected=c_selected / n_selected if n_selected else math.nan,
+            confidence_rejected=c_rejected / rejected if rejected else math.nan,
+        )
+
+
+def selection_loss(
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    normaliser: float,
+    *,
+    labels: torch.Tensor | None = None,
+    teacher_probs: torch.Tensor | None = None,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """``world_size * sum_i w_i * CE_i / normaliser`` over this shard's rows.
+
+    ``CE`` is cross-entropy to the hard pseudo-label (``labels``) or, when ``teacher_probs`` is
+    given, to the teacher's full distribution (``loss: soft``). With DDP averaging gradients over
+    ``world_size`` workers, the result is the gradient of the spec's ``L`` over the global batch.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    if teacher_probs is not None:
+        per_row = -(teacher_probs.to(log_p.dtype) * log_p).sum(dim=-1)
+    else:
+        if labels is None:
+            raise ValueError("selection_loss needs labels (hard loss) or teacher_probs (soft loss)")
+        per_row = F.nll_loss(log_p, labels.to(torch.int64), reduction="none")
+    return (weights.to(per_row.dtype) * per_row).sum() * (world_size / normaliser)

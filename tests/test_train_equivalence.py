@@ -1,0 +1,153 @@
+"""Across-shards equivalence with a real process group: 2 gloo workers with local batches b1, b2
+against 1 worker with b1 + b2 — the same thresholds, masks, weights, and parameters after the step.
+
+Both sides run ``llkd_ray.train.train_round`` (the function the Ray Train workers run), the
+2-worker side under DistributedDataParallel, on a tiny random BERT without dropout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SST2_LABELS, build_tiny_classifier
+
+TEXTS = [
+    "a gripping, funny and deeply moving film",
+    "dull , lifeless and far too long",
+    "the cast is wonderful",
+    "i walked out after an hour",
+    "a small gem that rewards patience",
+    "an incoherent mess from start to finish",
+    "sharp writing and a great score",
+    "nothing here works at all , not even the jokes",
+]
+CONFIDENCE = [0.95, 0.7, 0.88, 0.6, 0.91, 0.99, 0.55, 0.8]
+LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
+
+#: (strategy, loss, weighting, candidates M): each scenario is one optimizer step from the same start.
+SCENARIOS = [
+    ("llkd", "hard", "confidence_uncertainty", 1),
+    ("all", "soft", "none", 1),
+    ("random", "hard", "none", 1),
+    ("llkd", "hard", "confidence_uncertainty", 2),
+]
+
+
+def _batch(rows: list[int]):
+    from llkd_ray.train import Batch
+
+    probs = [[1 - c, c] if y == 1 else [c, 1 - c] for c, y in zip(CONFIDENCE, LABELS, strict=True)]
+    return Batch(
+        ids=[f"id{i}" for i in rows],
+        texts=[TEXTS[i] for i in rows],
+        labels=torch.tensor([LABELS[i] for i in rows]),
+        confidence=torch.tensor([CONFIDENCE[i] for i in rows]),
+        probs=torch.tensor([probs[i] for i in rows]),
+    )
+
+
+def run_worker(rank: int, world: int, model_dir: str, store: str, out: str) -> None:
+    """One optimizer step per scenario on this worker's rows; results to ``out``."""
+    import torch.distributed as dist
+
+    from llkd_ray.selection import Selector
+    from llkd_ray.train import StepContext, build_optimizer, load_student, train_round
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    rows = list(range(8)) if world == 1 else list(range(rank * 4, rank * 4 + 4))
+    results = []
+    for strategy, loss, weighting, m in SCENARIOS:
+        model, tokenizer = load_student(model_dir, SST2_LABELS, seed=0)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = build_optimizer(model, learning_rate=1e-3, weight_decay=0.01)
+        selector = Selector(
+            2, strategy=strategy, weighting=weighting, momentum=0.9, seed=1,
+            all_reduce=dist.all_reduce if world > 1 else None, rank=rank, world_size=world,
+        )
+        ctx = StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), world_size=world,
+                          soft_loss=loss == "soft")
+        capacity = None if m == 1 else len(rows) // m
+        candidates = _batch(rows)
+        if m > 1:
+            # M candidates per kept row: this worker draws its rows twice over (second copy less confident)
+            twice = _batch(rows + rows)
+            twice.confidence[len(rows):] *= 0.5
+            candidates = twice
+            capacity = len(rows)
+        result = train_round(model, candidates, selector, ctx, capacity=capacity)
+        optimizer.step()
+        module = model.module if world > 1 else model
+        results.append({
+            "teacher_thresholds": result.selection.teacher_thresholds.tolist(),
+            "student_thresholds": result.selection.student_thresholds.tolist(),
+            "mask": result.selection.mask.tolist(),
+            "weights": result.selection.weights.tolist(),
+            "normaliser": result.selection.normaliser,
+            "loss": result.loss,
+            "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        })
+    torch.save(results, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, minilm_path):
+    import torch.multiprocessing as mp
+
+    work = tmp_path_factory.mktemp("equivalence")
+    model_dir = str(build_tiny_classifier(work / "tiny", SST2_LABELS, minilm_path))
+    context = mp.get_context("spawn")
+    processes = [
+        context.Process(target=run_worker, args=(r, 2, model_dir, str(work / "store"), str(work / f"two-{r}.pt")))
+        for r in range(2)
+    ]
+    processes.append(context.Process(target=run_worker, args=(0, 1, model_dir, "", str(work / "one.pt"))))
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+        assert process.exitcode == 0, f"worker exited with {process.exitcode}"
+    load = lambda name: torch.load(work / name, weights_only=False)  # noqa: E731
+    return load("two-0.pt"), load("two-1.pt"), load("one.pt"), model_dir
+
+
+@pytest.mark.parametrize("index", range(len(SCENARIOS)), ids=["-".join(map(str, s)) for s in SCENARIOS])
+def test_two_workers_equal_one_worker_with_both_batches(runs, index):
+    two_a, two_b, one = (r[index] for r in runs[:3])
+    for key in ("teacher_thresholds", "student_thresholds"):
+        assert two_a[key] == two_b[key]
+        assert two_a[key] == pytest.approx(one[key], abs=1e-12)
+    assert two_a["normaliser"] == two_b["normaliser"] == one["normaliser"]
+    m = SCENARIOS[index][3]
+    if m == 1:
+        assert two_a["mask"] + two_b["mask"] == one["mask"]
+        assert two_a["weights"] + two_b["weights"] == pytest.approx(one["weights"], abs=1e-6)
+    else:
+        # candidates: each worker's rows twice; the 1-worker batch is b1 + b2 twice over, reordered
+        order = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
+        assert two_a["mask"] + two_b["mask"] == [one["mask"][i] for i in order]
+    assert sum(two_a["mask"]) + sum(two_b["mask"]) > 0, "the scenario should select something"
+    assert two_a["loss"] + two_b["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    for name, value in one["params"].items():
+        assert torch.equal(two_a["params"][name], two_b["params"][name]), name
+        assert torch.allclose(two_a["params"][name], value, atol=1e-5, rtol=0), (
+            name, float((two_a["params"][name] - value).abs().max())
+        )
+
+
+def test_the_step_moves_the_parameters(runs):
+    from safetensors.torch import load_file
+
+    start = load_file(str(Path(runs[3]) / "model.safetensors"))
+    moved = runs[2][0]["params"]
+    changed = [k for k in start if k in moved and not torch.equal(start[k], moved[k])]
+    assert "classifier.weight" in changed and len(changed) > 10

@@ -1,0 +1,58 @@
+"""Helpers for the training tests: a labels directory in the labeling stage's format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_labels_dir(
+    directory: Path,
+    texts: list[str],
+    label_names: list[str],
+    *,
+    seed: int = 0,
+    parts: int = 2,
+    gold: list[str] | None = None,
+    teacher_accuracy: float = 0.8,
+) -> Path:
+    """``part-*.parquet`` + ``_manifest.json`` as ``llkd label`` writes them.
+
+    The teacher distribution is random but informative when ``gold`` is given: its argmax agrees
+    with the gold label on about ``teacher_accuracy`` of the rows.
+    """
+    rng = np.random.default_rng(seed)
+    k = len(label_names)
+    probs = rng.dirichlet(np.ones(k), size=len(texts))
+    if gold is not None:
+        index = {name: i for i, name in enumerate(label_names)}
+        for row, label in enumerate(gold):
+            target = index[label] if rng.random() < teacher_accuracy else int(rng.integers(k))
+            probs[row, target] += 1.0 + rng.random()
+        probs /= probs.sum(axis=1, keepdims=True)
+    label_index = probs.argmax(axis=1)
+    ids = [hashlib.sha1(f"{seed}:{i}:{t}".encode()).hexdigest()[:16] for i, t in enumerate(texts)]
+    table = pa.table(
+        {
+            "id": ids,
+            "text": texts,
+            "pseudo_label": [label_names[i] for i in label_index],
+            "label_index": pa.array(label_index, type=pa.int64()),
+            "confidence": probs.max(axis=1),
+            "probs": [list(p) for p in probs],
+            "truncated": [False] * len(texts),
+        }
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(texts), parts + 1).astype(int)
+    for p in range(parts):
+        pq.write_table(table.slice(bounds[p], bounds[p + 1] - bounds[p]), directory / f"part-{p:05d}.parquet")
+    counts = {"read": len(texts), "labeled": len(texts), "rejected": 0}
+    manifest = {"stage": "label", "labels": label_names, "counts": counts}
+    (directory / "_manifest.json").write_text(json.dumps(manifest))
+    return directory
