@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import SST2_LABELS, build_tiny_classifier
 from train_fixtures import write_labels_dir
 
