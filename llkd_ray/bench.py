@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -266,12 +267,14 @@ class BenchSettings:
     teacher_model: str | None = None
     student: str = MINILM
     seeds: int = 3
-    steps: int = 120
+    steps: int = 100
     batch_size: int = 32
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     max_length: int = 64
     momentum: float = 0.99
     workers: int = 1
+    cpus_per_worker: float = field(default_factory=lambda: float(max(1, os.cpu_count() or 1)))
+    """Torch threads per training worker (default: every core, for the 1 worker)."""
     pool_size: int | None = 2000
     gold_size: int | None = None
     sample_seed: int = 0
@@ -294,6 +297,7 @@ def base_config(data: BenchData, settings: BenchSettings) -> PipelineConfig:
         "selection": {"momentum": settings.momentum},
         "training": {
             "workers": settings.workers,
+            "cpus_per_worker": settings.cpus_per_worker,
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
             "max_steps": settings.steps,
@@ -498,17 +502,16 @@ def _train(config: PipelineConfig, labels: Path, output: Path) -> dict[str, Any]
     """Train one student; returns its training summary."""
     from llkd_ray.train import train_student
 
-    result = train_student(config, labels=labels, output=output)
-    summary_path = output / "training_summary.json"
-    if summary_path.is_file():
-        return json.loads(summary_path.read_text())
-    return result if isinstance(result, dict) else asdict(result)
+    # The gold set is scored once, after training (``_evaluate``), not every epoch by the trainer.
+    return train_student(config, labels=labels, output=output, eval_data=None)
 
 
-def _evaluate(model_dir: Path, texts: list[str], gold: list[str], label_names: list[str]) -> dict[str, Any]:
+def _evaluate(
+    model_dir: Path, texts: list[str], gold: list[str], label_names: list[str], max_length: int
+) -> dict[str, Any]:
     from llkd_ray.evaluate import classification_metrics, predict_labels
 
-    predicted = predict_labels(model_dir, texts)
+    predicted = predict_labels(model_dir, texts, max_length=max_length)
     return classification_metrics(gold, predicted, label_names)
 
 
@@ -519,12 +522,10 @@ def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _usage(summary: dict[str, Any]) -> tuple[float | None, float | None]:
+def _usage(summary: dict[str, Any]) -> tuple[float, float]:
     """Data usage (fraction of the pool ever selected) and selected sample-steps over all."""
-    usage = summary.get("data_usage")
-    if isinstance(usage, dict):
-        return usage.get("pool_fraction"), usage.get("sample_step_fraction")
-    return usage, summary.get("sample_step_usage")
+    usage = summary["data_usage"]
+    return usage["pool_fraction"], usage["sample_step_fraction"]
 
 
 def teacher_scores(
@@ -589,7 +590,8 @@ def run_benchmark(
 
     work = output / "work"
     base = base_config(data, settings)
-    init_ray()
+    # Room for the training workers and, beside them, Ray Data reading the labels.
+    init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(settings.workers * settings.cpus_per_worker) + 1))
     labels_dir, teacher = teacher_scores(data, base, work, log)
     log(f"teacher on the gold set: accuracy {teacher['accuracy']:.3f}, macro-F1 {teacher['macro_f1']:.3f}")
     gold_ids = sorted(data.gold_labels)
@@ -614,7 +616,7 @@ def run_benchmark(
             started = time.perf_counter()
             summary = _train(config, labels_dir, run_dir / "train")
             train_time = time.perf_counter() - started
-            scores = _evaluate(run_dir / "train" / "student", gold_texts, gold, names)
+            scores = _evaluate(run_dir / "train" / "student", gold_texts, gold, names, settings.max_length)
             pool_fraction, step_fraction = _usage(summary)
             run = {
                 "key": key,
@@ -624,7 +626,7 @@ def run_benchmark(
                 "seed": seed,
                 "accuracy": scores["accuracy"],
                 "macro_f1": scores["macro_f1"],
-                "per_class_f1": scores.get("per_class_f1"),
+                "per_class_f1": {name: row["f1"] for name, row in scores["per_class"].items()},
                 "data_usage": pool_fraction,
                 "sample_step_usage": step_fraction,
                 "steps": summary.get("steps"),
@@ -736,12 +738,15 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
         help="llkd's candidates_per_step M values to compare, comma-separated (default 1,4)",
     )
     runs.add_argument("--seeds", type=int, help="seeds per strategy (default 3)")
-    runs.add_argument("--steps", type=int, help="training steps for every strategy (default 120)")
+    runs.add_argument("--steps", type=int, help="training steps for every strategy (default 100)")
     runs.add_argument("--batch-size", type=int, help="global batch size (default 32)")
-    runs.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, help="default 5e-5")
+    runs.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, help="default 1e-4")
     runs.add_argument("--max-length", type=int, help="student max tokens (default 64)")
     runs.add_argument("--momentum", type=float, help="threshold EMA momentum (default 0.99)")
     runs.add_argument("--workers", type=int, help="Ray Train workers per run (default 1)")
+    runs.add_argument(
+        "--cpus-per-worker", type=float, help="CPUs (torch threads) per worker (default: cores / workers)"
+    )
     runs.add_argument(
         "--set",
         dest="overrides",
@@ -770,6 +775,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
+    settings.cpus_per_worker = args.cpus_per_worker or float(max(1, (os.cpu_count() or 1) // settings.workers))
     if args.pool_size is not None:
         settings.pool_size = args.pool_size or None
     if args.student:
