@@ -176,7 +176,9 @@ def classify_rows(
     for value in raw_texts:
         reason = _reject_reason(value, max_chars)
         reasons.append(reason)
-        texts.append(value if isinstance(value, str) else (None if _is_missing(value) else json.dumps(value, default=str)))
+        texts.append(
+            value if isinstance(value, str) else (None if _is_missing(value) else json.dumps(value, default=str))
+        )
     out = pd.DataFrame({"id": ids, "text": texts, "reason": reasons})
     if label_column:
         labels = batch[label_column] if label_column in batch else [None] * n
@@ -247,7 +249,9 @@ def read_corpus(data: DataConfig, *, reference: str | None = None, limit: int | 
 # --------------------------------------------------------------------------- gold sets
 
 
-def read_gold(reference: str, label_names: list[str], *, text_column: str = "text", label_column: str = "label") -> pd.DataFrame:
+def read_gold(
+    reference: str, label_names: list[str], *, text_column: str = "text", label_column: str = "label"
+) -> pd.DataFrame:
     """Load a (small) gold set of ``text``, ``label`` and check every label against the label set."""
     data = DataConfig(input=reference, text_column=text_column, label_column=label_column)
     corpus = read_corpus(data)

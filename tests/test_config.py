@@ -47,14 +47,23 @@ def test_overrides_are_typed() -> None:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda raw: raw["training"].update(batchsize=8), r"training\.batchsize: unknown key.*allowed in training: .*batch_size"),
+        (
+            lambda raw: raw["training"].update(batchsize=8),
+            r"training\.batchsize: unknown key.*allowed in training: .*batch_size",
+        ),
         (lambda raw: raw.update(trainer={}), r"trainer: unknown key"),
         (lambda raw: raw["selection"].update(strategy="best"), r"selection\.strategy: Input should be 'llkd'"),
         (lambda raw: raw["selection"].update(momentum=1.5), r"selection\.momentum"),
-        (lambda raw: raw["training"].update(workers=3), r"batch_size \(32\) must be divisible by training\.workers \(3\)"),
+        (
+            lambda raw: raw["training"].update(workers=3),
+            r"batch_size \(32\) must be divisible by training\.workers \(3\)",
+        ),
         (lambda raw: raw["task"]["labels"].pop(), r"task\.labels"),
         (lambda raw: raw["task"]["labels"][1].update(name="negative"), r"repeated: negative"),
-        (lambda raw: raw["task"]["labels"][0].pop("description"), r"task\.labels\.0\.description: required key is missing"),
+        (
+            lambda raw: raw["task"]["labels"][0].pop("description"),
+            r"task\.labels\.0\.description: required key is missing",
+        ),
         (lambda raw: raw.pop("data"), r"data: required key is missing"),
         (lambda raw: raw["teacher"].update(backend="vllm"), r"teacher\.vllm\.model is required"),
         (lambda raw: raw["teacher"].update(prompt_template="no text field"), r"\{text\}"),
@@ -69,7 +78,7 @@ def test_bad_configs_name_the_key(tmp_path: Path, mutate, expected: str) -> None
 
 
 def test_bad_override_syntax() -> None:
-    with pytest.raises(ConfigError, match="a.b=value"):
+    with pytest.raises(ConfigError, match=r"a\.b=value"):
         load_config(CONFIGS / "demo.yaml", ["training.workers"])
 
 

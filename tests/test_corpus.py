@@ -78,7 +78,15 @@ def test_bad_rows_go_to_rejected_with_reasons(tmp_path: Path) -> None:
     assert list(corpus.rows.to_pandas()["text"]) == ["a fine film"]
     rejected = corpus.rejected.to_pandas()
     assert sorted(rejected["reason"]) == sorted(
-        ["empty_text", "non_string_text", "missing_text", "whitespace_text", "text_too_long", "non_string_text", "missing_text"]
+        [
+            "empty_text",
+            "non_string_text",
+            "missing_text",
+            "whitespace_text",
+            "text_too_long",
+            "non_string_text",
+            "missing_text",
+        ]
     )
     assert set(rejected.columns) == {"id", "text", "reason"}
     assert rejected["id"].is_unique
@@ -185,6 +193,8 @@ def test_limit_reads_only_the_first_rows() -> None:
 def test_gold_set_checks_labels(tmp_path: Path) -> None:
     gold = read_gold("builtin:trec/test", ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"])
     assert len(gold) == 500 and set(gold.columns) == {"id", "text", "label"}
-    path = _write_jsonl(tmp_path / "gold.jsonl", [{"text": "ok", "label": "positive"}, {"text": "meh", "label": "neutral"}])
+    path = _write_jsonl(
+        tmp_path / "gold.jsonl", [{"text": "ok", "label": "positive"}, {"text": "meh", "label": "neutral"}]
+    )
     with pytest.raises(DataError, match=r"unknown label 'neutral' in row 1"):
         read_gold(str(path), ["negative", "positive"])
