@@ -144,8 +144,9 @@ def serve_levels(model_dir: Path, texts: list[str], args: argparse.Namespace, ba
     return levels
 
 
-def bare_forward(model_dir: Path, texts: list[str], batch_sizes: list[int], cpus: float,
-                 max_seconds: float) -> dict[int, dict[str, float]]:
+def bare_forward(
+    model_dir: Path, texts: list[str], batch_sizes: list[int], cpus: float, max_seconds: float
+) -> dict[int, dict[str, float]]:
     """The model alone (tokenise + forward), on the replica's thread count, per batch size."""
     from llkd_ray.config import ServingConfig
     from llkd_ray.serve import StudentModel
@@ -187,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     texts = _texts(872)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="llkd-serve-bench-") as scratch:
-        model_dir = Path(args.model) if args.model else build_minilm_classifier(
-            Path(scratch) / "minilm-classifier", ["negative", "positive"]
+        model_dir = (
+            Path(args.model)
+            if args.model
+            else build_minilm_classifier(Path(scratch) / "minilm-classifier", ["negative", "positive"])
         )
         args.port = _free_port()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -203,32 +206,44 @@ def main(argv: list[str] | None = None) -> int:
         bare = bare_forward(model_dir, texts, sizes, args.replica_cpus, args.seconds / 2)
 
     load_after = os.getloadavg()
-    print(f"\n{'batching':>8} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} "
-          f"{'fwd ms/batch':>12} {'fwd share':>9} {'bare texts/s':>12} {'Serve/bare':>10}")
+    print(
+        f"\n{'batching':>8} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} "
+        f"{'fwd ms/batch':>12} {'fwd share':>9} {'bare texts/s':>12} {'Serve/bare':>10}"
+    )
     for level in levels:
         size = max(1, round(level["mean_batch_size"] or 1))
         level["bare_texts_per_s"] = bare[size]["texts_per_s"]
         level["serve_over_bare"] = round(level["requests_per_s"] / bare[size]["texts_per_s"], 3)
-        print(f"{'on' if level['batching'] else 'off':>8} {level['concurrency']:>4} {level['requests_per_s']:>8.1f} "
-              f"{level['p50_ms']:>8.1f} {level['p99_ms']:>8.1f} {level['mean_batch_size'] or 0:>6.1f} "
-              f"{level['forward_ms_per_batch'] or 0:>12.1f} {level['forward_share']:>9.2f} "
-              f"{level['bare_texts_per_s']:>12.1f} {level['serve_over_bare']:>10.2f}")
+        print(
+            f"{'on' if level['batching'] else 'off':>8} {level['concurrency']:>4} {level['requests_per_s']:>8.1f} "
+            f"{level['p50_ms']:>8.1f} {level['p99_ms']:>8.1f} {level['mean_batch_size'] or 0:>6.1f} "
+            f"{level['forward_ms_per_batch'] or 0:>12.1f} {level['forward_share']:>9.2f} "
+            f"{level['bare_texts_per_s']:>12.1f} {level['serve_over_bare']:>10.2f}"
+        )
     top = max(args.concurrency)
     on = next(level for level in levels if level["batching"] and level["concurrency"] == top)
     off = next(level for level in levels if not level["batching"] and level["concurrency"] == top)
     ratio = on["requests_per_s"] / off["requests_per_s"]
     single = next((level for level in levels if level["batching"] and level["concurrency"] == 1), None)
-    print(f"\nbatching on / off at concurrency {top}: {ratio:.2f}x requests/s (target >= 3x: "
-          f"{'met' if ratio >= 3 else 'not met'})")
+    print(
+        f"\nbatching on / off at concurrency {top}: {ratio:.2f}x requests/s (target >= 3x: "
+        f"{'met' if ratio >= 3 else 'not met'})"
+    )
     if single and single["forward_ms_per_batch"]:
-        print(f"Serve overhead at concurrency 1: p50 {single['p50_ms']:.1f} ms per request, of which the forward "
-              f"pass in the replica took {single['forward_ms_per_batch']:.1f} ms (HTTP + proxy + routing + "
-              f"validation: {single['p50_ms'] - single['forward_ms_per_batch']:.1f} ms); bare forward of one text "
-              f"run separately: {bare.get(1, {}).get('batch_ms', float('nan')):.1f} ms")
+        print(
+            f"Serve overhead at concurrency 1: p50 {single['p50_ms']:.1f} ms per request, of which the forward "
+            f"pass in the replica took {single['forward_ms_per_batch']:.1f} ms (HTTP + proxy + routing + "
+            f"validation: {single['p50_ms'] - single['forward_ms_per_batch']:.1f} ms); bare forward of one text "
+            f"run separately: {bare.get(1, {}).get('batch_ms', float('nan')):.1f} ms"
+        )
     print(f"load average (1 min) before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} CPUs")
     summary = {
-        "machine": {"cpus": os.cpu_count(), "replica_cpus": args.replica_cpus,
-                    "loadavg_before": load_before, "loadavg_after": load_after},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "replica_cpus": args.replica_cpus,
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
         "levels": levels,
         "bare_forward": {str(k): v for k, v in bare.items()},
         "batching_ratio_at_top_concurrency": round(ratio, 3),

@@ -232,7 +232,9 @@ class ServingConfig(_Section):
     @model_validator(mode="after")
     def _replica_range(self) -> ServingConfig:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"serving.min_replicas ({self.min_replicas}) exceeds serving.max_replicas ({self.max_replicas})")
+            raise ValueError(
+                f"serving.min_replicas ({self.min_replicas}) exceeds serving.max_replicas ({self.max_replicas})"
+            )
         if self.target_ongoing_requests > self.max_ongoing_requests:
             raise ValueError(
                 f"serving.target_ongoing_requests ({self.target_ongoing_requests}) exceeds "

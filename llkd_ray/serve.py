@@ -89,8 +89,9 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                    **extra: Any) -> JSONResponse:
+def _error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
 
 
@@ -213,15 +214,23 @@ class StudentModel:
         if self.device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, trust_remote_code=False, dtype=dtype
-        ).to(self.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=False, dtype=dtype)
+            .to(self.device)
+            .eval()
+        )
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         # The tokenizer's and the position embeddings' limits (HF writes a huge number for "none").
-        limits = [n for n in (getattr(self.tokenizer, "model_max_length", None),
-                              getattr(config, "max_position_embeddings", None), serving.max_length)
-                  if n and n < 1_000_000]
+        limits = [
+            n
+            for n in (
+                getattr(self.tokenizer, "model_max_length", None),
+                getattr(config, "max_position_embeddings", None),
+                serving.max_length,
+            )
+            if n and n < 1_000_000
+        ]
         self.max_length = min(limits, default=512)
         self.info = {
             "name": Path(model_dir).name,
@@ -280,8 +289,9 @@ class StudentModel:
 class Classifier:
     """One replica: loads the model on its model thread, answers while Serve batches its texts."""
 
-    def __init__(self, model_dir: str, serving: dict[str, Any], auth_digest: str | None = None,
-                 load_delay_s: float = 0.0):
+    def __init__(
+        self, model_dir: str, serving: dict[str, Any], auth_digest: str | None = None, load_delay_s: float = 0.0
+    ):
         self.serving = ServingConfig.model_validate(serving)
         self.model_dir = model_dir
         token = os.environ.get(self.serving.auth_token_env)
@@ -306,8 +316,13 @@ class Classifier:
                 time.sleep(delay_s)  # test-only: makes "loading" observable
             self.training_summary = read_training_summary(self.model_dir)
             self.model = StudentModel(self.model_dir, self.serving)
-            logger.info("llkd: loaded %s (%s labels, %s) in %.1fs", self.model_dir, len(self.model.labels),
-                        self.model.device, time.perf_counter() - started)
+            logger.info(
+                "llkd: loaded %s (%s labels, %s) in %.1fs",
+                self.model_dir,
+                len(self.model.labels),
+                self.model.device,
+                time.perf_counter() - started,
+            )
         except Exception as error:
             self.load_error = f"{type(error).__name__}: {error}"
             logger.exception("llkd: loading %s failed", self.model_dir)
@@ -348,11 +363,19 @@ class Classifier:
             return
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
-            raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer TOKEN'",
-                           {"WWW-Authenticate": 'Bearer realm="llkd"'})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing bearer token: send 'Authorization: Bearer TOKEN'",
+                {"WWW-Authenticate": 'Bearer realm="llkd"'},
+            )
         if not hmac.compare_digest(token_digest(presented.strip()), self._auth_digest):
-            raise ApiError(401, "unauthorized", "invalid bearer token",
-                           {"WWW-Authenticate": 'Bearer realm="llkd", error="invalid_token"'})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "invalid bearer token",
+                {"WWW-Authenticate": 'Bearer realm="llkd", error="invalid_token"'},
+            )
 
     def _ready_model(self) -> StudentModel:
         if self.model is None:
@@ -364,8 +387,11 @@ class Classifier:
     async def _read_request(self, request: Request) -> ClassifyRequest:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json" and not content_type.endswith("+json"):
-            raise ApiError(415, "unsupported_media_type",
-                           f"send a JSON body with 'Content-Type: application/json' (got {content_type or 'none'!r})")
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"send a JSON body with 'Content-Type: application/json' (got {content_type or 'none'!r})",
+            )
         limit = self.serving.max_texts_per_request * self.serving.max_chars * 4 + 65_536
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -374,20 +400,24 @@ class Classifier:
         if len(body) > limit:
             raise ApiError(413, "body_too_large", f"request body of {len(body)} bytes exceeds {limit} bytes")
         if not body.strip():
-            raise ApiError(400, "malformed_json", "empty request body: send {\"texts\": [...]} or {\"text\": \"...\"}")
+            raise ApiError(400, "malformed_json", 'empty request body: send {"texts": [...]} or {"text": "..."}')
         try:
             parsed = ClassifyRequest.model_validate_json(body)
         except ValidationError as error:
             raise RequestValidationError(error.errors(include_url=False)) from None
         texts = parsed.inputs
         if len(texts) > self.serving.max_texts_per_request:
-            raise ApiError(422, "too_many_texts",
-                           f"texts: {len(texts)} texts given, at most {self.serving.max_texts_per_request} per request")
+            raise ApiError(
+                422,
+                "too_many_texts",
+                f"texts: {len(texts)} texts given, at most {self.serving.max_texts_per_request} per request",
+            )
         for index, text in enumerate(texts):
             if len(text) > self.serving.max_chars:
                 field = f"texts[{index}]" if parsed.texts is not None else "text"
-                raise ApiError(422, "text_too_long",
-                               f"{field}: {len(text)} characters, at most {self.serving.max_chars} allowed")
+                raise ApiError(
+                    422, "text_too_long", f"{field}: {len(text)} characters, at most {self.serving.max_chars} allowed"
+                )
         return parsed
 
     # -- routes
@@ -424,8 +454,12 @@ class Classifier:
 
     @api.post(
         "/v1/classify",
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": ClassifyRequest.model_json_schema()}}}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}},
+            }
+        },
     )
     async def classify(self, request: Request):
         """Classify ``texts`` (or one ``text``); predictions come back in request order."""
@@ -439,12 +473,14 @@ class Classifier:
         predictions = []
         for probabilities, truncated, _ in results:
             ranked = sorted(zip(model.labels, probabilities, strict=True), key=lambda pair: -pair[1])
-            predictions.append({
-                "label": ranked[0][0],
-                "score": ranked[0][1],
-                "scores": dict(ranked[:top_k]),
-                "truncated": truncated,
-            })
+            predictions.append(
+                {
+                    "label": ranked[0][0],
+                    "score": ranked[0][1],
+                    "scores": dict(ranked[:top_k]),
+                    "truncated": truncated,
+                }
+            )
         n_truncated = sum(1 for p in predictions if p["truncated"])
         self.stats["requests"] += 1
         self.stats["texts"] += len(texts)
@@ -452,8 +488,13 @@ class Classifier:
         self._texts_counter.inc(len(texts))
         if n_truncated:
             self._truncated_counter.inc(n_truncated)
-        logger.info("classify texts=%d truncated=%d batch_sizes=%s latency_ms=%.1f", len(texts), n_truncated,
-                    sorted({size for _, _, size in results}), 1000 * (time.perf_counter() - started))
+        logger.info(
+            "classify texts=%d truncated=%d batch_sizes=%s latency_ms=%.1f",
+            len(texts),
+            n_truncated,
+            sorted({size for _, _, size in results}),
+            1000 * (time.perf_counter() - started),
+        )
         return {"model": model.info, "predictions": predictions}
 
 
@@ -479,8 +520,9 @@ def _format_errors(error: ValidationError, prefix: str) -> str:
     return "; ".join(f"{prefix}{_location(item['loc'])}: {item['msg']}" for item in error.errors())
 
 
-def load_serving_config(config: str | Path | None = None, overrides: Sequence[str] = (),
-                        updates: dict[str, Any] | None = None) -> ServingConfig:
+def load_serving_config(
+    config: str | Path | None = None, overrides: Sequence[str] = (), updates: dict[str, Any] | None = None
+) -> ServingConfig:
     """The ``serving`` section of a pipeline config (or the defaults), with overrides applied.
 
     ``overrides`` are ``serving.KEY=VALUE`` (``KEY=VALUE`` is read as ``serving.KEY`` when no
@@ -544,8 +586,9 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
     serving = load_serving_config(parsed.config, updates=parsed.serving)
     token = os.environ.get(serving.auth_token_env)
     deployment = Classifier.options(**deployment_options(serving, _cluster_gpus()))
-    return deployment.bind(model_dir, serving.model_dump(mode="json"), token_digest(token) if token else None,
-                           parsed.load_delay_s)
+    return deployment.bind(
+        model_dir, serving.model_dump(mode="json"), token_digest(token) if token else None, parsed.load_delay_s
+    )
 
 
 # --------------------------------------------------------------------------- llkd serve
@@ -585,8 +628,15 @@ def wait_until_ready(url: str, timeout_s: float = 600.0) -> dict[str, Any]:
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
-def classify(url: str, texts: Sequence[str], *, top_k: int | None = None, token: str | None = None,
-             attempts: int = 8, timeout_s: float = 60.0) -> dict[str, Any]:
+def classify(
+    url: str,
+    texts: Sequence[str],
+    *,
+    top_k: int | None = None,
+    token: str | None = None,
+    attempts: int = 8,
+    timeout_s: float = 60.0,
+) -> dict[str, Any]:
     """Client for ``POST url/v1/classify`` with the retry policy of docs/serving.md.
 
     Retries connection errors and :data:`RETRY_STATUSES` with exponential backoff (0.2 s doubling,
@@ -645,9 +695,15 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def run_server(model: str | Path, config: PipelineConfig | ServingConfig | str | Path | None = None, *,
-               overrides: Sequence[str] = (), host: str | None = None, port: int | None = None,
-               ready_timeout_s: float = 600.0) -> int:
+def run_server(
+    model: str | Path,
+    config: PipelineConfig | ServingConfig | str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    host: str | None = None,
+    port: int | None = None,
+    ready_timeout_s: float = 600.0,
+) -> int:
     """Serve ``model`` until interrupted (Ctrl-C or SIGTERM), then shut Serve down; returns 0.
 
     Starts a local Ray unless ``RAY_ADDRESS`` names a cluster (or Ray is already initialised). On a
@@ -670,14 +726,20 @@ def run_server(model: str | Path, config: PipelineConfig | ServingConfig | str |
     previous = _interrupt_on_signals()
     try:
         serve.start(http_options={"host": serving.host, "port": serving.port})
-        serve.run(build_app(ServeArgs(model=model_dir, serving=serving.model_dump(mode="json"))),
-                  name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(
+            build_app(ServeArgs(model=model_dir, serving=serving.model_dump(mode="json"))),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+        )
         url = _local_url(serving.host, serving.port)
         wait_until_ready(url, ready_timeout_s)
         auth = "on" if os.environ.get(serving.auth_token_env) else f"off (set {serving.auth_token_env} to enable)"
-        print(f"llkd serve: {model_dir} at http://{serving.host}:{serving.port} "
-              f"(POST /v1/classify, GET /v1/model, GET /healthz; bearer auth {auth}); Ctrl-C stops",
-              flush=True)
+        print(
+            f"llkd serve: {model_dir} at http://{serving.host}:{serving.port} "
+            f"(POST /v1/classify, GET /v1/model, GET /healthz; bearer auth {auth}); Ctrl-C stops",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -412,7 +412,10 @@ def test_deployment_options_from_serving():
     serving = ServingConfig(min_replicas=0, max_replicas=4, target_ongoing_requests=4, num_cpus=2)
     options = deployment_options(serving)
     assert options["autoscaling_config"] == {
-        "min_replicas": 0, "initial_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4.0,
+        "min_replicas": 0,
+        "initial_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 4.0,
     }
     assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert options["max_ongoing_requests"] == serving.max_ongoing_requests

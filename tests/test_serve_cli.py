@@ -26,8 +26,18 @@ def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(tiny_classifier_dir, tmp_p
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLKD_API_TOKEN")}
     log = tmp_path / "serve.log"
     command = [
-        sys.executable, "-m", "llkd_ray.cli", "serve", "--model", str(tiny_classifier_dir), "--port", str(port),
-        "--set", "serving.num_cpus=0.5", "--set", "serving.max_texts_per_request=4",
+        sys.executable,
+        "-m",
+        "llkd_ray.cli",
+        "serve",
+        "--model",
+        str(tiny_classifier_dir),
+        "--port",
+        str(port),
+        "--set",
+        "serving.num_cpus=0.5",
+        "--set",
+        "serving.max_texts_per_request=4",
     ]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -65,7 +75,9 @@ def test_llkd_serve_rejects_a_directory_without_labels(tmp_path):
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "llkd_ray.cli", "serve", "--model", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "id2label" in result.stderr
