@@ -37,6 +37,8 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,6 +255,8 @@ class RoundResult:
     """This worker's loss term (its share of the global ``L``; the mean over workers is ``L``)."""
     selected_ids: list[str]
     trained_rows: int
+    selection_seconds: float
+    """Time spent on the information need and the selection (its all-reduces included)."""
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -292,12 +296,16 @@ def train_round(
     if capacity is None:
         with ctx.autocast():
             logits = model(**ctx.encode(batch.texts)).logits
+        clock = time.perf_counter()
         uncertainty = normalized_entropy(logits)
         selection = selector.select(batch.confidence, batch.labels, uncertainty)
+        selection_seconds = time.perf_counter() - clock
         rows, weights = batch, selection.weights
     else:
         uncertainty = score_candidates(model, batch, ctx, chunk=max(capacity, 1))
+        clock = time.perf_counter()
         selection = selector.select(batch.confidence, batch.labels, uncertainty, capacity=capacity)
+        selection_seconds = time.perf_counter() - clock
         keep = selection.mask.nonzero().squeeze(1).cpu()
         if len(keep):
             rows, weights = batch.take(keep), selection.weights[keep]
@@ -324,6 +332,7 @@ def train_round(
         loss=float(loss.detach()) / ctx.world_size,
         selected_ids=[i for i, keep in zip(batch.ids, mask, strict=True) if keep],
         trained_rows=int(sum(mask)),
+        selection_seconds=selection_seconds,
     )
 
 
@@ -391,6 +400,8 @@ class TrainState:
     selected_counts: dict[str, int] = field(default_factory=dict)
     """Rank 0 only: how often each pool id was selected (the data usage)."""
     train_seconds: float = 0.0
+    selection_seconds: float = 0.0
+    """Rank 0's time in the selection (information need, select with its all-reduces, id gathering)."""
     resumed_from: list[int] = field(default_factory=list)
     last_eval: dict[str, Any] | None = None
     last_loss: float | None = None
@@ -536,6 +547,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(training.cpus_per_worker)))
     all_reduce, all_gather = _collectives(world)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
 
     # ---- model, optimizer, schedule, selection state: fresh or from the latest checkpoint
     checkpoint = ray.train.get_checkpoint()
@@ -546,10 +559,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if restored:
             saved = torch.load(Path(restored) / STATE_FILE, weights_only=False)
             state = TrainState(**saved["state"])
-            if rank == 0:
-                output.mkdir(parents=True, exist_ok=True)
-                if (Path(restored) / "metrics.jsonl").is_file():
-                    shutil.copyfile(Path(restored) / "metrics.jsonl", metrics_path)  # drop lines after it
+            if rank == 0:  # the metrics as of the checkpoint: steps after it are redone
+                shutil.copyfile(Path(restored) / "metrics.jsonl", metrics_path)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model, training.learning_rate, training.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
@@ -571,7 +582,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.attempt += 1
         state.resumed_from.append(state.step)
     if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
         if saved is None:
             metrics_path.unlink(missing_ok=True)
         else:
@@ -624,6 +634,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step_candidates += result.selection.candidates
             step_ids.extend(result.selected_ids)
             state.trained_rows += result.trained_rows
+            state.selection_seconds += result.selection_seconds
         if step_selected > 0:
             if scaler is not None:
                 scaler.step(optimizer)
@@ -631,12 +642,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             else:
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with contextlib.suppress(UserWarning):
+        with warnings.catch_warnings():  # a step that selected nothing skips optimizer.step()
+            warnings.simplefilter("ignore", UserWarning)
             scheduler.step()
         state.step += 1
         state.candidates_seen += step_candidates
         state.rows_selected += step_selected
 
+        clock = time.perf_counter()
         gathered = all_gather((step_ids, step_loss))
         loss = sum(share[1] for share in gathered)
         state.last_loss = loss
@@ -644,6 +657,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for ids, _ in gathered:
                 for row_id in ids:
                     state.selected_counts[row_id] = state.selected_counts.get(row_id, 0) + 1
+        state.selection_seconds += time.perf_counter() - clock
         state.train_seconds = time.perf_counter() - started
         sel = result.selection
         record = {
@@ -803,7 +817,7 @@ def train_student(
     gold = _gold_payload(config, eval_data)
     dataset = build_dataset(pool, plan, training.seed)
     storage = training.storage_path or str(output / "ray")
-    run_name = f"llkd-train-{config.selection.strategy}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_name = f"llkd-train-{config.selection.strategy}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -869,6 +883,8 @@ def train_student(
         "resumed_from_steps": state.resumed_from,
         "wall_time_s": round(wall, 3),
         "train_loop_s": round(state.train_seconds, 3),
+        "selection_s": round(state.selection_seconds, 3),
+        "selection_share": state.selection_seconds / state.train_seconds if state.train_seconds else None,
         "samples_per_s": state.candidates_seen / state.train_seconds if state.train_seconds else None,
         "trained_samples_per_s": state.trained_rows / state.train_seconds if state.train_seconds else None,
     }
