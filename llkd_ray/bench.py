@@ -577,21 +577,43 @@ def teacher_scores(
     return pool_labels, teacher
 
 
+def _start_ray(settings: BenchSettings) -> None:
+    """Join ``RAY_ADDRESS`` when set; else start a private local Ray with room for the training
+    workers and, beside them, Ray Data reading the labels.
+
+    ``address="local"``: ``ray.init()`` without an address would join any head that ``ray start``
+    left running on this machine, and then refuses ``num_cpus``.
+    """
+    import logging
+
+    import ray
+
+    from llkd_ray.runtime import init_ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        init_ray()
+        return
+    cpus = max(os.cpu_count() or 1, math.ceil(settings.workers * settings.cpus_per_worker) + 1)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+
+
 def run_benchmark(
     data: BenchData,
     settings: BenchSettings,
     variants: list[Variant],
     output: Path,
     *,
+    train: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Label once, train every variant and seed from the same labels, score each on the gold set."""
-    from llkd_ray.runtime import init_ray
+    """Label once, train every variant and seed from the same labels, score each on the gold set.
 
+    Runs go seed by seed (every variant of seed 0 first), so a benchmark cut short still compares
+    every variant. ``train=False`` only collects the runs finished so far.
+    """
     work = output / "work"
     base = base_config(data, settings)
-    # Room for the training workers and, beside them, Ray Data reading the labels.
-    init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(settings.workers * settings.cpus_per_worker) + 1))
+    _start_ray(settings)
     labels_dir, teacher = teacher_scores(data, base, work, log)
     log(f"teacher on the gold set: accuracy {teacher['accuracy']:.3f}, macro-F1 {teacher['macro_f1']:.3f}")
     gold_ids = sorted(data.gold_labels)
@@ -612,6 +634,8 @@ def run_benchmark(
                     f"[{len(runs) + 1}/{total}] {variant.name} seed {seed}: done before, macro-F1 {run['macro_f1']:.3f}"
                 )
                 runs.append(run)
+                continue
+            if not train:
                 continue
             started = time.perf_counter()
             summary = _train(config, labels_dir, run_dir / "train")
@@ -757,6 +781,9 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", "-o", help="output directory (default runs/bench-quality-NAME)")
     parser.add_argument("--quick", action="store_true", help="tiny pool and student, one seed, a few steps (CI)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="train nothing: write the results of the runs finished so far"
+    )
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -812,7 +839,7 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
         f"{len(variants)} strategies x {settings.seeds} seed(s), {settings.steps} steps of batch {settings.batch_size}"
     )
     started = time.perf_counter()
-    results = run_benchmark(data, settings, variants, output, log=log)
+    results = run_benchmark(data, settings, variants, output, train=not args.report_only, log=log)
     results["wall_time_s"] = time.perf_counter() - started
     paths = write_results(results, output)
     log("")
