@@ -95,14 +95,14 @@ def _error_response(
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
 
 
-def _location(loc: Sequence[Any]) -> str:
-    """``("body", "texts", 0)`` -> ``texts[0]``."""
+def _location(loc: Sequence[Any], whole: str = "body") -> str:
+    """``("body", "texts", 0)`` -> ``texts[0]``; an empty location names ``whole``."""
     text = ""
     for part in loc:
         if part == "body" and not text:
             continue
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "body"
+    return text or whole
 
 
 def _describe(errors: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
@@ -516,8 +516,12 @@ class ServeArgs(BaseModel):
     """Test-only: sleep this long before loading the model, to observe ``/healthz`` while loading."""
 
 
-def _format_errors(error: ValidationError, prefix: str) -> str:
-    return "; ".join(f"{prefix}{_location(item['loc'])}: {item['msg']}" for item in error.errors())
+def _format_errors(error: ValidationError, section: str) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(filter(None, (section, _location(item["loc"], whole=""))))
+        parts.append(f"{field or 'args'}: {str(item['msg']).removeprefix('Value error, ')}")
+    return "; ".join(parts)
 
 
 def load_serving_config(
@@ -540,7 +544,7 @@ def load_serving_config(
         try:
             serving = ServingConfig.model_validate(raw)
         except ValidationError as error:
-            raise ConfigError(f"invalid serving settings: {_format_errors(error, 'serving.')}") from None
+            raise ConfigError(f"invalid serving settings: {_format_errors(error, 'serving')}") from None
     return _updated(serving, updates or {})
 
 
@@ -550,7 +554,7 @@ def _updated(serving: ServingConfig, updates: dict[str, Any]) -> ServingConfig:
     try:
         return ServingConfig.model_validate({**serving.model_dump(), **updates})
     except ValidationError as error:
-        raise ConfigError(f"invalid serving settings: {_format_errors(error, 'serving.')}") from None
+        raise ConfigError(f"invalid serving settings: {_format_errors(error, 'serving')}") from None
 
 
 def deployment_options(serving: ServingConfig, cluster_gpus: float = 0.0) -> dict[str, Any]:
