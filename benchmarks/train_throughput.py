@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  2 workers / 1 worker:              {ratios['two_workers_vs_one']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     return results
 
 

@@ -88,11 +88,15 @@ def load_classifier(model_dir: str | Path, device: str | None = None) -> tuple[t
     """A sequence classifier and its tokenizer from a directory (or hub id), ready for inference."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from llkd_ray.errors import LlkdError
     from llkd_ray.models import resolve_model_path
 
     reference = resolve_model_path(str(model_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(reference)
-    tokenizer = AutoTokenizer.from_pretrained(reference)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(reference)
+        tokenizer = AutoTokenizer.from_pretrained(reference)
+    except OSError as error:
+        raise LlkdError(f"cannot load the model {model_dir}: {str(error).splitlines()[0]}") from None
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.eval(), tokenizer
 
