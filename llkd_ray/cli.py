@@ -95,6 +95,26 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- label
+
+
+def _label(args: argparse.Namespace) -> int:
+    from llkd_ray.label import label_corpus
+    from llkd_ray.runtime import init_ray
+
+    overrides = [*args.overrides, *([f"teacher.backend={args.teacher}"] if args.teacher else [])]
+    config = load_config(args.config, overrides)
+    if args.input:
+        config.data.input = args.input
+    if args.limit:
+        config.data.limit = args.limit
+    output = args.output or f"runs/{Path(args.config).stem}/labels"
+    init_ray()
+    result = label_corpus(config, output, overwrite=args.overwrite)
+    print(result.summary())
+    return 0
+
+
 # --------------------------------------------------------------------------- train / eval
 
 
@@ -216,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-chars", type=int, default=20_000)
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(handler=_data_inspect)
+
+    label = commands.add_parser("label", help="the teacher pseudo-labels a corpus into Parquet (resumable)")
+    _config_arguments(label)
+    label.add_argument("--input", default=None, help="corpus reference (default: data.input of the config)")
+    label.add_argument("--output", "-o", default=None, help="labels directory (default runs/CONFIG-NAME/labels)")
+    label.add_argument("--teacher", choices=("vllm", "hf", "embedding"), default=None, help="teacher backend")
+    label.add_argument("--limit", type=_positive_int, default=None, help="label at most the first N rows")
+    label.add_argument("--overwrite", action="store_true", help="replace labels of a different config in --output")
+    label.set_defaults(handler=_label)
 
     from llkd_ray.config import STRATEGIES
 

