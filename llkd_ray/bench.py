@@ -383,21 +383,22 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"teacher `{settings['teacher']}`, student `{settings['student']}`; "
         f"{settings['steps']} steps of batch {settings['batch_size']} for every strategy, "
         f"lr {settings['learning_rate']:g}, max length {settings['max_length']}, momentum {settings['momentum']}; "
-        f"{settings['seeds']} seed(s), mean ± std.",
+        f"mean ± std over seeds (up to {settings['seeds']}).",
         "",
         "| strategy | "
         + " | ".join(header for _, header in METRICS)
-        + " | data usage | sample-steps trained | wall time (s) |",
-        "|---|" + "---:|" * (len(METRICS) + 3),
+        + " | data usage | sample-steps trained | wall time (s) | seeds |",
+        "|---|" + "---:|" * (len(METRICS) + 4),
     ]
     for name, entry in summary.items():
         cells = [metric(key, entry[f"{key}_mean"], entry[f"{key}_std"]) for key, _ in METRICS]
         cells.append(_cell(entry.get("data_usage_mean"), entry.get("data_usage_std"), percent=True))
         cells.append(_cell(entry.get("sample_step_usage_mean"), entry.get("sample_step_usage_std"), percent=True))
         cells.append(_cell(entry.get("wall_time_s_mean"), entry.get("wall_time_s_std"), digits=0))
+        cells.append(str(entry["seeds"]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     teacher_cells = [metric(key, teacher[key], None) for key, _ in METRICS]
-    lines.append("| *teacher (zero-shot, labels the pool)* | " + " | ".join(teacher_cells) + " | – | – | – |")
+    lines.append("| *teacher (zero-shot, labels the pool)* | " + " | ".join(teacher_cells) + " | – | – | – | – |")
     lines += [
         "",
         "Data usage: the fraction of the pool selected at least once. Sample-steps trained: selected "
@@ -613,7 +614,8 @@ def run_benchmark(
     """
     work = output / "work"
     base = base_config(data, settings)
-    _start_ray(settings)
+    if train:
+        _start_ray(settings)
     labels_dir, teacher = teacher_scores(data, base, work, log)
     log(f"teacher on the gold set: accuracy {teacher['accuracy']:.3f}, macro-F1 {teacher['macro_f1']:.3f}")
     gold_ids = sorted(data.gold_labels)
