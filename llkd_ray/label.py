@@ -57,8 +57,9 @@ _EMPTY_PART = "part-empty.parquet"
 
 #: Settings that change how fast labels come, not what they are: left out of the config hash, so a
 #: job can be resumed with more actors or another batch size.
-_OPERATIONAL = frozenset({"batch_size", "concurrency", "num_cpus", "num_gpus", "accelerator_type",
-                          "tensor_parallel_size", "device"})
+_OPERATIONAL = frozenset(
+    {"batch_size", "concurrency", "num_cpus", "num_gpus", "accelerator_type", "tensor_parallel_size", "device"}
+)
 _DATA_KEYS = ("input", "format", "text_column", "id_column", "label_column", "max_chars", "limit")
 
 
@@ -174,8 +175,10 @@ class OutputStore:
 
 
 def _is_ours(name: str) -> bool:
-    return name in (MANIFEST, JOB_FILE, REJECTED_DIR) or name.startswith(_PART_PREFIX) or (
-        name.startswith(".") and name.endswith(".tmp")
+    return (
+        name in (MANIFEST, JOB_FILE, REJECTED_DIR)
+        or name.startswith(_PART_PREFIX)
+        or (name.startswith(".") and name.endswith(".tmp"))
     )
 
 
@@ -269,8 +272,9 @@ def commit_block(batch: pd.DataFrame, *, store: OutputStore, label_names: list[s
     Returns one summary row per teacher actor that produced the block (counts only, no text).
     """
     if batch.empty:
-        return pd.DataFrame({c: pd.Series(dtype=object if c in ("part", "actor") else np.int64)
-                             for c in _SUMMARY_COLUMNS})
+        return pd.DataFrame(
+            {c: pd.Series(dtype=object if c in ("part", "actor") else np.int64) for c in _SUMMARY_COLUMNS}
+        )
     name = part_name(batch["id"])
     bad = batch["reason"].notna()
     if bad.any():
@@ -486,9 +490,9 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
         commit_kwargs = {"store": store, "label_names": label_names, "has_gold": has_gold}
         for kind, dataset in (("rejected", corpus.rejected), ("rows", corpus.rows)):
             if len(committed):
+                # Default resources, so Ray Data fuses it into the reading tasks (no extra operator).
                 dataset = dataset.map_batches(
-                    drop_committed, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
-                    fn_kwargs={"committed": committed},
+                    drop_committed, batch_format="pyarrow", batch_size=None, fn_kwargs={"committed": committed}
                 )
             if kind == "rows":
                 # Blocks of block_rows rows: the work units the actor pool spreads (and scales) over.

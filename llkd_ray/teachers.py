@@ -539,6 +539,7 @@ def vllm_label_logprobs(row: dict[str, Any], token_ids: Sequence[int]) -> list[f
 
 def finish_vllm_rows(batch: pd.DataFrame, *, label_names: list[str], sink: Sink | None = None) -> pd.DataFrame:
     """Turn the vLLM processor's output rows into the teacher stage's rows (see :func:`label_frame`)."""
+
     def column(name: str, default: Any) -> pd.Series:
         return batch[name] if name in batch else pd.Series([default] * len(batch), index=batch.index, dtype=object)
 

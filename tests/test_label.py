@@ -61,8 +61,10 @@ def expected_ids(config) -> tuple[set[str], set[str]]:
     from llkd_ray.corpus import read_corpus
 
     corpus = read_corpus(config.data)
-    return tuple({row["id"] for row in dataset.select_columns(["id"]).iter_rows()}  # type: ignore[return-value]
-                 for dataset in (corpus.rows, corpus.rejected))
+    return tuple(
+        {row["id"] for row in dataset.select_columns(["id"]).iter_rows()}  # type: ignore[return-value]
+        for dataset in (corpus.rows, corpus.rejected)
+    )
 
 
 def check_label_rows(frame: pd.DataFrame, names: list[str]) -> None:
@@ -94,8 +96,14 @@ def test_llkd_label_demo_400_rows_then_resume_then_refuse_other_config(ray_local
 
     m = manifest(out)
     assert m["input"] == "builtin:sst2/train" and m["limit"] == 400
-    assert m["counts"] == {"read": 400, "labeled": 400, "rejected": 0, "truncated": 0,
-                           "rejected_by_reason": {}, "duplicates_removed": 0}
+    assert m["counts"] == {
+        "read": 400,
+        "labeled": 400,
+        "rejected": 0,
+        "truncated": 0,
+        "rejected_by_reason": {},
+        "duplicates_removed": 0,
+    }
     assert m["label_distribution"] == frame["pseudo_label"].value_counts().reindex(m["labels"]).to_dict()
     assert m["mean_confidence"] == pytest.approx(frame["confidence"].mean())
     assert m["gold_accuracy"] == pytest.approx(agreement)
@@ -114,8 +122,17 @@ def test_llkd_label_demo_400_rows_then_resume_then_refuse_other_config(ray_local
     assert {p.name: p.stat().st_mtime_ns for p in parts(out)} == files_before
 
     # Another config into the same directory is refused (exit 2, one line), unless --overwrite.
-    other = ["label", "--config", DEMO, "--limit", "400", "--output", str(out),
-             "--set", "teacher.embedding.temperature=0.1"]
+    other = [
+        "label",
+        "--config",
+        DEMO,
+        "--limit",
+        "400",
+        "--output",
+        str(out),
+        "--set",
+        "teacher.embedding.temperature=0.1",
+    ]
     assert main(other) == 2
     assert "different config" in capsys.readouterr().err
     assert main([*other, "--overwrite"]) == 0
@@ -145,11 +162,19 @@ def messy_corpus(tmp_path) -> Path:
 def test_hf_teacher_labels_good_rows_rejects_bad_ones_flags_truncation(ray_local, tmp_path, tiny_llm_dir, messy_corpus):
     from llkd_ray.teachers import HFTeacher, check_teacher
 
-    config = load_config(DEMO, [
-        f"data.input={messy_corpus}", "data.label_column=null", "data.max_chars=1200",
-        "teacher.backend=hf", f"teacher.hf.model={tiny_llm_dir}", "teacher.hf.max_model_len=128",
-        "teacher.hf.batch_size=8", "teacher.block_rows=10",
-    ])
+    config = load_config(
+        DEMO,
+        [
+            f"data.input={messy_corpus}",
+            "data.label_column=null",
+            "data.max_chars=1200",
+            "teacher.backend=hf",
+            f"teacher.hf.model={tiny_llm_dir}",
+            "teacher.hf.max_model_len=128",
+            "teacher.hf.batch_size=8",
+            "teacher.block_rows=10",
+        ],
+    )
     out = tmp_path / "labels"
     result = label_corpus(config, out)
 
@@ -159,7 +184,10 @@ def test_hf_teacher_labels_good_rows_rejects_bad_ones_flags_truncation(ray_local
     assert len(labeled) == 31 and len(rejected) == 5
     reasons = dict(zip(rejected["text"].fillna("<missing>"), rejected["reason"], strict=True))
     assert reasons == {
-        "": "empty_text", "   ": "whitespace_text", "<missing>": "missing_text", "42": "non_string_text",
+        "": "empty_text",
+        "   ": "whitespace_text",
+        "<missing>": "missing_text",
+        "42": "non_string_text",
         "way too long " * 100: "text_too_long",
     }
     assert labeled["truncated"].sum() == 1
@@ -191,10 +219,21 @@ def test_empty_corpus_gives_an_empty_output_and_a_clear_message(ray_local, tmp_p
 
 def test_a_missing_teacher_model_fails_before_any_data_is_read(tmp_path, capsys):
     out = tmp_path / "labels"
-    code = main([
-        "label", "--config", DEMO, "--input", str(tmp_path / "no-such-corpus.jsonl"), "--output", str(out),
-        "--teacher", "hf", "--set", f"teacher.hf.model={tmp_path / 'no-such-model'}",
-    ])
+    code = main(
+        [
+            "label",
+            "--config",
+            DEMO,
+            "--input",
+            str(tmp_path / "no-such-corpus.jsonl"),
+            "--output",
+            str(out),
+            "--teacher",
+            "hf",
+            "--set",
+            f"teacher.hf.model={tmp_path / 'no-such-model'}",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "model directory not found" in err and "no-such-corpus" not in err
@@ -227,11 +266,17 @@ def test_commit_is_atomic_and_a_repeated_id_is_repaired(tmp_path):
     names = ["negative", "positive"]
 
     def block(ids, reason=None):
-        return pd.DataFrame({
-            "id": ids, "text": [f"t{i}" for i in ids], "gold_label": ["negative"] * len(ids),
-            "probs": [[0.25, 0.75]] * len(ids), "truncated": [False] * len(ids),
-            "reason": [reason] * len(ids), "teacher_actor": ["a"] * len(ids),
-        })
+        return pd.DataFrame(
+            {
+                "id": ids,
+                "text": [f"t{i}" for i in ids],
+                "gold_label": ["negative"] * len(ids),
+                "probs": [[0.25, 0.75]] * len(ids),
+                "truncated": [False] * len(ids),
+                "reason": [reason] * len(ids),
+                "teacher_actor": ["a"] * len(ids),
+            }
+        )
 
     first = commit_block(block(["1", "2", "3"]), store=store, label_names=names, has_gold=True)
     assert first[["labeled", "rejected"]].values.tolist() == [[3, 0]]
@@ -271,7 +316,11 @@ def test_resume_after_the_job_is_killed_labels_every_id_exactly_once(ray_local, 
     log = (tmp_path / "job.log").open("w")
     job = subprocess.Popen(
         [sys.executable, "-m", "llkd_ray.cli", "label", "--config", str(config_path), "--output", str(out)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         _wait_for_parts(out, 3, job, timeout=240)
@@ -312,7 +361,7 @@ def test_a_teacher_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_loc
     _wait_for_parts(out, 2, None, timeout=180)
     alive = {k: v for k, v in teacher_actors().items() if v["State"] == "ALIVE"}
     assert len(alive) == 1
-    (actor_id, actor), = alive.items()
+    ((actor_id, actor),) = alive.items()
     os.kill(actor["Pid"], signal.SIGKILL)
     worker.join(timeout=300)
     assert not worker.is_alive()
@@ -328,10 +377,15 @@ def test_a_teacher_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_loc
 
 
 def test_autoscaled_pool_grows_to_two_actors_under_backlog(ray_local, tmp_path):
-    config = load_config(DEMO, [
-        "data.limit=800", "teacher.embedding.batch_size=32", "teacher.block_rows=50",
-        "teacher.embedding.concurrency=[1,2]",
-    ])
+    config = load_config(
+        DEMO,
+        [
+            "data.limit=800",
+            "teacher.embedding.batch_size=32",
+            "teacher.block_rows=50",
+            "teacher.embedding.concurrency=[1,2]",
+        ],
+    )
     result = label_corpus(config, tmp_path / "labels")
     per_actor = result.manifest["rows_per_actor"]
     assert len(per_actor) == 2, per_actor
