@@ -90,6 +90,23 @@ def plain_loop(config, labels: Path, steps: int, threads: int) -> dict[str, Any]
     return {"samples_per_s": batch * (steps - SKIP) / seconds, "step_s": seconds / (steps - SKIP)}
 
 
+def selection_cost(num_classes: int, batch: int = 32, rounds: int = 300) -> float:
+    """Milliseconds for one round's information need + selection on 1 process (no all-reduce)."""
+    import torch
+
+    from llkd_ray.selection import Selector, normalized_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    selector = Selector(num_classes)
+    logits = torch.randn(rounds, batch, num_classes, generator=generator)
+    confidence = torch.rand(rounds, batch, generator=generator)
+    labels = torch.randint(0, num_classes, (rounds, batch), generator=generator)
+    started = time.perf_counter()
+    for r in range(rounds):
+        selector.select(confidence[r], labels[r], normalized_entropy(logits[r]))
+    return 1000 * (time.perf_counter() - started) / rounds
+
+
 def ray_run(config, labels: Path, work: Path, name: str, **options) -> dict[str, Any]:
     from llkd_ray.train import train_student
 
@@ -152,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": f"{cores} CPU cores", "steps": steps, "batch_size": 32,
                                "student": config.student.model, "load_average_at_start": os.getloadavg()}
     results["plain_loop"] = plain_loop(config, labels, steps, threads=cores)
+    results["selection_ms_per_round_1_process"] = selection_cost(len(config.task.labels))
     results["ray_1_all"] = ray_run(variant("all", 1), labels, work, "ray-1-all", max_steps=steps)
     results["ray_1_llkd"] = ray_run(variant("llkd", 1), labels, work, "ray-1-llkd", max_steps=steps)
     results["ray_2_all"] = ray_run(variant("all", 2), labels, work, "ray-2-all", max_steps=steps)
@@ -171,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "selection_share_timed_1_worker": one["selection_share"],
         "selection_share_timed_2_workers": two["selection_share"],
         "two_workers_vs_one": two["samples_per_s"] / one["samples_per_s"],
+        "selection_compute_share_1_worker": results["selection_ms_per_round_1_process"] / 1000 / one["step_s"],
     }
     if args.gpu:
         gpu_one, gpu_two = results["gpu_1_llkd"], results["gpu_2_llkd"]
@@ -189,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{ratios['llkd_vs_all_step_time_2_workers']:+.2%}  (selection overhead, target <= 3%)")
     print(f"  selection share timed, 1 / 2 workers: {ratios['selection_share_timed_1_worker']:.2%} / "
           f"{ratios['selection_share_timed_2_workers']:.2%}")
+    print(f"  selection compute alone: {results['selection_ms_per_round_1_process']:.2f} ms per round = "
+          f"{ratios['selection_compute_share_1_worker']:.2%} of a 1-worker step")
     print(f"  2 workers / 1 worker:              {ratios['two_workers_vs_one']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
