@@ -15,13 +15,11 @@ def main() -> int:
     parser.add_argument("--output", "-o", required=True, help="training output directory")
     args = parser.parse_args()
 
+    from llkd_ray.config import load_config
     from llkd_ray.train import train_student
 
-    from llkd_ray.config import load_config
-    from llkd_ray.runtime import init_ray
-
     config = load_config(args.config, args.overrides)
-    init_ray()
+    # train_student joins the job's cluster (RAY_ADDRESS) or starts a local Ray sized for its workers.
     train_student(config, labels=args.labels, output=args.output)
     return 0
 

@@ -244,7 +244,8 @@ def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[
     teacher = classification_metrics(truth, [on_gold[row_id] for row_id in gold["id"]], names)
 
     log(f"evaluate: student {layout.student} predicts the gold set")
-    student = classification_metrics(truth, list(predict_labels(layout.student, list(gold["text"]))), names)
+    predicted = predict_labels(layout.student, list(gold["text"]), max_length=config.student.max_length)
+    student = classification_metrics(truth, predicted, names)
 
     summary = training_summary(layout)
     result = {
@@ -324,15 +325,16 @@ def run_pipeline(
     log: Log = print,
 ) -> PipelineResult:
     """Run label → train → evaluate → report (→ serve) into ``output``, skipping finished stages."""
-    from llkd_ray.runtime import init_ray
-
     layout = RunLayout(Path(output))
     layout.root.mkdir(parents=True, exist_ok=True)
     plan = plan_stages(config, layout, force=force)
     layout.config.write_text(config.to_yaml())
     result = PipelineResult(run_dir=layout.root)
     if serve or any(action != "skip" for action in plan.values()):
-        init_ray()
+        # A local Ray sized for the trainer's workers plus Ray Data's readers (or the job's cluster).
+        from llkd_ray.train import _ensure_ray
+
+        _ensure_ray(config)
     for stage, action in plan.items():
         digest = stage_hash(config, stage)
         if action == "skip":
@@ -426,8 +428,8 @@ def format_summary(result: PipelineResult, total_s: float | None = None) -> str:
     teacher, student = evaluation.get("teacher", {}), evaluation.get("student", {})
     if "macro_f1" in teacher and "macro_f1" in student:
         delta = student["macro_f1"] - teacher["macro_f1"]
-        verdict = "above" if delta > 0 else "not above"
-        lines.append(f"  student is {verdict} its teacher by {delta:+.3f} macro-F1")
+        verdict = "beats its teacher" if delta > 0 else "does not beat its teacher"
+        lines.append(f"  the student {verdict}: {delta:+.3f} macro-F1")
     usage = evaluation.get("data_usage")
     if isinstance(usage, dict):
         lines.append(

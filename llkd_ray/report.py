@@ -20,7 +20,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,24 +69,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _is_gold_eval(record: dict[str, Any]) -> bool:
-    return any(key in record for key in ("gold_macro_f1", "gold_accuracy", "gold")) or record.get("kind") in (
-        "eval",
-        "gold",
-    )
-
-
-def _gold_value(record: dict[str, Any], metric: str) -> float | None:
-    if f"gold_{metric}" in record:
-        return record[f"gold_{metric}"]
-    for key in ("gold", "eval"):
-        if isinstance(record.get(key), dict) and metric in record[key]:
-            return record[key][metric]
-    if record.get("kind") in ("eval", "gold"):
-        return record.get(metric)
-    return None
-
-
 def load_run(run_dir: str | Path) -> RunData:
     from llkd_ray.pipeline import RunLayout, read_label_rows
 
@@ -94,8 +76,8 @@ def load_run(run_dir: str | Path) -> RunData:
     if not layout.root.is_dir():
         raise LlkdError(f"run directory not found: {layout.root}")
     records = _read_jsonl(layout.train / "metrics.jsonl")
-    steps = [r for r in records if "loss" in r or "selected_fraction" in r]
-    gold_evals = [r for r in records if _is_gold_eval(r)]
+    steps = _last_per_step(r for r in records if r.get("kind", "step") == "step")
+    gold_evals = _last_per_step(r for r in records if r.get("kind") == "eval")
     evaluation = _read_json(layout.eval_json)
     summary = _read_json(layout.train / "training_summary.json")
     stages = {p.stem: _read_json(p) for p in sorted(layout.stages.glob("*.json"))}
@@ -115,6 +97,13 @@ def load_run(run_dir: str | Path) -> RunData:
     return RunData(layout.root, steps, gold_evals, evaluation, summary, stages, labels, selected_ids, names)
 
 
+def _last_per_step(records) -> list[dict[str, Any]]:
+    """One record per step, the latest: a training attempt restored from a checkpoint re-records
+    the steps after it."""
+    latest = {record.get("step"): record for record in records}
+    return [latest[step] for step in sorted(latest, key=lambda step: (step is None, step or 0))]
+
+
 def _label_names_from_config(path: Path) -> list[str] | None:
     import yaml
 
@@ -132,37 +121,16 @@ def _step_axis(steps: list[dict[str, Any]]) -> list[int]:
     return [int(r.get("step", i + 1)) for i, r in enumerate(steps)]
 
 
-def _per_class(record: dict[str, Any], key: str, names: Sequence[str]) -> list[float] | None:
-    """A per-class vector from a record: a list in label order or a {label: value} mapping."""
-    value = record.get(key)
-    if isinstance(value, dict):
-        return [value.get(name, math.nan) for name in names]
-    if isinstance(value, list):
-        return [float(v) if v is not None else math.nan for v in value]
-    return None
+def _per_class(record: dict[str, Any], key: str, names: Sequence[str]) -> list[float]:
+    """A per-class vector in label order from a ``{label: value}`` mapping (NaN where missing)."""
+    value = record.get(key) or {}
+    return [float(value[name]) if value.get(name) is not None else math.nan for name in names]
 
 
-def _first_key(records: Iterable[dict[str, Any]], *candidates: str) -> str | None:
-    for record in records:
-        for key in candidates:
-            if key in record:
-                return key
-    return None
-
-
-def _usage_value(record: dict[str, Any], which: str) -> float | None:
-    """Cumulative data usage from a step record: ``pool_fraction`` or ``sample_step_fraction``."""
-    usage = record.get("data_usage")
-    if isinstance(usage, dict):
-        return usage.get(which)
-    aliases = {
-        "pool_fraction": ("pool_fraction", "data_usage", "pool_fraction_selected", "cumulative_pool_fraction"),
-        "sample_step_fraction": ("sample_step_fraction", "sample_step_usage", "cumulative_sample_step_fraction"),
-    }[which]
-    for key in aliases:
-        if isinstance(record.get(key), int | float):
-            return record[key]
-    return None
+def _usage_value(record: dict[str, Any], which: str) -> float:
+    """Cumulative data usage of a step record: ``pool_fraction`` or ``sample_step_fraction``."""
+    value = (record.get("data_usage") or {}).get(which)
+    return math.nan if value is None else float(value)
 
 
 # --------------------------------------------------------------------------- plots
@@ -189,24 +157,17 @@ def _save(fig, path: Path) -> Path:
 
 def plot_thresholds(run: RunData, path: Path) -> Path | None:
     names = run.label_names
-    teacher_key = _first_key(run.steps, "teacher_thresholds", "tau_teacher", "tauT")
-    student_key = _first_key(run.steps, "student_thresholds", "tau_student", "tauS")
-    if not (teacher_key or student_key):
+    if not any("teacher_thresholds" in r for r in run.steps):
         return None
     fig, (left, right) = _figure(10, 3.8, ncols=2)
     x = _step_axis(run.steps)
-    for axis, key, title in ((left, teacher_key, "teacher confidence threshold τT[k]"),
-                             (right, student_key, "student uncertainty threshold τS[k]")):
+    for axis, key, title in ((left, "teacher_thresholds", "teacher confidence threshold τT[k]"),
+                             (right, "student_thresholds", "student uncertainty threshold τS[k]")):
+        vectors = [_per_class(r, key, names) for r in run.steps]
+        for k, name in enumerate(names):
+            axis.plot(x, [v[k] for v in vectors], label=name, linewidth=1.4)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
-        if key is None:
-            axis.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=axis.transAxes)
-            continue
-        vectors = [_per_class(r, key, names) for r in run.steps]
-        width = max((len(v) for v in vectors if v), default=0)
-        for k in range(width):
-            ys = [v[k] if v and k < len(v) else math.nan for v in vectors]
-            axis.plot(x, ys, label=names[k] if k < len(names) else f"class {k}", linewidth=1.4)
         axis.set_ylim(0, 1.02)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="best")
@@ -224,14 +185,10 @@ def plot_selection(run: RunData, path: Path) -> Path | None:
         window = max(3, len(fraction) // 15)
         smooth = [_nanmean(fraction[max(0, i - window + 1): i + 1]) for i in range(len(fraction))]
         axis.plot(x, smooth, color=_OTHER_COLOR, linewidth=2, label=f"selected fraction ({window}-step mean)")
-    pool = [_usage_value(r, "pool_fraction") for r in run.steps]
-    if any(v is not None for v in pool):
-        axis.plot(x, [math.nan if v is None else v for v in pool], color=_STUDENT_COLOR, linewidth=2,
-                  label="cumulative: pool rows ever selected")
-    sample_steps = [_usage_value(r, "sample_step_fraction") for r in run.steps]
-    if any(v is not None for v in sample_steps):
-        axis.plot(x, [math.nan if v is None else v for v in sample_steps], color=_TEACHER_COLOR, linewidth=2,
-                  linestyle="--", label="cumulative: selected sample-steps / all")
+    axis.plot(x, [_usage_value(r, "pool_fraction") for r in run.steps], color=_STUDENT_COLOR, linewidth=2,
+              label="cumulative: pool rows ever selected")
+    axis.plot(x, [_usage_value(r, "sample_step_fraction") for r in run.steps], color=_TEACHER_COLOR, linewidth=2,
+              linestyle="--", label="cumulative: selected sample-steps / all")
     axis.set_ylim(0, 1.02)
     axis.set_xlabel("step")
     axis.set_ylabel("fraction")
@@ -258,8 +215,7 @@ def plot_training(run: RunData, path: Path) -> Path | None:
     left.grid(alpha=0.3)
     right.set_title("gold-set macro-F1", fontsize=10)
     right.set_xlabel("step")
-    points = [(r.get("step"), _gold_value(r, "macro_f1")) for r in run.gold_evals]
-    points = [(s, v) for s, v in points if s is not None and v is not None]
+    points = [(r["step"], r["macro_f1"]) for r in run.gold_evals if r.get("macro_f1") is not None]
     if points:
         right.plot([s for s, _ in points], [v for _, v in points], marker="o", color=_STUDENT_COLOR,
                    label="student (during training)")
@@ -319,8 +275,8 @@ def plot_confidence(run: RunData, path: Path) -> Path | None:
 
 
 def plot_confusion(run: RunData, path: Path) -> Path | None:
-    matrices = [(who, run.evaluation.get(who, {}).get("confusion")) for who in ("teacher", "student")]
-    matrices = [(who, m) for who, m in matrices if m]
+    matrices = [(who, run.evaluation[who]["confusion"]) for who in ("teacher", "student")
+                if "confusion" in run.evaluation.get(who, {})]
     if not matrices:
         return None
     import numpy as np
@@ -328,7 +284,7 @@ def plot_confusion(run: RunData, path: Path) -> Path | None:
     names = run.label_names
     fig, axes = _figure(5 * len(matrices), 4.2, ncols=len(matrices))
     for axis, (who, matrix) in zip(axes, matrices, strict=True):
-        values = np.asarray(_confusion_array(matrix, names), dtype=float)
+        values = np.asarray(matrix["matrix"], dtype=float)
         totals = values.sum(axis=1, keepdims=True)
         shares = np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
         axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -345,15 +301,6 @@ def plot_confusion(run: RunData, path: Path) -> Path | None:
         axis.set_title(f"{who}: accuracy {metrics.get('accuracy', math.nan):.3f}, "
                        f"macro-F1 {metrics.get('macro_f1', math.nan):.3f}", fontsize=10)
     return _save(fig, path)
-
-
-def _confusion_array(matrix: Any, names: Sequence[str]) -> list[list[float]]:
-    """A confusion matrix as rows (gold) × columns (predicted) in label order."""
-    if isinstance(matrix, dict):
-        if "matrix" in matrix:
-            return matrix["matrix"]
-        return [[matrix.get(gold, {}).get(pred, 0) for pred in names] for gold in names]
-    return matrix
 
 
 def plot_label_distribution(run: RunData, path: Path) -> Path | None:
@@ -467,6 +414,7 @@ def _summary_html(run: RunData) -> str:
             f"<td>{_fmt(marker.get('wall_s'), 1)} s</td>"
             f"<td><code>{html.escape(str(marker.get('hash', '')))}</code></td></tr>"
             for name, marker in _ordered_stages(run.stages)
+            if not (name == "report" and marker.get("status") == "running")  # this page, being written
         )
         parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>wall time</th>"
                      f"<th>config hash</th></tr>{rows}</table>")

@@ -41,19 +41,33 @@ def result(payload: dict) -> None:
     print("RESULT " + json.dumps(payload, default=str), flush=True)
 
 
-def run_scenario(name: str, output: Path, *overrides: str, timeout: float = 600) -> dict:
-    """Run a scenario in a fresh interpreter (for the tests); its RESULT line, log tail and exit code."""
+def run_scenario(name: str, output: Path, *overrides: str, timeout: float = 660) -> dict:
+    """Run a scenario in a fresh interpreter and process group (for the tests).
+
+    Returns its RESULT payload plus ``_log`` (the tail of its output; the whole of it is in
+    ``OUTPUT.log``) and ``_returncode``. On timeout the whole group is killed (a ``Cluster``'s
+    processes with it) and an AssertionError carries the log's tail.
+    """
     command = [sys.executable, str(Path(__file__).resolve()), name, "--output", str(output)]
     for override in overrides:
         command += ["--set", override]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    log_path = output.with_name(output.name + ".log")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = log_path.read_text(errors="replace")
+    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
     if not lines:
-        raise AssertionError(f"scenario {name} printed no result (exit {done.returncode})\n"
-                             f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        raise AssertionError(f"scenario {name} printed no result (exit {process.returncode}; log {log_path})\n"
+                             f"{text[-6000:]}")
     outcome = json.loads(lines[-1].removeprefix("RESULT "))
-    outcome["_log"] = done.stdout[-4000:] + done.stderr[-4000:]
-    outcome["_returncode"] = done.returncode
+    outcome["_log"] = text[-6000:]
+    outcome["_returncode"] = process.returncode
     return outcome
 
 
@@ -149,6 +163,13 @@ def submit_when_ready(client, timeout: float = 90, **job) -> str:
             time.sleep(2)
 
 
+def stage_times(run_dir: Path) -> dict[str, float]:
+    times = {}
+    for marker in sorted((run_dir / "_stages").glob("*.json")):
+        times[marker.stem] = round(json.loads(marker.read_text()).get("wall_s") or -1, 1)
+    return times
+
+
 def job_submission(output: Path, overrides: list[str], timeout: float) -> int:
     """Start a head, submit jobs/pipeline.py with the quick config through the SDK, wait, stop the head."""
     temp_dir = Path(tempfile.mkdtemp(prefix="llkdh", dir="/tmp")) / "ray"  # short: Unix socket paths are limited
@@ -191,7 +212,8 @@ def job_submission(output: Path, overrides: list[str], timeout: float) -> int:
         head_rc = head.stop()
     print(logs[-6000:], flush=True)
     result({"status": status, "unauthenticated_status": unauthenticated if status != "NOT_SUBMITTED" else None,
-            "head_returncode": head_rc, "head_alive": head.process.poll() is None, "entrypoint": entrypoint})
+            "head_returncode": head_rc, "head_alive": head.process.poll() is None, "entrypoint": entrypoint,
+            "stage_s": stage_times(output) if output.is_dir() else {}})
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -205,18 +227,22 @@ def multinode(output: Path, overrides: list[str]) -> int:
     cannot share a node; Ray Data also schedules its actors with SPREAD.
     """
     import ray
+    from ray._private.state import actors as actor_table  # straight from the GCS: no dashboard needed
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
 
     from llkd_ray.config import load_config
     from llkd_ray.label import label_corpus
     from llkd_ray.pipeline import read_label_rows, run_pipeline
 
     os.environ.update(OFFLINE_ENV)
-    settings = [*overrides, "teacher.embedding.concurrency=2", "training.workers=2"]
-    config = load_config(ROOT / QUICK, settings)
+    # Spread: 2 teacher actors and 2 training workers of 1 CPU each on nodes of 1 CPU. The labels do
+    # not depend on these settings (nor on the labeling config hash): the single-node run below uses
+    # the plain quick config, one teacher actor on a 2-CPU local Ray.
+    spread = [*overrides, "teacher.embedding.concurrency=2", "training.workers=2", "training.cpus_per_worker=1"]
+    config = load_config(ROOT / QUICK, spread)
+    single_config = load_config(ROOT / QUICK, overrides)
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -227,10 +253,9 @@ def multinode(output: Path, overrides: list[str]) -> int:
         started = time.perf_counter()
         run_pipeline(config, output / "multi")
         multi_s = time.perf_counter() - started
-        actors = list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
         placement: dict[str, list[str]] = {}
-        for actor in actors:
-            placement.setdefault(actor["class_name"], []).append(actor["node_id"])
+        for actor in actor_table().values():
+            placement.setdefault(actor["ActorClassName"], []).append(actor["Address"]["NodeID"])
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -238,7 +263,7 @@ def multinode(output: Path, overrides: list[str]) -> int:
     ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        label_corpus(config, output=output / "single" / "labels")
+        label_corpus(single_config, output=output / "single" / "labels")
     finally:
         ray.shutdown()
 
@@ -255,6 +280,7 @@ def multinode(output: Path, overrides: list[str]) -> int:
         == dict(zip(single["id"], single["pseudo_label"], strict=True)),
         "placement": {name: sorted(set(ids)) for name, ids in placement.items()},
         "multi_s": multi_s,
+        "stage_s": stage_times(output / "multi"),
     })
     return 0
 
@@ -264,7 +290,7 @@ def main() -> int:
     parser.add_argument("scenario", choices=["job-submission", "multinode"])
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--timeout", type=float, default=480)
+    parser.add_argument("--timeout", type=float, default=540, help="job-submission: seconds to wait for the job")
     args = parser.parse_args()
     if args.scenario == "job-submission":
         return job_submission(args.output, args.overrides, args.timeout)

@@ -22,8 +22,7 @@ def test_quick_pipeline_on_three_nodes_matches_a_single_node_run(tmp_path):
     assert outcome["duplicate_ids"] == 0
     assert outcome["same_labels"], "the same pseudo-labels on 3 nodes as on 1"
     placement = outcome["placement"]
-    teacher_nodes = {node for name, nodes in placement.items() if "Teacher" in name or "MapWorker" in name
-                     for node in nodes}
+    teacher_nodes = {node for name, nodes in placement.items() if "TeacherActor" in name for node in nodes}
     assert len(teacher_nodes) >= 2, f"labeling actors spread over nodes: {placement}"
     assert len(placement.get("RayTrainWorker", [])) >= 2, f"training workers spread over nodes: {placement}"
     assert (tmp_path / "multi" / "eval.json").is_file()

@@ -53,28 +53,33 @@ def write_training(directory: Path, ids: list[str], steps: int = 40) -> None:
         ever.update(chosen)
         lines.append({
             "step": step, "epoch": step / steps, "loss": 0.7 * math.exp(-step / 15), "selected_fraction": 4 / 32,
-            "teacher_thresholds": [0.8 - 0.001 * step, 0.75], "student_thresholds": [0.6, 0.55 + 0.002 * step],
+            "teacher_thresholds": {"negative": 0.8 - 0.001 * step, "positive": 0.75},
+            "student_thresholds": {"negative": 0.6, "positive": 0.55 + 0.002 * step},
             "data_usage": {"pool_fraction": len(ever) / len(ids), "sample_step_fraction": 4 / 32},
         })
         if step % 20 == 0:
-            lines.append({"step": step, "epoch": step / steps, "gold_accuracy": 0.7 + step / 400,
-                          "gold_macro_f1": 0.69 + step / 400})
+            lines.append({"kind": "eval", "step": step, "epoch": step / steps, "accuracy": 0.7 + step / 400,
+                          "macro_f1": 0.69 + step / 400})
     (directory / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    pq.write_table(pa.table({"id": sorted(ever)}), directory / "selected_ids.parquet")
+    pq.write_table(pa.table({"id": sorted(ever), "times_selected": [1] * len(ever)}),
+                   directory / "selected_ids.parquet")
     (directory / "training_summary.json").write_text(json.dumps(
         {"strategy": "llkd", "steps": steps, "data_usage": {"pool_fraction": len(ever) / len(ids),
                                                             "sample_step_fraction": 0.125}}))
 
 
 def write_eval(path: Path) -> None:
-    def metrics(accuracy, confusion):
-        return {"accuracy": accuracy, "macro_f1": accuracy - 0.01, "confusion": confusion,
-                "per_class": {name: {"precision": accuracy, "recall": accuracy, "f1": accuracy} for name in LABELS}}
+    from llkd_ray.evaluate import classification_metrics
+
+    def metrics(confusion):
+        """The real metrics of predictions with this confusion matrix (rows gold, columns predicted)."""
+        pairs = [(LABELS[g], LABELS[p]) for g in range(2) for p in range(2) for _ in range(confusion[g][p])]
+        return classification_metrics([g for g, _ in pairs], [p for _, p in pairs], LABELS)
 
     path.write_text(json.dumps({
         "gold": "builtin:sst2/test", "gold_rows": 100, "labels": LABELS,
-        "teacher": {"backend": "embedding", **metrics(0.71, [[40, 10], [19, 31]])},
-        "student": {"model": "student", **metrics(0.78, [[42, 8], [14, 36]])},
+        "teacher": {"backend": "embedding", **metrics([[40, 10], [19, 31]])},
+        "student": {"model": "student", **metrics([[42, 8], [14, 36]])},
         "data_usage": {"pool_fraction": 0.4, "sample_step_fraction": 0.125},
     }))
 
@@ -125,6 +130,18 @@ def test_confidence_split_uses_selected_ids_and_hidden_gold(run_dir):
     assert run.selected_ids and run.selected_ids <= set(run.labels["id"])
     assert run.label_names == LABELS
     assert len(run.steps) == 40 and len(run.gold_evals) == 2
+
+
+def test_steps_recorded_again_after_a_restore_count_once(run_dir):
+    from llkd_ray.report import load_run
+
+    metrics = run_dir / "train" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    replayed = [dict(r, loss=9.0) for r in records if r.get("kind") is None and r["step"] > 30]
+    metrics.write_text("\n".join(json.dumps(r) for r in records + replayed) + "\n")
+    run = load_run(run_dir)
+    assert [r["step"] for r in run.steps] == list(range(1, 41))
+    assert run.steps[-1]["loss"] == 9.0, "the latest attempt's record wins"
 
 
 def test_partial_run_still_renders_what_it_has(tmp_path):
