@@ -454,7 +454,7 @@ def render_plot(results: dict[str, Any], path: Path) -> None:
     settings = results["settings"]
     axes.set_title(
         f"{results['data']['name']}: {settings['steps']} steps × batch {settings['batch_size']}, "
-        f"{settings['seeds']} seed(s)",
+        f"mean ± std over up to {max((e['seeds'] for e in summary.values()), default=0)} seed(s)",
         fontsize=10,
     )
     axes.legend(fontsize=8, loc="best")
