@@ -44,10 +44,6 @@ _ANSWER_TOKENS = 1
 #: Below this many tokens left for the text, a prompt template is rejected as too long.
 _MIN_TEXT_TOKENS = 8
 
-#: Columns the teacher stage adds to each row.
-TEACHER_COLUMNS = ("probs", "truncated", "reason", "teacher_actor")
-
-
 # --------------------------------------------------------------------------- the interface
 
 
@@ -112,15 +108,14 @@ def normalise_scores(scores: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
     return probs, reasons
 
 
-def label_frame(
-    batch: pd.DataFrame, output: TeacherOutput, label_names: Sequence[str], actor: str | None
-) -> pd.DataFrame:
-    """The teacher stage's output rows: the input columns plus ``probs``, ``truncated``, ``reason``."""
+def label_frame(batch: pd.DataFrame, output: TeacherOutput, actor: str | Sequence[str]) -> pd.DataFrame:
+    """The teacher stage's output rows: ``id``, ``text`` (``gold_label``) plus ``probs``, ``truncated``,
+    ``reason`` (None when labeled) and ``teacher_actor``."""
     frame = batch[[c for c in ("id", "text", "gold_label") if c in batch]].copy()
     frame["probs"] = [row.tolist() for row in output.probs]
     frame["truncated"] = np.asarray(output.truncated, dtype=bool)
     frame["reason"] = pd.Series(output.reasons, index=frame.index, dtype=object)
-    frame["teacher_actor"] = actor or ""
+    frame["teacher_actor"] = actor
     return frame
 
 
@@ -305,8 +300,6 @@ def check_teacher(task: TaskConfig, teacher: TeacherConfig) -> TeacherPlan:
     model_path = resolve_model_path(settings.model)
     phash = prompt_hash(task, teacher)
     if backend == "embedding":
-        if not Path(model_path).is_dir():
-            raise LlkdError(f"embedding teacher model directory not found: {settings.model}")
         identity = TeacherIdentity(
             backend=backend,
             model=settings.model,
@@ -318,13 +311,12 @@ def check_teacher(task: TaskConfig, teacher: TeacherConfig) -> TeacherPlan:
 
     tokenizer = load_tokenizer(model_path)
     max_len = _model_max_len(model_path, settings.max_model_len)
-    reserve = _ANSWER_TOKENS
-    encoder = PromptEncoder(tokenizer, task, teacher.prompt_template, max_len, reserve)
+    encoder = PromptEncoder(tokenizer, task, teacher.prompt_template, max_len)
     continuations = answer_continuations(encoder)
     if teacher.scoring == "first_token":
         check_first_tokens(task, continuations, tokenizer, settings.model)
-    else:
-        encoder = PromptEncoder(tokenizer, task, teacher.prompt_template, max_len, max(map(len, continuations)))
+    else:  # the whole answers follow the prompt: check that they fit too
+        PromptEncoder(tokenizer, task, teacher.prompt_template, max_len, max(map(len, continuations)))
     identity = TeacherIdentity(
         backend=backend,
         model=settings.model,
@@ -489,13 +481,12 @@ class TeacherActor:
         import ray
 
         self.teacher = build_local_teacher(plan)
-        self.label_names = plan.label_names
         self.sink = sink
-        self.actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        self.actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else ""
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         output = self.teacher.score(batch["text"].tolist())
-        frame = label_frame(batch, output, self.label_names, self.actor)
+        frame = label_frame(batch, output, self.actor)
         return self.sink(frame) if self.sink else frame
 
 
@@ -552,10 +543,8 @@ def finish_vllm_rows(batch: pd.DataFrame, *, label_names: list[str], sink: Sink 
     errors = column("__inference_error__", "").fillna("")
     reasons = [f"teacher_error: {str(e)[:300]}" if e else r for e, r in zip(errors, reasons, strict=True)]
     truncated = column("truncated", False).fillna(False).astype(bool).to_numpy()
-    output = TeacherOutput(probs, truncated, reasons)
-    frame = label_frame(batch, output, label_names, None)
-    if "teacher_actor" in batch:
-        frame["teacher_actor"] = batch["teacher_actor"].fillna("").astype(str).to_numpy()
+    actors = column("teacher_actor", "").fillna("").astype(str).to_numpy()
+    frame = label_frame(batch, TeacherOutput(probs, truncated, reasons), actors)
     return sink(frame) if sink else frame
 
 

@@ -353,7 +353,7 @@ def teacher_actors() -> dict[str, dict]:
 
 
 def test_a_teacher_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_local, tmp_path):
-    config = load_config(DEMO, ["data.limit=600", "teacher.embedding.batch_size=50", "teacher.block_rows=50"])
+    config = load_config(DEMO, ["data.limit=1000", "teacher.embedding.batch_size=50", "teacher.block_rows=50"])
     out = tmp_path / "labels"
     outcome: dict = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("result", label_corpus(config, out)))
@@ -367,7 +367,7 @@ def test_a_teacher_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_loc
     assert not worker.is_alive()
     result = outcome["result"]
     labeled = read_dir(out)
-    assert len(labeled) == 600 and not labeled["id"].duplicated().any()
+    assert len(labeled) == 1000 and not labeled["id"].duplicated().any()
     assert set(labeled["id"]) == expected_ids(config)[0]
     assert result.counts["duplicates_removed"] == 0
     assert teacher_actors()[actor_id]["NumRestarts"] >= 1
@@ -380,7 +380,7 @@ def test_autoscaled_pool_grows_to_two_actors_under_backlog(ray_local, tmp_path):
     config = load_config(
         DEMO,
         [
-            "data.limit=800",
+            "data.limit=2000",
             "teacher.embedding.batch_size=32",
             "teacher.block_rows=50",
             "teacher.embedding.concurrency=[1,2]",
@@ -389,5 +389,5 @@ def test_autoscaled_pool_grows_to_two_actors_under_backlog(ray_local, tmp_path):
     result = label_corpus(config, tmp_path / "labels")
     per_actor = result.manifest["rows_per_actor"]
     assert len(per_actor) == 2, per_actor
-    assert sum(per_actor.values()) == 800 and min(per_actor.values()) > 0
+    assert sum(per_actor.values()) == 2000 and min(per_actor.values()) > 0
     assert result.manifest["run"]["rows_per_actor"] == per_actor
