@@ -171,17 +171,20 @@ def test_a_lost_worker_restores_the_latest_checkpoint_and_finishes(ray_local, wo
     from llkd_ray.config import load_config
     from llkd_ray.train import FaultInjection, train_student
 
-    overrides = _overrides(workspace, "training.checkpoint_every=2", "selection.candidates_per_step=2",
-                           "training.max_failures=1")
+    # A checkpoint counts once Ray Train's controller has taken its report (it polls about every
+    # 2 s); ray.train.report blocks until the previous report was taken, so with a report every
+    # step, the checkpoint of step 2 is registered by the time step 3's report returns.
+    overrides = _overrides(workspace, "training.checkpoint_every=2", "training.report_every=1",
+                           "selection.candidates_per_step=2", "training.max_failures=1")
     config = load_config(CONFIG, overrides[1::2])
     out = workspace["work"] / "out-resume"
     marker = workspace["work"] / "worker-lost"
     summary = train_student(
         config, labels=workspace["labels"], output=out, workers=2, max_steps=6, eval_data=None,
-        fault_injection=FaultInjection(step=3, marker=str(marker), rank=1),
+        fault_injection=FaultInjection(step=4, marker=str(marker), rank=1),
     )
     assert marker.is_file(), "the worker should have exited once"
-    # restored from the checkpoint at step 2 (the one at step 4 never happened), not from scratch
+    # lost right after step 4 (before its checkpoint): restored from step 2, not from scratch
     assert summary["attempts"] == 2 and summary["resumed_from_steps"] == [2]
     assert summary["steps"] == 6
     records = _records(out / "metrics.jsonl")
