@@ -10,16 +10,19 @@ import ray
 
 
 def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> None:
-    """Join the job's cluster when there is one (``RAY_ADDRESS``), else start a local Ray.
+    """Join the job's cluster when there is one (``RAY_ADDRESS``), else start a private local Ray.
 
-    ``env_vars`` reach every Ray worker (e.g. ``VLLM_TARGET_DEVICE`` for vLLM on CPU).
+    A job submitted with ``ray job submit`` gets ``RAY_ADDRESS`` from Ray; to run a command directly
+    on a cluster you started, set ``RAY_ADDRESS=auto``. Without it we never silently join a head
+    that ``ray start`` left running (``address="local"``). ``env_vars`` reach every Ray worker
+    (e.g. ``VLLM_TARGET_DEVICE`` for vLLM on CPU).
     """
     if ray.is_initialized():
         return
     runtime_env: dict[str, Any] = {"env_vars": env_vars} if env_vars else {}
     address = os.environ.get("RAY_ADDRESS")
     ray.init(
-        address=address,
+        address=address or "local",
         num_cpus=None if address else num_cpus,
         runtime_env=runtime_env or None,
         include_dashboard=False if not address else None,

@@ -746,10 +746,7 @@ def _ensure_ray(config: PipelineConfig) -> None:
     needed = training.workers * training.cpus_per_worker
     if not ray.is_initialized():
         local = not os.environ.get("RAY_ADDRESS")
-        try:
-            init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 1) if local else None)
-        except ValueError:  # a cluster started with `ray start` runs here: join it as it is
-            init_ray()
+        init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 1) if local else None)
     if os.environ.get("RAY_ADDRESS"):
         return  # a cluster (maybe autoscaling): its scheduler decides
     total = ray.cluster_resources().get("CPU", 0)

@@ -20,7 +20,8 @@ def ray_local():
     """A local Ray with 2 CPUs for the whole session, shut down at the end."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # address="local": a private Ray, even when a `ray start` head runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -260,7 +260,7 @@ def multinode(output: Path, overrides: list[str]) -> int:
         ray.shutdown()
         cluster.shutdown()
 
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         label_corpus(single_config, output=output / "single" / "labels")
