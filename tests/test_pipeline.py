@@ -202,3 +202,17 @@ def test_packaged_demo_configs_are_valid_and_quick_is_small():
     assert quick.data.gold and demo.data.gold
     # the top-level configs/ is the packaged directory
     assert (ROOT / "configs" / "quick.yaml").resolve() == (ROOT / "llkd_ray" / "configs" / "quick.yaml").resolve()
+
+
+def test_serve_runs_after_the_stages_with_the_summary_printed_first(fake, monkeypatch, config, tmp_path):
+    events: list[str] = []
+    monkeypatch.setattr(pipeline, "serve_stage", lambda config, layout, log: events.append(f"serve {layout.student}"))
+    run_pipeline(config, tmp_path, serve=True, log=lambda line: events.append(line.splitlines()[0]))
+    assert fake.calls == list(STAGES)
+    assert events[-1] == f"serve {tmp_path / 'train' / 'student'}"
+    assert events[-2].startswith("Gold set:"), "the table comes before the server blocks"
+
+    events.clear()
+    fake.calls.clear()
+    run_pipeline(config, tmp_path, serve=True, log=lambda line: events.append(line.splitlines()[0]))
+    assert fake.calls == [] and events[-1].startswith("serve "), "a finished run is served without redoing stages"
