@@ -77,8 +77,13 @@ def plain_loop(config, labels: Path, steps: int, threads: int) -> dict[str, Any]
     started, times = time.perf_counter(), []
     for step in range(steps):
         start = (step * batch) % max(1, len(texts) - batch)
-        encoded = tokenizer(texts[start : start + batch], padding=True, truncation=True,
-                            max_length=config.student.max_length, return_tensors="pt")
+        encoded = tokenizer(
+            texts[start : start + batch],
+            padding=True,
+            truncation=True,
+            max_length=config.student.max_length,
+            return_tensors="pt",
+        )
         logits = model(**encoded).logits
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets[start : start + batch]))
         loss.backward()
@@ -139,8 +144,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="llkd-train-bench-"))
-    overrides = ["training.batch_size=32", "training.checkpoint_every=100000", "training.report_every=100000",
-                 "training.warmup_ratio=0.1"]
+    overrides = [
+        "training.batch_size=32",
+        "training.checkpoint_every=100000",
+        "training.report_every=100000",
+        "training.warmup_ratio=0.1",
+    ]
     steps = 8 if args.quick else args.steps
     if args.quick:
         from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -149,25 +158,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         tiny = work / "tiny-student"
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm"))
-        BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
-                                                 num_attention_heads=2, intermediate_size=128)).save_pretrained(tiny)
+        BertForSequenceClassification(
+            BertConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=128,
+            )
+        ).save_pretrained(tiny)
         tokenizer.save_pretrained(tiny)
         overrides.append(f"student.model={tiny}")
     config = load_config(args.config, overrides)
     # A Ray of our own (not a cluster someone started here); one CPU is left over for Ray Data's
     # reader, the workers' threads take the cores.
-    ray.init(address="local", num_cpus=cores + 1, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
+    ray.init(address="local", num_cpus=cores + 1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
     labels = Path(args.labels) if args.labels else label_pool(config, 256 if args.quick else args.rows, work / "labels")
 
     def variant(strategy: str, workers: int, use_gpu: bool = False):
-        return load_config(args.config, [*overrides, f"selection.strategy={strategy}", f"training.workers={workers}",
-                                         f"training.cpus_per_worker={max(1, cores // workers)}",
-                                         f"training.use_gpu={str(use_gpu).lower()}"])
+        return load_config(
+            args.config,
+            [
+                *overrides,
+                f"selection.strategy={strategy}",
+                f"training.workers={workers}",
+                f"training.cpus_per_worker={max(1, cores // workers)}",
+                f"training.use_gpu={str(use_gpu).lower()}",
+            ],
+        )
 
-    results: dict[str, Any] = {"machine": f"{cores} CPU cores", "steps": steps, "batch_size": 32,
-                               "student": config.student.model, "load_average_at_start": os.getloadavg()}
+    results: dict[str, Any] = {
+        "machine": f"{cores} CPU cores",
+        "steps": steps,
+        "batch_size": 32,
+        "student": config.student.model,
+        "load_average_at_start": os.getloadavg(),
+    }
     results["plain_loop"] = plain_loop(config, labels, steps, threads=cores)
     results["selection_ms_per_round_1_process"] = selection_cost(len(config.task.labels))
     results["ray_1_all"] = ray_run(variant("all", 1), labels, work, "ray-1-all", max_steps=steps)
@@ -196,20 +223,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratios["gpu_two_workers_vs_one"] = gpu_two["samples_per_s"] / gpu_one["samples_per_s"]
     results["ratios"] = ratios
 
-    print(f"\nStudent training throughput ({results['machine']}, {results['student']}, batch 32, "
-          f"{steps} steps, from step {SKIP + 1}; load average {results['load_average_at_start'][0]:.1f})")
+    print(
+        f"\nStudent training throughput ({results['machine']}, {results['student']}, batch 32, "
+        f"{steps} steps, from step {SKIP + 1}; load average {results['load_average_at_start'][0]:.1f})"
+    )
     for name in ("plain_loop", "ray_1_all", "ray_1_llkd", "ray_2_all", "ray_2_llkd", "gpu_1_llkd", "gpu_2_llkd"):
         if name in results:
             entry = results[name]
             extra = f", selection {entry['selection_share']:.2%} of step time" if "selection_share" in entry else ""
             print(f"  {name:<12} {entry['samples_per_s']:8.1f} samples/s  {entry['step_s']:.3f} s/step{extra}")
     print(f"  Ray Train 1 worker / plain loop:   {ratios['ray_train_1_worker_vs_plain_loop']:.3f}  (target >= 0.9)")
-    print(f"  llkd vs all step time, 1 / 2 workers: {ratios['llkd_vs_all_step_time_1_worker']:+.2%} / "
-          f"{ratios['llkd_vs_all_step_time_2_workers']:+.2%}  (selection overhead, target <= 3%)")
-    print(f"  selection share timed, 1 / 2 workers: {ratios['selection_share_timed_1_worker']:.2%} / "
-          f"{ratios['selection_share_timed_2_workers']:.2%}")
-    print(f"  selection compute alone: {results['selection_ms_per_round_1_process']:.2f} ms per round = "
-          f"{ratios['selection_compute_share_1_worker']:.2%} of a 1-worker step")
+    print(
+        f"  llkd vs all step time, 1 / 2 workers: {ratios['llkd_vs_all_step_time_1_worker']:+.2%} / "
+        f"{ratios['llkd_vs_all_step_time_2_workers']:+.2%}  (selection overhead, target <= 3%)"
+    )
+    print(
+        f"  selection share timed, 1 / 2 workers: {ratios['selection_share_timed_1_worker']:.2%} / "
+        f"{ratios['selection_share_timed_2_workers']:.2%}"
+    )
+    print(
+        f"  selection compute alone: {results['selection_ms_per_round_1_process']:.2f} ms per round = "
+        f"{ratios['selection_compute_share_1_worker']:.2%} of a 1-worker step"
+    )
     print(f"  2 workers / 1 worker:              {ratios['two_workers_vs_one']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -52,8 +52,10 @@ def _print_json(payload: object) -> None:
 
 def _config_validate(args: argparse.Namespace) -> int:
     config = _load(args)
-    print(f"{args.config}: valid ({len(config.task.labels)} labels, teacher {config.teacher.backend}, "
-          f"strategy {config.selection.strategy})")
+    print(
+        f"{args.config}: valid ({len(config.task.labels)} labels, teacher {config.teacher.backend}, "
+        f"strategy {config.selection.strategy})"
+    )
     return 0
 
 
@@ -148,9 +150,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from llkd_ray.evaluate import evaluate_model, format_metrics
 
-    metrics = evaluate_model(
-        args.model, args.data, text_column=args.text_column, label_column=args.label_column
-    )
+    metrics = evaluate_model(args.model, args.data, text_column=args.text_column, label_column=args.label_column)
     if args.json:
         _print_json(metrics)
     else:

@@ -111,7 +111,8 @@ def validate_labels_dir(labels: str | Path, label_names: list[str]) -> LabeledPo
                 f"but the config's task.labels are {list(label_names)}; relabel or use the matching config"
             )
     parts = sorted(
-        e.path for name, e in names.items()
+        e.path
+        for name, e in names.items()
         if name.startswith("part-") and name.endswith(".parquet") and e.type == pafs.FileType.File
     )
     if not parts:
@@ -237,9 +238,7 @@ class StepContext:
     """1 / gradient-accumulation rounds."""
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v.to(self.device) for k, v in encoded.items()}
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -688,14 +687,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model.train()
             if rank == 0 and metrics is not None:
                 state.last_eval = {"step": state.step, "epoch": record["epoch"], **metrics}
-                _write_jsonl(metrics_path, {
-                    "kind": "eval",
-                    "step": state.step,
-                    "epoch": record["epoch"],
-                    "accuracy": metrics["accuracy"],
-                    "macro_f1": metrics["macro_f1"],
-                    "per_class_f1": {name: metrics["per_class"][name]["f1"] for name in label_names},
-                })
+                _write_jsonl(
+                    metrics_path,
+                    {
+                        "kind": "eval",
+                        "step": state.step,
+                        "epoch": record["epoch"],
+                        "accuracy": metrics["accuracy"],
+                        "macro_f1": metrics["macro_f1"],
+                        "per_class_f1": {name: metrics["per_class"][name]["f1"] for name in label_names},
+                    },
+                )
             started = time.perf_counter() - state.train_seconds  # evaluation is not training time
 
         if fault and rank == fault.rank and state.step == fault.step and not Path(fault.marker).exists():

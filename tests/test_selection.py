@@ -214,8 +214,13 @@ def _run_shards(strategy: str, shards: list[tuple[torch.Tensor, ...]], steps: in
 
     def worker(rank: int) -> None:
         selector = Selector(
-            3, strategy=strategy, momentum=0.9, seed=3,
-            all_reduce=reduce.for_rank(rank), rank=rank, world_size=len(shards),
+            3,
+            strategy=strategy,
+            momentum=0.9,
+            seed=3,
+            all_reduce=reduce.for_rank(rank),
+            rank=rank,
+            world_size=len(shards),
         )
         c, y, u = shards[rank]
         for step in range(steps):

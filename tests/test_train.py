@@ -130,8 +130,21 @@ def test_llkd_train_two_workers_writes_a_loadable_student_and_metrics(ray_local,
     from llkd_ray.cli import main
 
     out = workspace["work"] / "out-cli"
-    args = ["train", "--config", CONFIG, "--labels", str(workspace["labels"]), "--output", str(out),
-            "--workers", "2", "--max-steps", "6", "--eval", workspace["gold"]]
+    args = [
+        "train",
+        "--config",
+        CONFIG,
+        "--labels",
+        str(workspace["labels"]),
+        "--output",
+        str(out),
+        "--workers",
+        "2",
+        "--max-steps",
+        "6",
+        "--eval",
+        workspace["gold"],
+    ]
     assert main(args + _overrides(workspace)) == 0
     assert "trained llkd student: 6 steps on 2 workers" in capsys.readouterr().out
 
@@ -174,13 +187,23 @@ def test_a_lost_worker_restores_the_latest_checkpoint_and_finishes(ray_local, wo
     # A checkpoint counts once Ray Train's controller has taken its report (it polls about every
     # 2 s); ray.train.report blocks until the previous report was taken, so with a report every
     # step, the checkpoint of step 2 is registered by the time step 3's report returns.
-    overrides = _overrides(workspace, "training.checkpoint_every=2", "training.report_every=1",
-                           "selection.candidates_per_step=2", "training.max_failures=1")
+    overrides = _overrides(
+        workspace,
+        "training.checkpoint_every=2",
+        "training.report_every=1",
+        "selection.candidates_per_step=2",
+        "training.max_failures=1",
+    )
     config = load_config(CONFIG, overrides[1::2])
     out = workspace["work"] / "out-resume"
     marker = workspace["work"] / "worker-lost"
     summary = train_student(
-        config, labels=workspace["labels"], output=out, workers=2, max_steps=6, eval_data=None,
+        config,
+        labels=workspace["labels"],
+        output=out,
+        workers=2,
+        max_steps=6,
+        eval_data=None,
         fault_injection=FaultInjection(step=4, marker=str(marker), rank=1),
     )
     assert marker.is_file(), "the worker should have exited once"

@@ -69,31 +69,40 @@ def run_worker(rank: int, world: int, model_dir: str, store: str, out: str) -> N
             model = torch.nn.parallel.DistributedDataParallel(model)
         optimizer = build_optimizer(model, learning_rate=1e-3, weight_decay=0.01)
         selector = Selector(
-            2, strategy=strategy, weighting=weighting, momentum=0.9, seed=1,
-            all_reduce=dist.all_reduce if world > 1 else None, rank=rank, world_size=world,
+            2,
+            strategy=strategy,
+            weighting=weighting,
+            momentum=0.9,
+            seed=1,
+            all_reduce=dist.all_reduce if world > 1 else None,
+            rank=rank,
+            world_size=world,
         )
-        ctx = StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), world_size=world,
-                          soft_loss=loss == "soft")
+        ctx = StepContext(
+            tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), world_size=world, soft_loss=loss == "soft"
+        )
         capacity = None if m == 1 else len(rows) // m
         candidates = _batch(rows)
         if m > 1:
             # M candidates per kept row: this worker draws its rows twice over (second copy less confident)
             twice = _batch(rows + rows)
-            twice.confidence[len(rows):] *= 0.5
+            twice.confidence[len(rows) :] *= 0.5
             candidates = twice
             capacity = len(rows)
         result = train_round(model, candidates, selector, ctx, capacity=capacity)
         optimizer.step()
         module = model.module if world > 1 else model
-        results.append({
-            "teacher_thresholds": result.selection.teacher_thresholds.tolist(),
-            "student_thresholds": result.selection.student_thresholds.tolist(),
-            "mask": result.selection.mask.tolist(),
-            "weights": result.selection.weights.tolist(),
-            "normaliser": result.selection.normaliser,
-            "loss": result.loss,
-            "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
-        })
+        results.append(
+            {
+                "teacher_thresholds": result.selection.teacher_thresholds.tolist(),
+                "student_thresholds": result.selection.student_thresholds.tolist(),
+                "mask": result.selection.mask.tolist(),
+                "weights": result.selection.weights.tolist(),
+                "normaliser": result.selection.normaliser,
+                "loss": result.loss,
+                "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
+            }
+        )
     torch.save(results, out)
     if world > 1:
         dist.destroy_process_group()
@@ -140,7 +149,8 @@ def test_two_workers_equal_one_worker_with_both_batches(runs, index):
     for name, value in one["params"].items():
         assert torch.equal(two_a["params"][name], two_b["params"][name]), name
         assert torch.allclose(two_a["params"][name], value, atol=1e-5, rtol=0), (
-            name, float((two_a["params"][name] - value).abs().max())
+            name,
+            float((two_a["params"][name] - value).abs().max()),
         )
 
 
