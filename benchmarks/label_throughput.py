@@ -180,7 +180,13 @@ def plain_loop(config, batch_size: int) -> dict[str, Any]:
 
 def efficiency_and_scale_out(work: Path, rows: int, batch: int, cpus: int) -> dict[str, Any]:
     corpus = write_corpus(work / "pool.jsonl", rows)
-    settings = [f"teacher.embedding.batch_size={batch}", f"teacher.block_rows={batch}"]
+    # Half a CPU reserved per actor: 2 actors x 1 CPU would take both CPUs of a 2-CPU machine and
+    # leave none for the tasks that read the corpus. Each actor still runs one thread.
+    settings = [
+        f"teacher.embedding.batch_size={batch}",
+        f"teacher.block_rows={batch}",
+        "teacher.embedding.num_cpus=0.5",
+    ]
     loop = plain_loop(embedding_config(corpus, *settings), batch)
     start_ray(cpus)
     try:

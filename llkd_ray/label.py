@@ -301,6 +301,20 @@ def _compute(concurrency: int | tuple[int, int] | list[int]):
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
+def _check_pool_leaves_room(settings: Any, backend: str) -> None:
+    """A pool whose minimum takes every CPU leaves none for the tasks that read the corpus: it hangs."""
+    import ray
+
+    low = settings.concurrency if isinstance(settings.concurrency, int) else settings.concurrency[0]
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus and low * settings.num_cpus >= cpus:
+        raise ConfigError(
+            f"teacher.{backend}: {low} actor(s) x num_cpus {settings.num_cpus} take all {cpus:g} CPUs of the "
+            "cluster, leaving none to read the corpus; use an autoscaled concurrency [1, N], fewer actors "
+            "or a smaller num_cpus"
+        )
+
+
 def teacher_stage(dataset, plan: TeacherPlan, sink: Sink | None = None):
     """The teacher on a Ray Dataset of ``id``, ``text`` (``gold_label``): adds ``probs``, ``truncated``,
     ``reason`` (None when labeled) and ``teacher_actor``, then applies ``sink`` to each block in the
@@ -308,6 +322,7 @@ def teacher_stage(dataset, plan: TeacherPlan, sink: Sink | None = None):
     if plan.backend == "vllm":
         return VLLMTeacher(plan).apply(dataset, sink)
     settings = getattr(plan.teacher, plan.backend)
+    _check_pool_leaves_room(settings, plan.backend)
     with warnings.catch_warnings():
         # Actor restarts and task retries still go through ray_remote_args in Ray 2.60.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
