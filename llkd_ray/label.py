@@ -302,17 +302,20 @@ def _compute(concurrency: int | tuple[int, int] | list[int]):
 
 
 def _check_pool_leaves_room(settings: Any, backend: str) -> None:
-    """A pool whose minimum takes every CPU leaves none for the tasks that read the corpus: it hangs."""
+    """Warn when the pool's minimum takes every CPU: the tasks that read the corpus then wait for a
+    CPU that never frees (a small corpus read before the actors start still goes through)."""
     import ray
 
     low = settings.concurrency if isinstance(settings.concurrency, int) else settings.concurrency[0]
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus and low * settings.num_cpus >= cpus:
-        raise ConfigError(
+        message = (
             f"teacher.{backend}: {low} actor(s) x num_cpus {settings.num_cpus} take all {cpus:g} CPUs of the "
-            "cluster, leaving none to read the corpus; use an autoscaled concurrency [1, N], fewer actors "
-            "or a smaller num_cpus"
+            "cluster, leaving none to read the corpus, which can stall the job; prefer an autoscaled "
+            "concurrency [1, N], fewer actors or a smaller num_cpus"
         )
+        logger.warning(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def teacher_stage(dataset, plan: TeacherPlan, sink: Sink | None = None):
