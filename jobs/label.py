@@ -1,6 +1,6 @@
 """Ray job: the teacher labels a corpus into Parquet pseudo-labels.
 
-    ray job submit --working-dir . -- python jobs/label.py --config configs/demo.yaml --output /tmp/runs/labels
+ray job submit --working-dir . -- python jobs/label.py --config configs/demo.yaml --output /tmp/runs/labels
 """
 
 from __future__ import annotations

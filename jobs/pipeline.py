@@ -1,6 +1,6 @@
 """Ray job: the whole pipeline (label → train → evaluate → report), resumable stage by stage.
 
-    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/quick.yaml --output /tmp/runs/quick
+ray job submit --working-dir . -- python jobs/pipeline.py --config configs/quick.yaml --output /tmp/runs/quick
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ from _common import config_parser, run
 
 def main() -> int:
     parser = config_parser(__doc__.splitlines()[0])
-    parser.add_argument("--output", "-o", required=True,
-                        help="run directory: an absolute path (on a multi-node cluster, shared storage)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="run directory: an absolute path (on a multi-node cluster, shared storage)",
+    )
     parser.add_argument("--force", default=None, help="redo this stage and every stage after it")
     args = parser.parse_args()
 

@@ -1,6 +1,6 @@
 """Ray job: serve a trained student over HTTP with Ray Serve (runs until the job is stopped).
 
-    ray job submit --working-dir . -- python jobs/serve.py --config configs/demo.yaml --model /tmp/runs/train/student
+ray job submit --working-dir . -- python jobs/serve.py --config configs/demo.yaml --model /tmp/runs/train/student
 """
 
 from __future__ import annotations

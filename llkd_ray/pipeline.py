@@ -346,14 +346,21 @@ def run_pipeline(
             for path in layout.outputs(stage):
                 _remove(path)
         started_at = _now()
-        marker = {"stage": stage, "hash": digest, "sections": list(STAGE_SECTIONS[stage]), "status": "running",
-                  "started_at": started_at}
+        marker = {
+            "stage": stage,
+            "hash": digest,
+            "sections": list(STAGE_SECTIONS[stage]),
+            "status": "running",
+            "started_at": started_at,
+        }
         write_json_atomic(layout.marker(stage), marker)
         started = time.perf_counter()
         summary = STAGE_FUNCTIONS[stage](config, layout, log)
         wall = time.perf_counter() - started
-        write_json_atomic(layout.marker(stage), {**marker, "status": "done", "finished_at": _now(), "wall_s": wall,
-                                                 "summary": _jsonable(summary)})
+        write_json_atomic(
+            layout.marker(stage),
+            {**marker, "status": "done", "finished_at": _now(), "wall_s": wall, "summary": _jsonable(summary)},
+        )
         result.stages[stage] = StageRecord(stage, "resumed" if action == "resume" else "ran", wall, digest)
     if layout.eval_json.is_file():
         result.eval = json.loads(layout.eval_json.read_text())

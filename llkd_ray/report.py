@@ -161,8 +161,10 @@ def plot_thresholds(run: RunData, path: Path) -> Path | None:
         return None
     fig, (left, right) = _figure(10, 3.8, ncols=2)
     x = _step_axis(run.steps)
-    for axis, key, title in ((left, "teacher_thresholds", "teacher confidence threshold τT[k]"),
-                             (right, "student_thresholds", "student uncertainty threshold τS[k]")):
+    for axis, key, title in (
+        (left, "teacher_thresholds", "teacher confidence threshold τT[k]"),
+        (right, "student_thresholds", "student uncertainty threshold τS[k]"),
+    ):
         vectors = [_per_class(r, key, names) for r in run.steps]
         for k, name in enumerate(names):
             axis.plot(x, [v[k] for v in vectors], label=name, linewidth=1.4)
@@ -183,12 +185,23 @@ def plot_selection(run: RunData, path: Path) -> Path | None:
     axis.plot(x, fraction, color=_OTHER_COLOR, alpha=0.45, linewidth=1, label="selected fraction of the batch")
     if len(fraction) >= 5:
         window = max(3, len(fraction) // 15)
-        smooth = [_nanmean(fraction[max(0, i - window + 1): i + 1]) for i in range(len(fraction))]
+        smooth = [_nanmean(fraction[max(0, i - window + 1) : i + 1]) for i in range(len(fraction))]
         axis.plot(x, smooth, color=_OTHER_COLOR, linewidth=2, label=f"selected fraction ({window}-step mean)")
-    axis.plot(x, [_usage_value(r, "pool_fraction") for r in run.steps], color=_STUDENT_COLOR, linewidth=2,
-              label="cumulative: pool rows ever selected")
-    axis.plot(x, [_usage_value(r, "sample_step_fraction") for r in run.steps], color=_TEACHER_COLOR, linewidth=2,
-              linestyle="--", label="cumulative: selected sample-steps / all")
+    axis.plot(
+        x,
+        [_usage_value(r, "pool_fraction") for r in run.steps],
+        color=_STUDENT_COLOR,
+        linewidth=2,
+        label="cumulative: pool rows ever selected",
+    )
+    axis.plot(
+        x,
+        [_usage_value(r, "sample_step_fraction") for r in run.steps],
+        color=_TEACHER_COLOR,
+        linewidth=2,
+        linestyle="--",
+        label="cumulative: selected sample-steps / all",
+    )
     axis.set_ylim(0, 1.02)
     axis.set_xlabel("step")
     axis.set_ylabel("fraction")
@@ -217,14 +230,26 @@ def plot_training(run: RunData, path: Path) -> Path | None:
     right.set_xlabel("step")
     points = [(r["step"], r["macro_f1"]) for r in run.gold_evals if r.get("macro_f1") is not None]
     if points:
-        right.plot([s for s, _ in points], [v for _, v in points], marker="o", color=_STUDENT_COLOR,
-                   label="student (during training)")
+        right.plot(
+            [s for s, _ in points],
+            [v for _, v in points],
+            marker="o",
+            color=_STUDENT_COLOR,
+            label="student (during training)",
+        )
     student = run.evaluation.get("student", {}).get("macro_f1")
     teacher = run.evaluation.get("teacher", {}).get("macro_f1")
     last = max(x) if x else (points[-1][0] if points else 1)
     if student is not None:
-        right.plot([last], [student], marker="*", markersize=14, color=_STUDENT_COLOR, linestyle="none",
-                   label=f"student, final ({student:.3f})")
+        right.plot(
+            [last],
+            [student],
+            marker="*",
+            markersize=14,
+            color=_STUDENT_COLOR,
+            linestyle="none",
+            label=f"student, final ({student:.3f})",
+        )
     if teacher is not None:
         right.axhline(teacher, color=_TEACHER_COLOR, linestyle="--", label=f"teacher ({teacher:.3f})")
     if not (points or student is not None or teacher is not None):
@@ -250,10 +275,13 @@ def plot_confidence(run: RunData, path: Path) -> Path | None:
     axis = axes[0]
     if run.selected_ids is not None:
         selected = labels["id"].astype(str).isin(run.selected_ids).to_numpy()
-        axis.hist([confidence[selected], confidence[~selected]], bins=bins, stacked=True,
-                  color=[_STUDENT_COLOR, "#bbbbbb"],
-                  label=[f"selected at least once ({int(selected.sum())})",
-                         f"never selected ({int((~selected).sum())})"])
+        axis.hist(
+            [confidence[selected], confidence[~selected]],
+            bins=bins,
+            stacked=True,
+            color=[_STUDENT_COLOR, "#bbbbbb"],
+            label=[f"selected at least once ({int(selected.sum())})", f"never selected ({int((~selected).sum())})"],
+        )
         axis.legend(fontsize=8, loc="upper left")
         axis.set_title("teacher confidence: selected vs never selected", fontsize=10)
     else:
@@ -266,8 +294,13 @@ def plot_confidence(run: RunData, path: Path) -> Path | None:
         correct = (labels["pseudo_label"].astype(str) == labels["gold_label"].astype(str)).to_numpy() & known
         wrong = known & ~correct
         axis = axes[1]
-        axis.hist([confidence[correct], confidence[wrong]], bins=bins, stacked=True, color=[_STUDENT_COLOR, "#e7298a"],
-                  label=[f"correct ({int(correct.sum())})", f"wrong ({int(wrong.sum())})"])
+        axis.hist(
+            [confidence[correct], confidence[wrong]],
+            bins=bins,
+            stacked=True,
+            color=[_STUDENT_COLOR, "#e7298a"],
+            label=[f"correct ({int(correct.sum())})", f"wrong ({int(wrong.sum())})"],
+        )
         axis.set_title("teacher confidence: correct vs wrong (hidden pool labels)", fontsize=10)
         axis.set_xlabel("teacher confidence of its pseudo-label")
         axis.legend(fontsize=8, loc="upper left")
@@ -275,8 +308,11 @@ def plot_confidence(run: RunData, path: Path) -> Path | None:
 
 
 def plot_confusion(run: RunData, path: Path) -> Path | None:
-    matrices = [(who, run.evaluation[who]["confusion"]) for who in ("teacher", "student")
-                if "confusion" in run.evaluation.get(who, {})]
+    matrices = [
+        (who, run.evaluation[who]["confusion"])
+        for who in ("teacher", "student")
+        if "confusion" in run.evaluation.get(who, {})
+    ]
     if not matrices:
         return None
     import numpy as np
@@ -290,16 +326,26 @@ def plot_confusion(run: RunData, path: Path) -> Path | None:
         axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
         for i in range(values.shape[0]):
             for j in range(values.shape[1]):
-                axis.text(j, i, f"{int(values[i, j])}", ha="center", va="center", fontsize=9,
-                          color="white" if shares[i, j] > 0.6 else "black")
+                axis.text(
+                    j,
+                    i,
+                    f"{int(values[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if shares[i, j] > 0.6 else "black",
+                )
         ticks = range(len(names))
         axis.set_xticks(list(ticks), names, rotation=45 if len(names) > 3 else 0, fontsize=8)
         axis.set_yticks(list(ticks), names, fontsize=8)
         axis.set_xlabel("predicted")
         axis.set_ylabel("gold")
         metrics = run.evaluation.get(who, {})
-        axis.set_title(f"{who}: accuracy {metrics.get('accuracy', math.nan):.3f}, "
-                       f"macro-F1 {metrics.get('macro_f1', math.nan):.3f}", fontsize=10)
+        axis.set_title(
+            f"{who}: accuracy {metrics.get('accuracy', math.nan):.3f}, "
+            f"macro-F1 {metrics.get('macro_f1', math.nan):.3f}",
+            fontsize=10,
+        )
     return _save(fig, path)
 
 
@@ -319,8 +365,13 @@ def plot_label_distribution(run: RunData, path: Path) -> Path | None:
     axis.bar(x - (width / 2 if has_gold else 0), pseudo, width, color=_TEACHER_COLOR, label="teacher pseudo-labels")
     if has_gold:
         gold_counts = labels["gold_label"].dropna().astype(str).value_counts()
-        axis.bar(x + width / 2, [int(gold_counts.get(n, 0)) for n in names], width, color="#999999",
-                 label="hidden gold labels")
+        axis.bar(
+            x + width / 2,
+            [int(gold_counts.get(n, 0)) for n in names],
+            width,
+            color="#999999",
+            label="hidden gold labels",
+        )
     axis.set_xticks(x, names, rotation=45 if len(names) > 3 else 0, fontsize=8)
     axis.set_ylabel("pool rows")
     axis.set_title(f"label distribution of the pool ({len(labels)} labeled rows)", fontsize=10)
@@ -331,25 +382,46 @@ def plot_label_distribution(run: RunData, path: Path) -> Path | None:
 
 #: (file name, title, caption, plot function) in page order.
 PLOTS = (
-    ("training.png", "Loss and gold-set macro-F1",
-     "Left: the weighted loss on the selected samples per step. Right: the student's macro-F1 on the gold set "
-     "during training and at the end, against the teacher's.", plot_training),
-    ("thresholds.png", "Adaptive thresholds per class",
-     "The teacher-confidence threshold τT[k] and the student-uncertainty threshold τS[k] of each class over the "
-     "training steps (EMA of the global batch statistics, normalised by the strongest class).", plot_thresholds),
-    ("selection.png", "Selected fraction and data usage",
-     "Share of each step's batch that passed both thresholds, and the cumulative data usage: pool rows selected at "
-     "least once, and selected sample-steps over all sample-steps.", plot_selection),
-    ("confidence.png", "Teacher confidence",
-     "The teacher's confidence in its pseudo-label over the labeled pool: rows the student trained on vs rows it "
-     "never selected, and (where the pool's hidden gold labels exist) rows the teacher got right vs wrong.",
-     plot_confidence),
-    ("confusion.png", "Confusion matrices on the gold set",
-     "Rows are gold labels, columns predictions; cells count rows, shading is the share of the gold row.",
-     plot_confusion),
-    ("labels.png", "Pseudo-label distribution",
-     "How the teacher labeled the pool (and the hidden gold distribution when the pool had one).",
-     plot_label_distribution),
+    (
+        "training.png",
+        "Loss and gold-set macro-F1",
+        "Left: the weighted loss on the selected samples per step. Right: the student's macro-F1 on the gold set "
+        "during training and at the end, against the teacher's.",
+        plot_training,
+    ),
+    (
+        "thresholds.png",
+        "Adaptive thresholds per class",
+        "The teacher-confidence threshold τT[k] and the student-uncertainty threshold τS[k] of each class over the "
+        "training steps (EMA of the global batch statistics, normalised by the strongest class).",
+        plot_thresholds,
+    ),
+    (
+        "selection.png",
+        "Selected fraction and data usage",
+        "Share of each step's batch that passed both thresholds, and the cumulative data usage: pool rows selected at "
+        "least once, and selected sample-steps over all sample-steps.",
+        plot_selection,
+    ),
+    (
+        "confidence.png",
+        "Teacher confidence",
+        "The teacher's confidence in its pseudo-label over the labeled pool: rows the student trained on vs rows it "
+        "never selected, and (where the pool's hidden gold labels exist) rows the teacher got right vs wrong.",
+        plot_confidence,
+    ),
+    (
+        "confusion.png",
+        "Confusion matrices on the gold set",
+        "Rows are gold labels, columns predictions; cells count rows, shading is the share of the gold row.",
+        plot_confusion,
+    ),
+    (
+        "labels.png",
+        "Pseudo-label distribution",
+        "How the teacher labeled the pool (and the hidden gold distribution when the pool had one).",
+        plot_label_distribution,
+    ),
 )
 
 
@@ -406,8 +478,11 @@ def _summary_html(run: RunData) -> str:
     if run.steps and "steps" not in run.summary:
         facts.append(("training steps", str(len(run.steps))))
     if facts:
-        parts.append("<h2>Training</h2><table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>"
-                                                          for k, v in facts) + "</table>")
+        parts.append(
+            "<h2>Training</h2><table>"
+            + "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in facts)
+            + "</table>"
+        )
     if run.stages:
         rows = "".join(
             f"<tr><th>{html.escape(name)}</th><td>{html.escape(str(marker.get('status', '?')))}</td>"
@@ -416,8 +491,10 @@ def _summary_html(run: RunData) -> str:
             for name, marker in _ordered_stages(run.stages)
             if not (name == "report" and marker.get("status") == "running")  # this page, being written
         )
-        parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>wall time</th>"
-                     f"<th>config hash</th></tr>{rows}</table>")
+        parts.append(
+            "<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>wall time</th>"
+            f"<th>config hash</th></tr>{rows}</table>"
+        )
     return "\n".join(parts)
 
 
@@ -480,13 +557,14 @@ def build_report(run_dir: str | Path) -> Path:
     if missing:
         sections.append(
             '<p class="muted">Not drawn (their inputs are not in this run yet): '
-            + html.escape(", ".join(missing)) + "</p>"
+            + html.escape(", ".join(missing))
+            + "</p>"
         )
     title = f"llkd run report — {run.root.resolve().name}"
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class=\"muted\">{html.escape(str(run.root.resolve()))}</p>"
+        f'<h1>{html.escape(title)}</h1><p class="muted">{html.escape(str(run.root.resolve()))}</p>'
         f"{_summary_html(run)}\n{''.join(sections)}</body></html>\n"
     )
     index = out / "index.html"

@@ -27,8 +27,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = "configs/quick.yaml"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+}
 
 
 def free_port() -> int:
@@ -63,8 +67,9 @@ def run_scenario(name: str, output: Path, *overrides: str, timeout: float = 660)
     text = log_path.read_text(errors="replace")
     lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
     if not lines:
-        raise AssertionError(f"scenario {name} printed no result (exit {process.returncode}; log {log_path})\n"
-                             f"{text[-6000:]}")
+        raise AssertionError(
+            f"scenario {name} printed no result (exit {process.returncode}; log {log_path})\n{text[-6000:]}"
+        )
     outcome = json.loads(lines[-1].removeprefix("RESULT "))
     outcome["_log"] = text[-6000:]
     outcome["_returncode"] = process.returncode
@@ -83,24 +88,47 @@ class LocalHead:
         self.token = token
         bin_dir = Path(sys.executable).parent
         # The job's `python` and `ray` are this interpreter's: the head's PATH starts with its bin dir.
-        self.env = {**os.environ, **OFFLINE_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-                    # SIGTERM tears the head down at once (no 30 s drain: nothing is served from it).
-                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-                    "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env = {
+            **os.environ,
+            **OFFLINE_ENV,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            # SIGTERM tears the head down at once (no 30 s drain: nothing is served from it).
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
         self.env.pop("RAY_ADDRESS", None)
         command = [
-            str(bin_dir / "ray"), "start", "--head", "--block",
-            f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={self.port}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
             # Every other listening port free too: another Ray on this machine may hold the defaults.
-            *(f"--{name}={free_port()}" for name in (
-                "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")),
+            *(
+                f"--{name}={free_port()}"
+                for name in (
+                    "ray-client-server-port",
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                    "node-manager-port",
+                    "object-manager-port",
+                )
+            ),
         ]
         self.log = open(temp_dir.parent / "head.log", "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     @property
     def dashboard(self) -> str:
@@ -112,8 +140,9 @@ class LocalHead:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.process.returncode}; see {self.log.name}")
             try:
-                request = urllib.request.Request(f"{self.dashboard}/api/version",
-                                                 headers={"Authorization": f"Bearer {self.token}"})
+                request = urllib.request.Request(
+                    f"{self.dashboard}/api/version", headers={"Authorization": f"Bearer {self.token}"}
+                )
                 with urllib.request.urlopen(request, timeout=5) as response:
                     if response.status == 200:
                         return
@@ -186,8 +215,17 @@ def job_submission(output: Path, overrides: list[str], timeout: float) -> int:
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         client = JobSubmissionClient(head.dashboard)
-        entrypoint = " ".join(["python", "jobs/pipeline.py", "--config", QUICK, "--output", str(output),
-                               *[f"--set {o}" for o in overrides]])
+        entrypoint = " ".join(
+            [
+                "python",
+                "jobs/pipeline.py",
+                "--config",
+                QUICK,
+                "--output",
+                str(output),
+                *[f"--set {o}" for o in overrides],
+            ]
+        )
         job_id = submit_when_ready(
             client,
             entrypoint=entrypoint,
@@ -211,9 +249,16 @@ def job_submission(output: Path, overrides: list[str], timeout: float) -> int:
     finally:
         head_rc = head.stop()
     print(logs[-6000:], flush=True)
-    result({"status": status, "unauthenticated_status": unauthenticated if status != "NOT_SUBMITTED" else None,
-            "head_returncode": head_rc, "head_alive": head.process.poll() is None, "entrypoint": entrypoint,
-            "stage_s": stage_times(output) if output.is_dir() else {}})
+    result(
+        {
+            "status": status,
+            "unauthenticated_status": unauthenticated if status != "NOT_SUBMITTED" else None,
+            "head_returncode": head_rc,
+            "head_alive": head.process.poll() is None,
+            "entrypoint": entrypoint,
+            "stage_s": stage_times(output) if output.is_dir() else {},
+        }
+    )
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -270,18 +315,20 @@ def multinode(output: Path, overrides: list[str]) -> int:
     columns = ["id", "pseudo_label"]
     multi = read_label_rows(output / "multi" / "labels", columns)
     single = read_label_rows(output / "single" / "labels", columns)
-    result({
-        "nodes": len(nodes),
-        "multi_rows": len(multi),
-        "single_rows": len(single),
-        "same_ids": sorted(multi["id"]) == sorted(single["id"]),
-        "duplicate_ids": int(multi["id"].duplicated().sum()),
-        "same_labels": dict(zip(multi["id"], multi["pseudo_label"], strict=True))
-        == dict(zip(single["id"], single["pseudo_label"], strict=True)),
-        "placement": {name: sorted(set(ids)) for name, ids in placement.items()},
-        "multi_s": multi_s,
-        "stage_s": stage_times(output / "multi"),
-    })
+    result(
+        {
+            "nodes": len(nodes),
+            "multi_rows": len(multi),
+            "single_rows": len(single),
+            "same_ids": sorted(multi["id"]) == sorted(single["id"]),
+            "duplicate_ids": int(multi["id"].duplicated().sum()),
+            "same_labels": dict(zip(multi["id"], multi["pseudo_label"], strict=True))
+            == dict(zip(single["id"], single["pseudo_label"], strict=True)),
+            "placement": {name: sorted(set(ids)) for name, ids in placement.items()},
+            "multi_s": multi_s,
+            "stage_s": stage_times(output / "multi"),
+        }
+    )
     return 0
 
 

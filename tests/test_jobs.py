@@ -21,8 +21,9 @@ JOBS = ("label", "train", "serve", "pipeline")
 @pytest.mark.parametrize("job", JOBS)
 def test_job_entry_points_parse_their_arguments(job):
     """Every job script runs standalone (imports resolve from the working dir) and documents its flags."""
-    done = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, f"jobs/{job}.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert "--config" in done.stdout
 
@@ -30,8 +31,13 @@ def test_job_entry_points_parse_their_arguments(job):
 def test_job_reports_a_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: {labels: []}\n")
-    done = subprocess.run([sys.executable, "jobs/pipeline.py", "--config", str(bad), "--output", str(tmp_path / "o")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "jobs/pipeline.py", "--config", str(bad), "--output", str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "llkd job: error:" in done.stderr

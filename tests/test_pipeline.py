@@ -26,8 +26,12 @@ class FakeStages:
     def __call__(self, name: str):
         def stage(config, layout: RunLayout, log) -> dict:
             self.calls.append(name)
-            outputs = {"label": layout.labels, "train": layout.train, "evaluate": layout.eval_dir,
-                       "report": layout.report}
+            outputs = {
+                "label": layout.labels,
+                "train": layout.train,
+                "evaluate": layout.eval_dir,
+                "report": layout.report,
+            }
             self.seen_existing[name] = outputs[name].exists()
             outputs[name].mkdir(parents=True, exist_ok=True)
             (outputs[name] / "partial").write_text("x")
@@ -37,8 +41,11 @@ class FakeStages:
                 (layout.student).mkdir(parents=True, exist_ok=True)
                 (layout.student / "config.json").write_text("{}")
             elif name == "evaluate":
-                layout.eval_json.write_text(json.dumps({"teacher": {"accuracy": 0.7, "macro_f1": 0.69},
-                                                        "student": {"accuracy": 0.8, "macro_f1": 0.79}}))
+                layout.eval_json.write_text(
+                    json.dumps(
+                        {"teacher": {"accuracy": 0.7, "macro_f1": 0.69}, "student": {"accuracy": 0.8, "macro_f1": 0.79}}
+                    )
+                )
             elif name == "report":
                 layout.report_index.write_text("<html></html>")
             return {"rows": 3}
@@ -107,7 +114,7 @@ def test_force_redoes_the_stage_and_every_later_one(fake, config, tmp_path, stag
     run_pipeline(config, tmp_path, log=lambda _: None)
     fake.calls.clear()
     result = run_pipeline(config, tmp_path, force=stage, log=lambda _: None)
-    expected = list(STAGES[STAGES.index(stage):])
+    expected = list(STAGES[STAGES.index(stage) :])
     assert fake.calls == expected
     assert all(statuses(result)[s] == "skipped" for s in STAGES if s not in expected)
     # a forced stage starts from an empty output directory

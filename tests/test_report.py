@@ -28,16 +28,27 @@ def write_labels(directory: Path, rows: int = 120, seed: int = 0) -> pd.DataFram
         probs = [p, 1 - p]
         index = 0 if p >= 0.5 else 1
         gold = LABELS[index] if rng.random() < 0.5 + abs(p - 0.5) else LABELS[1 - index]
-        records.append({"id": f"{i:016x}", "text": f"text {i}", "pseudo_label": LABELS[index], "label_index": index,
-                        "confidence": max(probs), "probs": probs, "truncated": False, "gold_label": gold})
+        records.append(
+            {
+                "id": f"{i:016x}",
+                "text": f"text {i}",
+                "pseudo_label": LABELS[index],
+                "label_index": index,
+                "confidence": max(probs),
+                "probs": probs,
+                "truncated": False,
+                "gold_label": gold,
+            }
+        )
     frame = pd.DataFrame(records)
     directory.mkdir(parents=True)
     half = rows // 2
     pq.write_table(pa.Table.from_pandas(frame.iloc[:half], preserve_index=False), directory / "part-a.parquet")
     pq.write_table(pa.Table.from_pandas(frame.iloc[half:], preserve_index=False), directory / "part-b.parquet")
     (directory / "rejected").mkdir()
-    pq.write_table(pa.table({"id": ["x"], "text": [""], "reason": ["empty_text"]}),
-                   directory / "rejected" / "part-r.parquet")
+    pq.write_table(
+        pa.table({"id": ["x"], "text": [""], "reason": ["empty_text"]}), directory / "rejected" / "part-r.parquet"
+    )
     (directory / "_manifest.json").write_text(json.dumps({"counts": {"labeled": rows}}))
     return frame
 
@@ -49,23 +60,42 @@ def write_training(directory: Path, ids: list[str], steps: int = 40) -> None:
     lines = []
     ever: set[str] = set()
     for step in range(1, steps + 1):
-        chosen = ids[(step * 3) % len(ids): (step * 3) % len(ids) + 4]
+        chosen = ids[(step * 3) % len(ids) : (step * 3) % len(ids) + 4]
         ever.update(chosen)
-        lines.append({
-            "step": step, "epoch": step / steps, "loss": 0.7 * math.exp(-step / 15), "selected_fraction": 4 / 32,
-            "teacher_thresholds": {"negative": 0.8 - 0.001 * step, "positive": 0.75},
-            "student_thresholds": {"negative": 0.6, "positive": 0.55 + 0.002 * step},
-            "data_usage": {"pool_fraction": len(ever) / len(ids), "sample_step_fraction": 4 / 32},
-        })
+        lines.append(
+            {
+                "step": step,
+                "epoch": step / steps,
+                "loss": 0.7 * math.exp(-step / 15),
+                "selected_fraction": 4 / 32,
+                "teacher_thresholds": {"negative": 0.8 - 0.001 * step, "positive": 0.75},
+                "student_thresholds": {"negative": 0.6, "positive": 0.55 + 0.002 * step},
+                "data_usage": {"pool_fraction": len(ever) / len(ids), "sample_step_fraction": 4 / 32},
+            }
+        )
         if step % 20 == 0:
-            lines.append({"kind": "eval", "step": step, "epoch": step / steps, "accuracy": 0.7 + step / 400,
-                          "macro_f1": 0.69 + step / 400})
+            lines.append(
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "epoch": step / steps,
+                    "accuracy": 0.7 + step / 400,
+                    "macro_f1": 0.69 + step / 400,
+                }
+            )
     (directory / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    pq.write_table(pa.table({"id": sorted(ever), "times_selected": [1] * len(ever)}),
-                   directory / "selected_ids.parquet")
-    (directory / "training_summary.json").write_text(json.dumps(
-        {"strategy": "llkd", "steps": steps, "data_usage": {"pool_fraction": len(ever) / len(ids),
-                                                            "sample_step_fraction": 0.125}}))
+    pq.write_table(
+        pa.table({"id": sorted(ever), "times_selected": [1] * len(ever)}), directory / "selected_ids.parquet"
+    )
+    (directory / "training_summary.json").write_text(
+        json.dumps(
+            {
+                "strategy": "llkd",
+                "steps": steps,
+                "data_usage": {"pool_fraction": len(ever) / len(ids), "sample_step_fraction": 0.125},
+            }
+        )
+    )
 
 
 def write_eval(path: Path) -> None:
@@ -76,19 +106,26 @@ def write_eval(path: Path) -> None:
         pairs = [(LABELS[g], LABELS[p]) for g in range(2) for p in range(2) for _ in range(confusion[g][p])]
         return classification_metrics([g for g, _ in pairs], [p for _, p in pairs], LABELS)
 
-    path.write_text(json.dumps({
-        "gold": "builtin:sst2/test", "gold_rows": 100, "labels": LABELS,
-        "teacher": {"backend": "embedding", **metrics([[40, 10], [19, 31]])},
-        "student": {"model": "student", **metrics([[42, 8], [14, 36]])},
-        "data_usage": {"pool_fraction": 0.4, "sample_step_fraction": 0.125},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "gold": "builtin:sst2/test",
+                "gold_rows": 100,
+                "labels": LABELS,
+                "teacher": {"backend": "embedding", **metrics([[40, 10], [19, 31]])},
+                "student": {"model": "student", **metrics([[42, 8], [14, 36]])},
+                "data_usage": {"pool_fraction": 0.4, "sample_step_fraction": 0.125},
+            }
+        )
+    )
 
 
 def write_markers(run: Path, stages=("label", "train", "evaluate")) -> None:
     (run / "_stages").mkdir(parents=True, exist_ok=True)
     for stage in stages:
-        (run / "_stages" / f"{stage}.json").write_text(json.dumps(
-            {"stage": stage, "hash": "abc", "status": "done", "wall_s": 12.5}))
+        (run / "_stages" / f"{stage}.json").write_text(
+            json.dumps({"stage": stage, "hash": "abc", "status": "done", "wall_s": 12.5})
+        )
 
 
 @pytest.fixture
