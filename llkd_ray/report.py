@@ -182,11 +182,7 @@ def plot_selection(run: RunData, path: Path) -> Path | None:
     x = _step_axis(run.steps)
     fig, (axis,) = _figure()
     fraction = [r.get("selected_fraction", math.nan) for r in run.steps]
-    axis.plot(x, fraction, color=_OTHER_COLOR, alpha=0.45, linewidth=1, label="selected fraction of the batch")
-    if len(fraction) >= 5:
-        window = max(3, len(fraction) // 15)
-        smooth = [_nanmean(fraction[max(0, i - window + 1) : i + 1]) for i in range(len(fraction))]
-        axis.plot(x, smooth, color=_OTHER_COLOR, linewidth=2, label=f"selected fraction ({window}-step mean)")
+    _plot_with_mean(axis, x, fraction, _OTHER_COLOR, "selected fraction of the batch")
     axis.plot(
         x,
         [_usage_value(r, "pool_fraction") for r in run.steps],
@@ -216,16 +212,27 @@ def _nanmean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def _plot_with_mean(axis, x: Sequence[float], values: Sequence[float], color: str, label: str) -> None:
+    """A noisy per-step series drawn faint, with its trailing mean (about 1/15 of the steps) on top."""
+    axis.plot(x, values, color=color, alpha=0.35, linewidth=1, label=label)
+    if len(values) >= 5:
+        window = max(3, len(values) // 15)
+        mean = [_nanmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        axis.plot(x, mean, color=color, linewidth=2, label=f"{label} ({window}-step mean)")
+
+
 def plot_training(run: RunData, path: Path) -> Path | None:
     if not run.steps and not run.gold_evals:
         return None
     fig, (left, right) = _figure(10, 3.8, ncols=2)
     x = _step_axis(run.steps)
-    loss = [r.get("loss", math.nan) for r in run.steps]
-    left.plot(x, loss, color=_OTHER_COLOR, linewidth=1.2)
+    # A step that selected nothing back-propagates nothing: its loss is no loss, leave it out.
+    loss = [r["loss"] if r.get("loss") is not None and r.get("selected", 1) else math.nan for r in run.steps]
+    _plot_with_mean(left, x, loss, _OTHER_COLOR, "loss")
     left.set_title("training loss (selected samples, weighted)", fontsize=10)
     left.set_xlabel("step")
     left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="upper right")
     right.set_title("gold-set macro-F1", fontsize=10)
     right.set_xlabel("step")
     points = [(r["step"], r["macro_f1"]) for r in run.gold_evals if r.get("macro_f1") is not None]
@@ -252,6 +259,8 @@ def plot_training(run: RunData, path: Path) -> Path | None:
         )
     if teacher is not None:
         right.axhline(teacher, color=_TEACHER_COLOR, linestyle="--", label=f"teacher ({teacher:.3f})")
+    if x:
+        right.set_xlim(0, max(x) * 1.03)
     if not (points or student is not None or teacher is not None):
         right.text(0.5, 0.5, "no gold-set evaluation recorded", ha="center", va="center", transform=right.transAxes)
     else:
