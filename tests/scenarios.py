@@ -41,6 +41,37 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def session_processes(session: int) -> list[int]:
+    """Live processes of a session (zombies left out), read from ``/proc``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, _ppid, _pgrp, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+        except OSError:
+            continue  # ended while we looked
+        if int(sid) == session and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def kill_session(session: int, timeout: float = 60) -> None:
+    """SIGKILL every process of a session and wait until none is left.
+
+    ``killpg`` is not enough for Ray: the raylet puts each worker in a process group of its own,
+    and an orphaned worker can go on writing for a moment after its driver and raylet are dead.
+    """
+    deadline = time.monotonic() + timeout
+    while pids := session_processes(session):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {pids} of session {session} outlived SIGKILL for {timeout:.0f} s")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
 def result(payload: dict) -> None:
     print("RESULT " + json.dumps(payload, default=str), flush=True)
 
@@ -61,8 +92,7 @@ def run_scenario(name: str, output: Path, *overrides: str, timeout: float = 660)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            kill_session(process.pid)
             process.wait()
     text = log_path.read_text(errors="replace")
     lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
@@ -160,21 +190,12 @@ class LocalHead:
             return error.code
 
     def stop(self) -> int:
-        """Signal the head's process group: SIGTERM, then SIGKILL for anything left."""
-        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break  # the group is gone
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                continue
-            if sig == signal.SIGTERM:
-                # `ray start --block` has exited; end whatever of its group is left.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-            break
+        """SIGTERM the head's process group, then SIGKILL whatever of its session is left."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=30)
+        kill_session(self.process.pid)
         self.process.wait(timeout=30)
         self.log.close()
         return self.process.returncode

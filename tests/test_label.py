@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from scenarios import kill_session
 
 from llkd_ray.cli import main
 from llkd_ray.config import load_config, validate_config
@@ -325,8 +325,7 @@ def test_resume_after_the_job_is_killed_labels_every_id_exactly_once(ray_local, 
     try:
         _wait_for_parts(out, 3, job, timeout=240)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)  # the job and the local Ray it started
+        kill_session(job.pid)  # the job, the local Ray it started and that Ray's workers
         job.wait(timeout=60)
     committed = read_dir(out)
     assert 3 * 50 <= len(committed) < 1500, "the kill must land part-way"

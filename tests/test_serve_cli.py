@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from scenarios import free_port, kill_session
 
 from llkd_ray.serve import wait_until_ready
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(tiny_classifier_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLKD_API_TOKEN")}
     log = tmp_path / "serve.log"
     command = [
@@ -60,9 +54,8 @@ def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(tiny_classifier_dir, tmp_p
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        kill_session(process.pid)
+        process.wait()
     output = log.read_text()
     assert f"at http://127.0.0.1:{port}" in output
     assert "shutting down" in output
