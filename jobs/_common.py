@@ -17,16 +17,11 @@ except ImportError:  # not installed on this node: use the package in the submit
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
+    """A job's parser: ``--config`` (a path inside the working dir) and ``--set``, as in ``llkd``."""
+    from llkd_ray.cli import add_config_arguments
+
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", "-c", required=True, help="pipeline config (YAML), path inside the working dir")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    add_config_arguments(parser)
     return parser
 
 

@@ -31,7 +31,15 @@ from typing import Any
 
 import yaml
 
-from llkd_ray.config import MINILM, STRATEGIES, LabelSpec, PipelineConfig, _apply_override, validate_config
+from llkd_ray.config import (
+    DEFAULT_MOMENTUM,
+    MINILM,
+    STRATEGIES,
+    LabelSpec,
+    PipelineConfig,
+    _apply_override,
+    validate_config,
+)
 from llkd_ray.errors import ConfigError, DataError
 
 #: Built-in data sets: pool and gold splits, label descriptions from the shipped configs.
@@ -271,7 +279,7 @@ class BenchSettings:
     batch_size: int = 32
     learning_rate: float = 1e-4
     max_length: int = 64
-    momentum: float = 0.99
+    momentum: float = DEFAULT_MOMENTUM
     workers: int = 1
     cpus_per_worker: float = field(default_factory=lambda: float(max(1, os.cpu_count() or 1)))
     """Torch threads per training worker (default: every core, for the 1 worker)."""
@@ -485,18 +493,16 @@ def _label(config: PipelineConfig, output: Path) -> Path:
 
 
 def _read_labels(directory: Path) -> list[dict[str, Any]]:
-    """The accepted rows of a labeling output (``rejected/`` and ``_*`` files left out)."""
-    import pyarrow.dataset as pads
+    """The accepted rows of a labeling output (its top-level ``part-*.parquet``)."""
+    import pyarrow.parquet as pq
 
-    parts = sorted(
-        str(path)
-        for path in directory.rglob("*.parquet")
-        if not any(part.startswith(("_", ".")) or part == "rejected" for part in path.relative_to(directory).parts)
-    )
+    from llkd_ray.label import OutputStore
+
+    store = OutputStore(directory)
+    parts = [store.path(name) for name in store.parts()]
     if not parts:
         raise DataError(f"the teacher wrote no labeled rows to {directory}")
-    table = pads.dataset(parts, format="parquet").to_table(columns=["id", "pseudo_label", "confidence"])
-    return table.to_pylist()
+    return pq.read_table(parts, columns=["id", "pseudo_label", "confidence"], filesystem=store.fs).to_pylist()
 
 
 def _train(config: PipelineConfig, labels: Path, output: Path) -> dict[str, Any]:
@@ -768,7 +774,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("--batch-size", type=int, help="global batch size (default 32)")
     runs.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, help="default 1e-4")
     runs.add_argument("--max-length", type=int, help="student max tokens (default 64)")
-    runs.add_argument("--momentum", type=float, help="threshold EMA momentum (default 0.99)")
+    runs.add_argument("--momentum", type=float, help=f"threshold EMA momentum (default {DEFAULT_MOMENTUM})")
     runs.add_argument("--workers", type=int, help="Ray Train workers per run (default 1)")
     runs.add_argument(
         "--cpus-per-worker", type=float, help="CPUs (torch threads) per worker (default: cores / workers)"

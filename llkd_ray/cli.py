@@ -20,7 +20,8 @@ from llkd_ray.errors import LlkdError
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``--config`` and repeatable ``--set KEY=VALUE``, for every command and job that loads a config."""
     parser.add_argument("--config", "-c", required=required, help="pipeline config (YAML)")
     parser.add_argument(
         "--set",
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=_data_inspect)
 
     label = commands.add_parser("label", help="the teacher pseudo-labels a corpus into Parquet (resumable)")
-    _config_arguments(label)
+    add_config_arguments(label)
     label.add_argument("--input", default=None, help="corpus reference (default: data.input of the config)")
     label.add_argument("--output", "-o", default=None, help="labels directory (default runs/CONFIG-NAME/labels)")
     label.add_argument("--teacher", choices=("vllm", "hf", "embedding"), default=None, help="teacher backend")
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llkd_ray.config import STRATEGIES
 
     train = commands.add_parser("train", help="train the student on pseudo-labels with LLKD selection (Ray Train)")
-    _config_arguments(train)
+    add_config_arguments(train)
     train.add_argument("--labels", required=True, help="labels directory written by `llkd label`")
     train.add_argument("--output", "-o", required=True, help="output directory (student/, metrics.jsonl, ...)")
     train.add_argument("--strategy", choices=STRATEGIES, default=None, help="selection strategy (default: config)")
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llkd_ray.pipeline import STAGES
 
     run = commands.add_parser("run", help="label -> train -> evaluate -> report (-> serve), resuming finished stages")
-    _config_arguments(run)
+    add_config_arguments(run)
     run.add_argument("--output", "-o", default=None, help="run directory (default runs/CONFIG-NAME)")
     run.add_argument("--serve", action="store_true", help="serve the student when the pipeline is done")
     run.add_argument("--force", choices=STAGES, default=None, help="redo this stage and every stage after it")
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help="sequence-classification model directory (with id2label)")
     serve.add_argument("--host", default=None, help="bind address (default serving.host: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default serving.port: 8000)")
-    _config_arguments(serve, required=False)
+    add_config_arguments(serve, required=False)
     serve.set_defaults(handler=_serve)
 
     return parser

@@ -33,40 +33,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-STRATEGIES = ("llkd", "all", "random", "teacher_confidence", "student_uncertainty")
+from llkd_ray.config import DEFAULT_MOMENTUM, STRATEGIES
 
 #: Sums a tensor over all shards in place (``torch.distributed.all_reduce`` with SUM).
 AllReduce = Callable[[torch.Tensor], Any]
 
-#: Statistics are reduced and thresholds compared in float64, so that the order in which shards
-#: add up their sums cannot flip a comparison that 1 worker would make. The per-round arithmetic
-#: runs in numpy on the CPU: K-sized vectors, where a torch op's fixed cost (and, on a busy CPU,
-#: its thread pool) would dominate; measured 0.1-0.3 ms per round against several ms in torch.
-_STAT_DTYPE = np.float64
+#: Statistics are reduced and thresholds compared in float64 on the CPU, so that the order in
+#: which shards add up their sums cannot flip a comparison that 1 worker would make.
+_STAT_DTYPE = torch.float64
 
 
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     """``u = H(softmax(logits)) / log K`` in [0, 1], per row (float32 on the CPU, no grad)."""
-    z = logits.detach().float().cpu().numpy()
-    z = z - z.max(axis=-1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    entropy = -(np.exp(log_p) * log_p).sum(axis=-1) / math.log(z.shape[-1])
-    return torch.from_numpy(np.clip(entropy, 0.0, 1.0).astype(np.float32))
+    log_p = F.log_softmax(logits.detach().float().cpu(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1) / math.log(logits.shape[-1])
+    return entropy.clamp_(0.0, 1.0)
 
 
-def _cap(mask: np.ndarray, capacity: int | None) -> np.ndarray:
+def _cap(mask: torch.Tensor, capacity: int | None) -> torch.Tensor:
     """Keep at most ``capacity`` of the selected rows, the first ones in order."""
     if capacity is None:
         return mask
-    return mask & (np.cumsum(mask) <= capacity)
+    return mask & (mask.cumsum(dim=0) <= capacity)
 
 
-def _numpy(values: torch.Tensor, dtype: type) -> np.ndarray:
-    return values.detach().to("cpu").numpy().astype(dtype, copy=False)
+def _stat(values: torch.Tensor, dtype: torch.dtype = _STAT_DTYPE) -> torch.Tensor:
+    return values.detach().to(device="cpu", dtype=dtype)
 
 
 @dataclass
@@ -109,7 +104,7 @@ class Selector:
         num_classes: int,
         *,
         strategy: str = "llkd",
-        momentum: float = 0.99,
+        momentum: float = DEFAULT_MOMENTUM,
         weighting: str = "confidence_uncertainty",
         seed: int = 0,
         all_reduce: AllReduce | None = None,
@@ -129,57 +124,59 @@ class Selector:
         self.rank = rank
         self.world_size = world_size
         # State: levels T, T[k], S, S[k]; which classes were seen; steps taken.
-        self.teacher_level = _STAT_DTYPE(0.0)
-        self.student_level = _STAT_DTYPE(0.0)
-        self.teacher_class = np.zeros(num_classes, dtype=_STAT_DTYPE)
-        self.student_class = np.zeros(num_classes, dtype=_STAT_DTYPE)
-        self.seen = np.zeros(num_classes, dtype=bool)
+        self.teacher_level = torch.tensor(0.0, dtype=_STAT_DTYPE)
+        self.student_level = torch.tensor(0.0, dtype=_STAT_DTYPE)
+        self.teacher_class = torch.zeros(num_classes, dtype=_STAT_DTYPE)
+        self.student_class = torch.zeros(num_classes, dtype=_STAT_DTYPE)
+        self.seen = torch.zeros(num_classes, dtype=torch.bool)
         self.steps = 0
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "teacher_level": torch.tensor(float(self.teacher_level), dtype=torch.float64),
-            "student_level": torch.tensor(float(self.student_level), dtype=torch.float64),
-            "teacher_class": torch.from_numpy(self.teacher_class.copy()),
-            "student_class": torch.from_numpy(self.student_class.copy()),
-            "seen": torch.from_numpy(self.seen.copy()),
+            "teacher_level": self.teacher_level.clone(),
+            "student_level": self.student_level.clone(),
+            "teacher_class": self.teacher_class.clone(),
+            "student_class": self.student_class.clone(),
+            "seen": self.seen.clone(),
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.teacher_level = _STAT_DTYPE(float(state["teacher_level"]))
-        self.student_level = _STAT_DTYPE(float(state["student_level"]))
-        self.teacher_class = np.array(state["teacher_class"], dtype=_STAT_DTYPE)
-        self.student_class = np.array(state["student_class"], dtype=_STAT_DTYPE)
-        self.seen = np.array(state["seen"], dtype=bool)
+        self.teacher_level = torch.as_tensor(state["teacher_level"], dtype=_STAT_DTYPE).clone()
+        self.student_level = torch.as_tensor(state["student_level"], dtype=_STAT_DTYPE).clone()
+        self.teacher_class = torch.as_tensor(state["teacher_class"], dtype=_STAT_DTYPE).clone()
+        self.student_class = torch.as_tensor(state["student_class"], dtype=_STAT_DTYPE).clone()
+        self.seen = torch.as_tensor(state["seen"], dtype=torch.bool).clone()
         self.steps = int(state["steps"])
 
     # ------------------------------------------------------------------ statistics
 
-    def _reduce(self, array: np.ndarray) -> np.ndarray:
-        """SUM over shards, in place (the tensor shares the array's memory)."""
+    def _reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        """SUM over shards, in place."""
         if self.all_reduce is not None and self.world_size > 1:
-            self.all_reduce(torch.from_numpy(array))
-        return array
+            self.all_reduce(stats)
+        return stats
 
-    def pack_local_stats(self, confidence: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray) -> np.ndarray:
+    def pack_local_stats(
+        self, confidence: torch.Tensor, labels: torch.Tensor, uncertainty: torch.Tensor
+    ) -> torch.Tensor:
         """``[sum c, sum u, n, sum c per class (K), sum u per class (K), n per class (K), n per rank (W)]``.
 
         The last segment (this shard's row count at its rank) gives every shard the offsets of all
         shards in the global batch after the SUM all-reduce.
         """
         k = self.num_classes
-        stats = np.zeros(3 + 3 * k + self.world_size, dtype=_STAT_DTYPE)
+        stats = torch.zeros(3 + 3 * k + self.world_size, dtype=_STAT_DTYPE)
         stats[0], stats[1], stats[2] = confidence.sum(), uncertainty.sum(), len(confidence)
-        stats[3 : 3 + k] = np.bincount(labels, weights=confidence, minlength=k)[:k]
-        stats[3 + k : 3 + 2 * k] = np.bincount(labels, weights=uncertainty, minlength=k)[:k]
-        stats[3 + 2 * k : 3 + 3 * k] = np.bincount(labels, minlength=k)[:k]
+        stats[3 : 3 + k] = torch.bincount(labels, weights=confidence, minlength=k)[:k]
+        stats[3 + k : 3 + 2 * k] = torch.bincount(labels, weights=uncertainty, minlength=k)[:k]
+        stats[3 + 2 * k : 3 + 3 * k] = torch.bincount(labels, minlength=k)[:k]
         stats[3 + 3 * k + self.rank] = len(confidence)
         return stats
 
-    def update(self, stats: np.ndarray) -> None:
+    def update(self, stats: torch.Tensor) -> None:
         """Apply the EMA update from globally reduced statistics (the output of ``pack_local_stats``)."""
         k = self.num_classes
         sum_c, sum_u, n = stats[0], stats[1], stats[2]
@@ -188,45 +185,50 @@ class Selector:
             return
         present = class_n > 0
         mean_c, mean_u = sum_c / n, sum_u / n
-        counts = np.maximum(class_n, 1)
-        class_mean_c = np.where(present, class_c / counts, 0.0)
-        class_mean_u = np.where(present, class_u / counts, 0.0)
+        counts = class_n.clamp(min=1)
+        class_mean_c = torch.where(present, class_c / counts, 0.0)
+        class_mean_u = torch.where(present, class_u / counts, 0.0)
         lam = self.momentum
         if self.steps == 0:
             # First step: every level is that step's batch statistic; absent classes take the global level.
             self.teacher_level, self.student_level = mean_c, mean_u
-            self.teacher_class = np.where(present, class_mean_c, mean_c)
-            self.student_class = np.where(present, class_mean_u, mean_u)
+            self.teacher_class = torch.where(present, class_mean_c, mean_c)
+            self.student_class = torch.where(present, class_mean_u, mean_u)
         else:
             # A class not seen before sits at the global level; the EMA starts from there.
-            old_tc = np.where(self.seen, self.teacher_class, self.teacher_level)
-            old_sc = np.where(self.seen, self.student_class, self.student_level)
+            old_tc = torch.where(self.seen, self.teacher_class, self.teacher_level)
+            old_sc = torch.where(self.seen, self.student_class, self.student_level)
             self.teacher_level = lam * self.teacher_level + (1 - lam) * mean_c
             self.student_level = lam * self.student_level + (1 - lam) * mean_u
-            absent_t = np.where(self.seen, old_tc, self.teacher_level)
-            absent_s = np.where(self.seen, old_sc, self.student_level)
-            self.teacher_class = np.where(present, lam * old_tc + (1 - lam) * class_mean_c, absent_t)
-            self.student_class = np.where(present, lam * old_sc + (1 - lam) * class_mean_u, absent_s)
+            absent_t = torch.where(self.seen, old_tc, self.teacher_level)
+            absent_s = torch.where(self.seen, old_sc, self.student_level)
+            self.teacher_class = torch.where(present, lam * old_tc + (1 - lam) * class_mean_c, absent_t)
+            self.student_class = torch.where(present, lam * old_sc + (1 - lam) * class_mean_u, absent_s)
         self.seen = self.seen | present
         self.steps += 1
 
-    def thresholds(self) -> tuple[np.ndarray, np.ndarray]:
+    def thresholds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``tauT[k] = T * T[k] / max_j T[j]`` and ``tauS[k] = S * S[k] / max_j S[j]`` (float64)."""
 
-        def scaled(level: float, per_class: np.ndarray) -> np.ndarray:
+        def scaled(level: torch.Tensor, per_class: torch.Tensor) -> torch.Tensor:
             top = per_class.max()
-            return level * per_class / top if top > 0 else np.zeros_like(per_class)
+            return level * per_class / top if top > 0 else torch.zeros_like(per_class)
 
         return scaled(self.teacher_level, self.teacher_class), scaled(self.student_level, self.student_class)
 
     # ------------------------------------------------------------------ selection
 
-    def _random_mask(self, budget: int, offset: int, local: int, total: int) -> np.ndarray:
-        """``budget`` rows drawn uniformly from the global batch; this shard's slice of that draw."""
+    def _random_mask(self, budget: int, offset: int, local: int, total: int) -> torch.Tensor:
+        """``budget`` rows drawn uniformly from the global batch; this shard's slice of that draw.
+
+        Every shard draws the same keys (a generator seeded by seed and step) for all ``total``
+        global positions, so the draw does not depend on how the batch is sharded.
+        """
         if budget <= 0 or total <= 0:
-            return np.zeros(local, dtype=bool)
-        keys = np.random.default_rng([self.seed, self.steps]).random(total)
-        cutoff = np.partition(keys, min(budget, total) - 1)[min(budget, total) - 1]
+            return torch.zeros(local, dtype=torch.bool)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)
+        keys = torch.rand(total, generator=generator, dtype=_STAT_DTYPE)
+        cutoff = keys.kthvalue(min(budget, total)).values
         return keys[offset : offset + local] <= cutoff
 
     def select(
@@ -243,9 +245,9 @@ class Selector:
         shard's rows; ``capacity`` caps how many local rows may be kept (the M > 1 candidate pool).
         """
         device = confidence.device
-        c = _numpy(confidence, _STAT_DTYPE)
-        y = _numpy(labels, np.int64)
-        u = _numpy(uncertainty, _STAT_DTYPE)
+        c = _stat(confidence)
+        y = _stat(labels, torch.int64)
+        u = _stat(uncertainty)
 
         stats = self._reduce(self.pack_local_stats(c, y, u))
         self.update(stats)
@@ -258,31 +260,31 @@ class Selector:
         if self.strategy == "llkd":
             mask = _cap(teacher_ok & student_ok, capacity)
         elif self.strategy == "all":
-            mask = _cap(np.ones_like(teacher_ok), capacity)
+            mask = _cap(torch.ones_like(teacher_ok), capacity)
         elif self.strategy == "teacher_confidence":
             mask = _cap(teacher_ok, capacity)
         elif self.strategy == "student_uncertainty":
             mask = _cap(student_ok, capacity)
         else:  # random: as many as llkd keeps over the global batch, drawn uniformly
-            llkd_kept = np.array([_cap(teacher_ok & student_ok, capacity).sum()], dtype=_STAT_DTYPE)
+            llkd_kept = _cap(teacher_ok & student_ok, capacity).sum().to(_STAT_DTYPE).reshape(1)
             budget = round(float(self._reduce(llkd_kept)[0]))
             mask = _cap(self._random_mask(budget, offset, len(c), total), capacity)
 
-        m = mask.astype(_STAT_DTYPE)
+        m = mask.to(_STAT_DTYPE)
         use_cu = self.strategy == "llkd" and self.weighting == "confidence_uncertainty"
-        raw = c * u if use_cu else np.ones_like(c)
-        sums = self._reduce(np.array([m.sum(), (m * raw).sum(), (m * c).sum(), ((1 - m) * c).sum()]))
-        selected, selected_raw, c_selected, c_rejected = (float(v) for v in sums)
+        raw = c * u if use_cu else torch.ones_like(c)
+        sums = self._reduce(torch.stack([m.sum(), (m * raw).sum(), (m * c).sum(), ((1 - m) * c).sum()]))
+        selected, selected_raw, c_selected, c_rejected = sums.tolist()
         n_selected = round(selected)
         # w_i = m_i c_i u_i / mean over the selected of c u (or m_i alone)
         weights = m * raw * (selected / selected_raw) if use_cu and selected_raw > 0 else m
         rejected = total - n_selected
         return Selection(
-            mask=torch.from_numpy(mask.copy()).to(device),
-            weights=torch.from_numpy(weights.astype(np.float32)).to(device),
+            mask=mask.to(device),
+            weights=weights.to(device=device, dtype=torch.float32),
             normaliser=max(1.0, selected),
-            teacher_thresholds=torch.from_numpy(tau_t),
-            student_thresholds=torch.from_numpy(tau_s),
+            teacher_thresholds=tau_t,
+            student_thresholds=tau_s,
             candidates=total,
             selected=n_selected,
             confidence_selected=c_selected / n_selected if n_selected else math.nan,

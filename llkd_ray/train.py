@@ -271,7 +271,7 @@ def score_candidates(model: torch.nn.Module, batch: Batch, ctx: StepContext, chu
     with torch.inference_mode(), ctx.autocast():
         for start in range(0, len(batch.texts), chunk):
             logits = module(**ctx.encode(batch.texts[start : start + chunk])).logits
-            needs.append(normalized_entropy(logits).cpu())
+            needs.append(normalized_entropy(logits))
     module.train(was_training)
     return torch.cat(needs) if needs else torch.zeros(0)
 
