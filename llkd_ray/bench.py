@@ -275,7 +275,7 @@ class BenchSettings:
     teacher_model: str | None = None
     student: str = MINILM
     seeds: int = 3
-    steps: int = 100
+    steps: int = 80
     batch_size: int = 32
     learning_rate: float = 1e-4
     max_length: int = 64
@@ -770,7 +770,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
         help="llkd's candidates_per_step M values to compare, comma-separated (default 1,4)",
     )
     runs.add_argument("--seeds", type=int, help="seeds per strategy (default 3)")
-    runs.add_argument("--steps", type=int, help="training steps for every strategy (default 100)")
+    runs.add_argument("--steps", type=int, help="training steps for every strategy (default 80)")
     runs.add_argument("--batch-size", type=int, help="global batch size (default 32)")
     runs.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, help="default 1e-4")
     runs.add_argument("--max-length", type=int, help="student max tokens (default 64)")

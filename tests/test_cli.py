@@ -24,7 +24,7 @@ def test_config_validate_and_show() -> None:
     assert "valid" in ok.stdout
     shown = llkd("config", "show", "configs/demo.yaml", "--set", "training.workers=1")
     assert shown.returncode == 0
-    assert "workers: 1" in shown.stdout and "momentum: 0.99" in shown.stdout
+    assert "workers: 1" in shown.stdout and "momentum: 0.9" in shown.stdout
 
 
 def test_config_validate_names_a_misspelt_key(tmp_path: Path) -> None:
