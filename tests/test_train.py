@@ -103,7 +103,8 @@ def test_plan_sizes():
     from llkd_ray.config import load_config
     from llkd_ray.train import TrainingPlan
 
-    config = load_config(CONFIG, ["training.batch_size=32", "training.workers=2", "selection.candidates_per_step=4"])
+    settings = ["training.batch_size=32", "training.workers=2", "training.epochs=2", "selection.candidates_per_step=4"]
+    config = load_config(CONFIG, settings)
     plan = TrainingPlan.build(config, pool_rows=400)
     assert plan.steps_per_epoch == 12 and plan.total_steps == 24 and plan.warmup_steps == 3
     assert plan.round_rows == 16 and plan.round_candidates == 64
