@@ -584,26 +584,6 @@ def teacher_scores(
     return pool_labels, teacher
 
 
-def _start_ray(settings: BenchSettings) -> None:
-    """Join ``RAY_ADDRESS`` when set; else start a private local Ray with room for the training
-    workers and, beside them, Ray Data reading the labels.
-
-    ``address="local"``: ``ray.init()`` without an address would join any head that ``ray start``
-    left running on this machine, and then refuses ``num_cpus``.
-    """
-    import logging
-
-    import ray
-
-    from llkd_ray.runtime import init_ray
-
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        init_ray()
-        return
-    cpus = max(os.cpu_count() or 1, math.ceil(settings.workers * settings.cpus_per_worker) + 1)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-
-
 def run_benchmark(
     data: BenchData,
     settings: BenchSettings,
@@ -621,7 +601,9 @@ def run_benchmark(
     work = output / "work"
     base = base_config(data, settings)
     if train:
-        _start_ray(settings)
+        from llkd_ray.train import ensure_ray
+
+        ensure_ray(base)  # a private local Ray with room for the trainer and Ray Data, or the job's cluster
     labels_dir, teacher = teacher_scores(data, base, work, log)
     log(f"teacher on the gold set: accuracy {teacher['accuracy']:.3f}, macro-F1 {teacher['macro_f1']:.3f}")
     gold_ids = sorted(data.gold_labels)

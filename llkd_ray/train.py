@@ -738,7 +738,7 @@ def _prepared_config(
     return validate_config(raw, "(train options)")
 
 
-def _ensure_ray(config: PipelineConfig) -> None:
+def ensure_ray(config: PipelineConfig) -> None:
     """Start a local Ray with room for the workers *and* Ray Data's readers, or check the one we have."""
     import ray
 
@@ -815,7 +815,7 @@ def train_student(
     output = Path(output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
 
-    _ensure_ray(config)
+    ensure_ray(config)
     gold = _gold_payload(config, eval_data)
     dataset = build_dataset(pool, plan, training.seed)
     storage = training.storage_path or str(output / "ray")
