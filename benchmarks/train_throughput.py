@@ -1,18 +1,18 @@
-"""Student-training throughput: Ray Train against a plain PyTorch loop, selection overhead, scale-out.
+"""Student-training throughput: Ray Train against a plain PyTorch loop, the selection's cost, scale-out.
 
-Prints, from one run on this machine:
+Prints, from one run on this machine, comparing **equal work** only:
 
 1. **Ray Train, 1 worker vs a plain PyTorch loop** — the same model, batches (global batch 32),
-   optimizer and schedule; the Ray side trains with ``strategy: all`` (every row, unit weights).
-   Target: >= 0.9 of the loop's samples/s.
-2. **Selection overhead** at batch 32 on the MiniLM student — ``llkd`` against ``all`` step time
-   (the same forward and backward at M = 1, so the difference is the selection: information need,
-   masks, weights, the all-reduces, the id gathering), on 1 and on 2 workers; and the share of
-   step time timed inside the workers around those operations (an upper bound on 2 workers: an
-   all-reduce also waits for the slower worker, which DDP's gradient all-reduce would otherwise
-   absorb). Target: <= 3%.
-3. **2 workers vs 1** (samples/s, ``strategy: llkd``) on this machine; on a GPU when one is
-   visible (``--gpu``).
+   optimizer and schedule; the Ray side trains with ``strategy: all`` (every row, unit weights,
+   no scoring), so both back-propagate 32 rows a step. Target: >= 0.9 of the loop's trained
+   samples/s.
+2. **Where an LLKD step's time goes** — ``llkd`` at M = 1 and M = 4: candidates scored and samples
+   trained per second (reported apart), and the loop's wall time split into scoring (inference
+   mode), training (forward, backward, optimizer step) and selection (the information need,
+   masks, weights, the all-reduces, the id gathering). Target: selection <= 3% of step time.
+3. **2 workers vs 1** (trained samples/s, ``strategy: all``; and ``llkd``) on this machine; on a
+   GPU when one is visible (``--gpu``). On one machine the two workers share its cores, so the
+   work per second cannot grow; DDP adds a gradient all-reduce per step.
 
 Throughput is measured inside the training loop from the third step on (start-up, Ray Data's first
 block and the first steps' lazy initialisation are reported apart, as end-to-end wall time).
@@ -36,13 +36,19 @@ from typing import Any
 SKIP = 2  # steps left out of the throughput (warm-up)
 
 
-def _throughput(metrics_path: Path) -> tuple[float, float]:
-    """(samples/s, seconds per step) over steps SKIP+1.. from a metrics.jsonl."""
+def _throughput(metrics_path: Path) -> dict[str, float]:
+    """Trained and scored samples/s, seconds per step and the time split, over steps SKIP+1.. of a metrics.jsonl."""
     steps = [json.loads(line) for line in metrics_path.read_text().splitlines() if '"loss"' in line]
     first, last = steps[SKIP - 1], steps[-1]
     seconds = last["elapsed_s"] - first["elapsed_s"]
-    samples = sum(r["candidates"] for r in steps[SKIP:])
-    return samples / seconds, seconds / (len(steps) - SKIP)
+    measured = [r["step_compute"] for r in steps[SKIP:]]
+    split = {kind: sum(r[f"{kind}_s"] for r in measured) for kind in ("scoring", "training", "selection")}
+    return {
+        "trained_samples_per_s": sum(r["trained_samples"] for r in measured) / seconds,
+        "scored_samples_per_s": sum(r["scored_samples"] for r in measured) / seconds,
+        "step_s": seconds / (len(steps) - SKIP),
+        **{f"{kind}_share": value / seconds for kind, value in split.items()},
+    }
 
 
 def label_pool(config, rows: int, output: Path) -> Path:
@@ -59,19 +65,19 @@ def plain_loop(config, labels: Path, steps: int, threads: int) -> dict[str, Any]
     """The same model, batches and optimizer in a hand-written PyTorch loop (no Ray, no selection)."""
     import pyarrow.dataset as pads
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
+    from llkd_ray.compute import ProgressSchedule
     from llkd_ray.models import resolve_model_path
-    from llkd_ray.train import TrainingPlan, build_optimizer, load_student, validate_labels_dir
+    from llkd_ray.train import build_optimizer, load_student, validate_labels_dir
 
     torch.set_num_threads(threads)
     pool = validate_labels_dir(labels, config.task.label_names)
-    plan = TrainingPlan.build(config, pool.rows)
     table = pads.dataset(pool.files, format="parquet").to_table(columns=["text", "label_index"])
     texts, targets = table.column("text").to_pylist(), table.column("label_index").to_pylist()
     model, tokenizer = load_student(resolve_model_path(config.student.model), config.task.label_names, 0)
     optimizer = build_optimizer(model, config.training.learning_rate, config.training.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
+    schedule = ProgressSchedule(config.training.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     batch = config.training.batch_size
     model.train()
     started, times = time.perf_counter(), []
@@ -88,15 +94,16 @@ def plain_loop(config, labels: Path, steps: int, threads: int) -> dict[str, Any]
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets[start : start + batch]))
         loss.backward()
         optimizer.step()
+        schedule.progress = (step + 1) / steps
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
     seconds = times[-1] - times[SKIP - 1]
-    return {"samples_per_s": batch * (steps - SKIP) / seconds, "step_s": seconds / (steps - SKIP)}
+    return {"trained_samples_per_s": batch * (steps - SKIP) / seconds, "step_s": seconds / (steps - SKIP)}
 
 
 def selection_cost(num_classes: int, batch: int = 32, rounds: int = 300) -> float:
-    """Milliseconds for one round's information need + selection on 1 process (no all-reduce)."""
+    """Milliseconds for one step's information need + selection on 1 process (no all-reduce)."""
     import torch
 
     from llkd_ray.selection import Selector, normalized_entropy
@@ -116,14 +123,8 @@ def ray_run(config, labels: Path, work: Path, name: str, **options) -> dict[str,
     from llkd_ray.train import train_student
 
     started = time.perf_counter()
-    summary = train_student(config, labels=labels, output=work / name, eval_data=None, **options)
-    samples_per_s, step_s = _throughput(work / name / "metrics.jsonl")
-    return {
-        "samples_per_s": samples_per_s,
-        "step_s": step_s,
-        "selection_share": summary["selection_share"],
-        "wall_s": time.perf_counter() - started,
-    }
+    train_student(config, labels=labels, output=work / name, eval_data=None, **options)
+    return _throughput(work / name / "metrics.jsonl") | {"wall_s": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -176,12 +177,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     labels = Path(args.labels) if args.labels else label_pool(config, 256 if args.quick else args.rows, work / "labels")
 
-    def variant(strategy: str, workers: int, use_gpu: bool = False):
+    def variant(strategy: str, workers: int, use_gpu: bool = False, m: int = 1):
         return load_config(
             args.config,
             [
                 *overrides,
                 f"selection.strategy={strategy}",
+                f"selection.candidates_per_step={m}",
                 f"training.workers={workers}",
                 f"training.cpus_per_worker={max(1, cores // workers)}",
                 f"training.use_gpu={str(use_gpu).lower()}",
@@ -196,56 +198,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_at_start": os.getloadavg(),
     }
     results["plain_loop"] = plain_loop(config, labels, steps, threads=cores)
-    results["selection_ms_per_round_1_process"] = selection_cost(len(config.task.labels))
-    results["ray_1_all"] = ray_run(variant("all", 1), labels, work, "ray-1-all", max_steps=steps)
-    results["ray_1_llkd"] = ray_run(variant("llkd", 1), labels, work, "ray-1-llkd", max_steps=steps)
-    results["ray_2_all"] = ray_run(variant("all", 2), labels, work, "ray-2-all", max_steps=steps)
-    results["ray_2_llkd"] = ray_run(variant("llkd", 2), labels, work, "ray-2-llkd", max_steps=steps)
+    results["selection_ms_per_step_1_process"] = selection_cost(len(config.task.labels))
+    runs = {
+        "ray_1_all": variant("all", 1),
+        "ray_1_llkd": variant("llkd", 1),
+        "ray_1_llkd_m4": variant("llkd", 1, m=4),
+        "ray_2_all": variant("all", 2),
+        "ray_2_llkd": variant("llkd", 2),
+    }
     if args.gpu:
-        results["gpu_1_llkd"] = ray_run(variant("llkd", 1, True), labels, work, "gpu-1-llkd", max_steps=steps)
-        results["gpu_2_llkd"] = ray_run(variant("llkd", 2, True), labels, work, "gpu-2-llkd", max_steps=steps)
+        runs |= {"gpu_1_llkd": variant("llkd", 1, True), "gpu_2_llkd": variant("llkd", 2, True)}
+    for name, run_config in runs.items():
+        results[name] = ray_run(run_config, labels, work, name, max_steps=steps)
     results["load_average_at_end"] = os.getloadavg()
 
     plain, one_all, one, two_all, two = (
         results[k] for k in ("plain_loop", "ray_1_all", "ray_1_llkd", "ray_2_all", "ray_2_llkd")
     )
     ratios = {
-        "ray_train_1_worker_vs_plain_loop": one_all["samples_per_s"] / plain["samples_per_s"],
-        "llkd_vs_all_step_time_1_worker": one["step_s"] / one_all["step_s"] - 1,
-        "llkd_vs_all_step_time_2_workers": two["step_s"] / two_all["step_s"] - 1,
-        "selection_share_timed_1_worker": one["selection_share"],
-        "selection_share_timed_2_workers": two["selection_share"],
-        "two_workers_vs_one": two["samples_per_s"] / one["samples_per_s"],
-        "selection_compute_share_1_worker": results["selection_ms_per_round_1_process"] / 1000 / one["step_s"],
+        "ray_train_1_worker_vs_plain_loop": one_all["trained_samples_per_s"] / plain["trained_samples_per_s"],
+        "selection_share_1_worker": one["selection_share"],
+        "selection_share_2_workers": two["selection_share"],
+        "two_workers_vs_one_all": two_all["trained_samples_per_s"] / one_all["trained_samples_per_s"],
+        "two_workers_vs_one_llkd": two["scored_samples_per_s"] / one["scored_samples_per_s"],
+        "selection_compute_share_1_worker": results["selection_ms_per_step_1_process"] / 1000 / one["step_s"],
     }
     if args.gpu:
-        gpu_one, gpu_two = results["gpu_1_llkd"], results["gpu_2_llkd"]
-        ratios["gpu_two_workers_vs_one"] = gpu_two["samples_per_s"] / gpu_one["samples_per_s"]
+        ratios["gpu_two_workers_vs_one"] = (
+            results["gpu_2_llkd"]["scored_samples_per_s"] / results["gpu_1_llkd"]["scored_samples_per_s"]
+        )
     results["ratios"] = ratios
 
     print(
         f"\nStudent training throughput ({results['machine']}, {results['student']}, batch 32, "
         f"{steps} steps, from step {SKIP + 1}; load average {results['load_average_at_start'][0]:.1f})"
     )
-    for name in ("plain_loop", "ray_1_all", "ray_1_llkd", "ray_2_all", "ray_2_llkd", "gpu_1_llkd", "gpu_2_llkd"):
-        if name in results:
-            entry = results[name]
-            extra = f", selection {entry['selection_share']:.2%} of step time" if "selection_share" in entry else ""
-            print(f"  {name:<12} {entry['samples_per_s']:8.1f} samples/s  {entry['step_s']:.3f} s/step{extra}")
-    print(f"  Ray Train 1 worker / plain loop:   {ratios['ray_train_1_worker_vs_plain_loop']:.3f}  (target >= 0.9)")
+    print(f"  {'run':<14} {'trained/s':>10} {'scored/s':>9} {'s/step':>7}  time: scoring / training / selection")
+    for name in ("plain_loop", *runs):
+        entry = results[name]
+        shares = (
+            f"  {entry['scoring_share']:6.1%} / {entry['training_share']:6.1%} / {entry['selection_share']:5.2%}"
+            if "scoring_share" in entry
+            else ""
+        )
+        scored = f"{entry['scored_samples_per_s']:9.1f}" if "scored_samples_per_s" in entry else f"{'–':>9}"
+        print(f"  {name:<14} {entry['trained_samples_per_s']:10.1f} {scored} {entry['step_s']:7.3f}{shares}")
+    print(f"  Ray Train 1 worker / plain loop (all, equal work): {ratios['ray_train_1_worker_vs_plain_loop']:.3f}")
     print(
-        f"  llkd vs all step time, 1 / 2 workers: {ratios['llkd_vs_all_step_time_1_worker']:+.2%} / "
-        f"{ratios['llkd_vs_all_step_time_2_workers']:+.2%}  (selection overhead, target <= 3%)"
+        f"  selection share of llkd step time, 1 / 2 workers: {ratios['selection_share_1_worker']:.2%} / "
+        f"{ratios['selection_share_2_workers']:.2%}  (target <= 3%)"
     )
     print(
-        f"  selection share timed, 1 / 2 workers: {ratios['selection_share_timed_1_worker']:.2%} / "
-        f"{ratios['selection_share_timed_2_workers']:.2%}"
+        f"  selection compute alone: {results['selection_ms_per_step_1_process']:.2f} ms per step = "
+        f"{ratios['selection_compute_share_1_worker']:.2%} of a 1-worker llkd step"
     )
     print(
-        f"  selection compute alone: {results['selection_ms_per_round_1_process']:.2f} ms per round = "
-        f"{ratios['selection_compute_share_1_worker']:.2%} of a 1-worker step"
+        f"  2 workers / 1 worker on {cores} cores: all {ratios['two_workers_vs_one_all']:.3f}, "
+        f"llkd {ratios['two_workers_vs_one_llkd']:.3f}"
     )
-    print(f"  2 workers / 1 worker:              {ratios['two_workers_vs_one']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)

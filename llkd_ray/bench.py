@@ -1,13 +1,19 @@
-"""Quality benchmark: LLKD against its baselines on real data (``llkd bench quality``).
+"""Quality benchmark: LLKD against its baselines on real data, at equal compute (``llkd bench quality``).
 
 The teacher labels the pool once; every strategy and seed then trains a student from those same
-pseudo-labels with the same fixed step budget (the same number of batches), and each student is
-scored on the gold set. Output in ``OUTPUT/``:
+pseudo-labels with the **same compute budget** (FLOPs of candidate scoring and training, in passes
+of ``all`` over the pool; ``llkd_ray/compute.py``), evaluated on the gold set at fixed fractions
+of the budget: a learning curve per run. ``--steps N`` compares at equal steps instead. Output in
+``OUTPUT/``:
 
 - ``results.json`` — the settings, the teacher's accuracy and macro-F1 on the gold set, and per
-  strategy and seed: accuracy, macro-F1, data usage, wall time (plus the mean ± std summary);
-- ``results.md`` — the mean ± std table, the best value of each metric in bold, the teacher as a row;
-- ``quality.png`` — gold macro-F1 against data usage, one point per strategy (mean ± std).
+  strategy and seed: the curve, the final accuracy and macro-F1, compute spent by kind, data
+  usage, wall time (plus the mean ± std summary and the curves' milestones);
+- ``results.md`` — macro-F1 at the full budget, the best along the curve and where, the compute
+  to reach the teacher and ``all``'s best, data usage; where the compute goes; whether ``all``'s
+  curve plateaued;
+- ``quality.png`` — macro-F1 against compute (mean curve ± std band per strategy, the teacher a
+  line) and final macro-F1 against data usage.
 
 Work files (the sampled pool and gold set, the teacher's labels, each run's student) stay under
 ``OUTPUT/work/``; a run whose result is already there with the same settings is not redone, so an
@@ -267,6 +273,12 @@ def _write_with_ids(path: Path, rows: list[dict[str, Any]], prefix: str, *, keep
 # --------------------------------------------------------------------------- settings
 
 
+#: The default budget, in passes of ``all`` over the pool. Sized so that ``all``'s curve has
+#: peaked or plateaued on the built-in sets (``results.md`` says whether it did) while one data
+#: set's full run (six variants x 3 seeds) takes about 90 minutes on a 2-core machine.
+DEFAULT_BUDGET = 5.0
+
+
 @dataclass
 class BenchSettings:
     """Everything one benchmark run depends on (recorded in ``results.json``)."""
@@ -275,7 +287,12 @@ class BenchSettings:
     teacher_model: str | None = None
     student: str = MINILM
     seeds: int = 3
-    steps: int = 80
+    budget: float | None = DEFAULT_BUDGET
+    """Compute budget of every strategy, in passes of ``all`` over the pool (scoring included)."""
+    steps: int | None = None
+    """A fixed step budget instead (the equal-steps comparison); replaces ``budget``."""
+    eval_points: int = 8
+    """Gold-set evaluations along each run, at 1/n ... n/n of its budget: the learning curves."""
     batch_size: int = 32
     learning_rate: float = 1e-4
     max_length: int = 64
@@ -283,10 +300,16 @@ class BenchSettings:
     workers: int = 1
     cpus_per_worker: float = field(default_factory=lambda: float(max(1, os.cpu_count() or 1)))
     """Torch threads per training worker (default: every core, for the 1 worker)."""
-    pool_size: int | None = 2000
+    pool_size: int | None = 1500
     gold_size: int | None = None
     sample_seed: int = 0
     overrides: list[str] = field(default_factory=list)
+
+    @property
+    def budget_text(self) -> str:
+        if self.steps is not None:
+            return f"{self.steps} steps of batch {self.batch_size} for every strategy (equal steps)"
+        return f"a compute budget of {self.budget:g} passes of `all` over the pool for every strategy (equal compute)"
 
 
 def base_config(data: BenchData, settings: BenchSettings) -> PipelineConfig:
@@ -309,7 +332,9 @@ def base_config(data: BenchData, settings: BenchSettings) -> PipelineConfig:
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
             "max_steps": settings.steps,
-            "checkpoint_every": max(settings.steps, 1),
+            "budget": None if settings.steps is not None else settings.budget,
+            "eval_points": settings.eval_points,
+            "checkpoint_every": 1_000_000,  # one run is minutes; a lost one is simply redone
         },
     }
     if settings.teacher_model:
@@ -338,9 +363,50 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def summarize(runs: list[dict[str, Any]], variants: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Mean and sample std over seeds, per variant, of every reported number."""
+def _full_compute(runs: list[dict[str, Any]]) -> float | None:
+    """``all``'s spent compute at the end of its runs (passes of ``all``): the unit of the compute axis.
+
+    Without ``all`` among the runs, the mean spent compute of every run (the shared budget).
+    """
+    finished = [run for run in runs if run.get("curve")]
+    spent = [run["curve"][-1]["all_passes"] for run in finished if run["strategy"] == "all"]
+    spent = spent or [run["curve"][-1]["all_passes"] for run in finished]
+    return statistics.fmean(spent) if spent else None
+
+
+def first_reaching(curve: list[dict[str, Any]], target: float) -> float | None:
+    """The compute (passes of ``all``) at the first curve point with macro-F1 >= ``target``."""
+    return next((point["all_passes"] for point in curve if point["macro_f1"] >= target - 1e-12), None)
+
+
+def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Point-wise mean ± std over seeds (the k-th evaluation of every seed, at the same budget fraction)."""
+    curves = [run["curve"] for run in runs if run.get("curve")]
+    if not curves:
+        return []
+    length = min(len(curve) for curve in curves)
+    out = []
+    for k in range(length):
+        compute, _ = _mean_std([curve[k]["all_passes"] for curve in curves])
+        f1, f1_std = _mean_std([curve[k]["macro_f1"] for curve in curves])
+        usage, _ = _mean_std([curve[k].get("data_usage", math.nan) for curve in curves])
+        out.append({"all_passes": compute, "macro_f1": f1, "macro_f1_std": f1_std, "data_usage": usage})
+    return out
+
+
+def summarize(
+    runs: list[dict[str, Any]], variants: Iterable[str], teacher_f1: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """Mean and sample std over seeds, per variant, of every reported number; the curves' milestones.
+
+    Milestones (from each seed's learning curve, compute as a fraction of ``all``'s full budget):
+    the best macro-F1 and where it was reached, and the compute at which the curve first reaches
+    the teacher's macro-F1 and ``all``'s best (mean over ``all``'s seeds of their best).
+    """
     summary: dict[str, dict[str, Any]] = {}
+    full = _full_compute(runs)
+    everything = [run for run in runs if run["strategy"] == "all" and run.get("curve")]
+    all_best = statistics.fmean(max(p["macro_f1"] for p in run["curve"]) for run in everything) if everything else None
     for name in variants:
         mine = [run for run in runs if run["variant"] == name]
         if not mine:
@@ -350,12 +416,42 @@ def summarize(runs: list[dict[str, Any]], variants: Iterable[str]) -> dict[str, 
             "strategy": mine[0]["strategy"],
             "candidates_per_step": mine[0]["candidates_per_step"],
         }
-        for key in ("accuracy", "macro_f1", "data_usage", "sample_step_usage", "wall_time_s"):
+        for key in (
+            "accuracy", "macro_f1", "data_usage", "sample_step_usage", "wall_time_s", "scoring_share", "compute",
+        ):  # fmt: skip
             values = [float(run[key]) for run in mine if run.get(key) is not None]
             if values:
                 entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std(values)
+        curves = [run["curve"] for run in mine if run.get("curve")]
+        if curves and full:
+            best = [max(curve, key=lambda p: p["macro_f1"]) for curve in curves]
+            entry["best_macro_f1_mean"], entry["best_macro_f1_std"] = _mean_std([p["macro_f1"] for p in best])
+            entry["best_at_mean"], entry["best_at_std"] = _mean_std([p["all_passes"] / full for p in best])
+            targets = {"teacher": teacher_f1, "all_best": all_best}
+            for label, target in targets.items():
+                if target is None:
+                    continue
+                reached = [c / full for c in (first_reaching(curve, target) for curve in curves) if c is not None]
+                entry[f"to_{label}_reached"] = len(reached)
+                if reached:
+                    entry[f"to_{label}_mean"], entry[f"to_{label}_std"] = _mean_std(reached)
+            entry["curve"] = mean_curve(mine)
         summary[name] = entry
     return summary
+
+
+def plateau_check(summary: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Whether ``all``'s mean curve has peaked or plateaued: its last two points differ by less than
+    its seed std at the last point (or its best lies before the end)."""
+    entry = summary.get("all")
+    curve = entry.get("curve") if entry else None
+    if not curve or len(curve) < 2:
+        return None
+    last, before = curve[-1], curve[-2]
+    change = last["macro_f1"] - before["macro_f1"]
+    peaked = max(point["macro_f1"] for point in curve[:-1]) > last["macro_f1"]
+    held = peaked or abs(change) < max(last["macro_f1_std"], 1e-9)
+    return {"held": held, "last_change": change, "last_std": last["macro_f1_std"], "peaked_before_end": peaked}
 
 
 def _cell(mean: float | None, std: float | None, *, percent: bool = False, digits: int = 3) -> str:
@@ -366,8 +462,18 @@ def _cell(mean: float | None, std: float | None, *, percent: bool = False, digit
     return f"{mean:.{digits}f} ± {(std or 0):.{digits}f}"
 
 
+def _milestone(entry: dict[str, Any], label: str) -> str:
+    reached = entry.get(f"to_{label}_reached")
+    if reached is None:
+        return "–"
+    if not reached:
+        return "not reached"
+    cell = _cell(entry[f"to_{label}_mean"], entry[f"to_{label}_std"], percent=True)
+    return cell if reached == entry["seeds"] else f"{cell} ({reached}/{entry['seeds']} seeds)"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
-    """The mean ± std table: one row per strategy and one for the teacher; best of each metric in bold."""
+    """The mean ± std tables: final and best macro-F1, compute to match, data usage, where compute goes."""
     summary: dict[str, dict[str, Any]] = results["summary"]
     teacher = results["teacher"]
     settings = results["settings"]
@@ -379,39 +485,69 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
         for key, _ in METRICS
     }
+    best["best_macro_f1"] = max(
+        [e["best_macro_f1_mean"] for e in summary.values() if "best_macro_f1_mean" in e], default=math.nan
+    )
 
     def metric(key: str, mean: float, std: float | None) -> str:
         text = _cell(mean, std) if std is not None else f"{mean:.3f}"
         return f"**{text}**" if round(mean, 3) == round(best[key], 3) else text
 
+    budget = BenchSettings(**{k: settings[k] for k in ("budget", "steps", "batch_size")}).budget_text
     lines = [
         f"# Quality benchmark: {data['name']}",
         "",
         f"Pool {data['pool_rows']:,} rows (of {int(data['pool_total']):,}), gold {data['gold_rows']:,} rows; "
-        f"teacher `{settings['teacher']}`, student `{settings['student']}`; "
-        f"{settings['steps']} steps of batch {settings['batch_size']} for every strategy, "
-        f"lr {settings['learning_rate']:g}, max length {settings['max_length']}, momentum {settings['momentum']}; "
+        f"teacher `{settings['teacher']}`, student `{settings['student']}`; {budget}; batch "
+        f"{settings['batch_size']}, lr {settings['learning_rate']:g}, max length {settings['max_length']}, "
+        f"momentum {settings['momentum']}; {settings.get('eval_points', 1)} gold-set evaluations along each run; "
         f"mean ± std over seeds (up to {settings['seeds']}).",
         "",
-        "| strategy | "
-        + " | ".join(header for _, header in METRICS)
-        + " | data usage | sample-steps trained | wall time (s) | seeds |",
-        "|---|" + "---:|" * (len(METRICS) + 4),
+        "| strategy | macro-F1 at the full budget | accuracy | best macro-F1 on the curve | reached at "
+        "| compute to the teacher's F1 | compute to `all`'s best | data usage | seeds |",
+        "|---|" + "---:|" * 8,
     ]
     for name, entry in summary.items():
         cells = [metric(key, entry[f"{key}_mean"], entry[f"{key}_std"]) for key, _ in METRICS]
+        if "best_macro_f1_mean" in entry:
+            cells.append(metric("best_macro_f1", entry["best_macro_f1_mean"], entry["best_macro_f1_std"]))
+            cells.append(_cell(entry["best_at_mean"], entry["best_at_std"], percent=True))
+        else:
+            cells += ["–", "–"]
+        cells += [_milestone(entry, "teacher"), _milestone(entry, "all_best")]
         cells.append(_cell(entry.get("data_usage_mean"), entry.get("data_usage_std"), percent=True))
-        cells.append(_cell(entry.get("sample_step_usage_mean"), entry.get("sample_step_usage_std"), percent=True))
-        cells.append(_cell(entry.get("wall_time_s_mean"), entry.get("wall_time_s_std"), digits=0))
         cells.append(str(entry["seeds"]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     teacher_cells = [metric(key, teacher[key], None) for key, _ in METRICS]
-    lines.append("| *teacher (zero-shot, labels the pool)* | " + " | ".join(teacher_cells) + " | – | – | – | – |")
+    lines.append("| *teacher (zero-shot, labels the pool)* | " + " | ".join(teacher_cells + ["–"] * 6) + " |")
     lines += [
         "",
-        "Data usage: the fraction of the pool selected at least once. Sample-steps trained: selected "
-        "sample-steps over all sample-steps the strategy looked at.",
+        "Compute is a fraction of `all`'s full budget (FLOPs: 2·N per token scored in inference mode, "
+        "6·N per token trained; N the student's non-embedding parameters). *Macro-F1 at the full budget* "
+        "is the end of the run: no early stopping, as in production, where no gold set tells when to stop. "
+        "*Compute to …*: where the curve first reaches that macro-F1 (the teacher's, or the mean over "
+        "`all`'s seeds of its best point). Data usage: the fraction of the pool selected at least once.",
+        "",
+        "## Where the compute goes",
+        "",
+        "| strategy | FLOPs spent (passes of `all`) | scoring share of FLOPs | sample-steps trained | wall time (s) |",
+        "|---|---:|---:|---:|---:|",
     ]
+    for name, entry in summary.items():
+        lines.append(
+            f"| {name} | {_cell(entry.get('compute_mean'), entry.get('compute_std'), digits=2)} | "
+            f"{_cell(entry.get('scoring_share_mean'), entry.get('scoring_share_std'), percent=True)} | "
+            f"{_cell(entry.get('sample_step_usage_mean'), entry.get('sample_step_usage_std'), percent=True)} | "
+            f"{_cell(entry.get('wall_time_s_mean'), entry.get('wall_time_s_std'), digits=0)} |"
+        )
+    lines.append("")
+    plateau = results.get("plateau")
+    if plateau is not None:
+        verdict = "held" if plateau["held"] else "did **not** hold (a longer budget may change the ranking)"
+        lines.append(
+            f"`all`'s curve has peaked or plateaued — its last two points differ by "
+            f"{plateau['last_change']:+.3f}, its seed std at the end is {plateau['last_std']:.3f}: {verdict}."
+        )
     if teacher.get("pool_accuracy") is not None:
         lines.append(
             f"The teacher's pseudo-labels agree with the pool's hidden gold labels on "
@@ -422,50 +558,52 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def render_plot(results: dict[str, Any], path: Path) -> None:
-    """Gold macro-F1 against data usage: each strategy's mean ± std, its seeds faint, the teacher a line."""
+    """Left: gold macro-F1 against compute, a mean curve and ±std band per strategy, the teacher a
+    line. Right: final macro-F1 against data usage (mean ± std, the seeds faint)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = results["summary"]
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    figure, (curves, usage) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
     colors = plt.get_cmap("tab10")
+    full = _full_compute(results["runs"]) or 1.0
     for index, (name, entry) in enumerate(summary.items()):
         color = colors(index % 10)
+        curve = entry.get("curve") or []
+        if curve:
+            x = [100 * p["all_passes"] / full for p in curve]
+            y = [p["macro_f1"] for p in curve]
+            band = [p["macro_f1_std"] for p in curve]
+            curves.plot(x, y, marker="o", markersize=3, color=color, label=name)
+            curves.fill_between(
+                x, [a - b for a, b in zip(y, band, strict=True)], [a + b for a, b in zip(y, band, strict=True)],
+                color=color, alpha=0.15, linewidth=0,
+            )  # fmt: skip
         seeds = [run for run in results["runs"] if run["variant"] == name]
-        axes.scatter(
-            [100 * run["data_usage"] for run in seeds],
-            [run["macro_f1"] for run in seeds],
-            color=color,
-            alpha=0.3,
-            s=18,
-            linewidths=0,
-        )
-        axes.errorbar(
-            100 * entry["data_usage_mean"],
-            entry["macro_f1_mean"],
-            xerr=100 * entry["data_usage_std"],
-            yerr=entry["macro_f1_std"],
-            fmt="o",
-            color=color,
-            markersize=8,
-            capsize=3,
-            label=name,
-        )
+        usage.scatter(
+            [100 * run["data_usage"] for run in seeds], [run["macro_f1"] for run in seeds],
+            color=color, alpha=0.3, s=18, linewidths=0,
+        )  # fmt: skip
+        usage.errorbar(
+            100 * entry["data_usage_mean"], entry["macro_f1_mean"],
+            xerr=100 * entry["data_usage_std"], yerr=entry["macro_f1_std"],
+            fmt="o", color=color, markersize=8, capsize=3, label=name,
+        )  # fmt: skip
     teacher = results["teacher"]["macro_f1"]
-    axes.axhline(teacher, color="0.4", linestyle="--", linewidth=1, label=f"teacher ({teacher:.3f})")
-    axes.set_xlabel("data usage (% of the pool selected at least once)")
-    axes.set_ylabel("macro-F1 on the gold set")
-    axes.set_xlim(0, 105)
-    axes.grid(alpha=0.3)
+    for axes in (curves, usage):
+        axes.axhline(teacher, color="0.4", linestyle="--", linewidth=1, label=f"teacher ({teacher:.3f})")
+        axes.set_ylabel("macro-F1 on the gold set")
+        axes.grid(alpha=0.3)
+    curves.set_xlabel("compute spent (% of `all`'s full budget, FLOPs)")
+    usage.set_xlabel("data usage at the end (% of the pool selected at least once)")
+    usage.set_xlim(0, 105)
     settings = results["settings"]
-    axes.set_title(
-        f"{results['data']['name']}: {settings['steps']} steps × batch {settings['batch_size']}, "
-        f"mean ± std over up to {max((e['seeds'] for e in summary.values()), default=0)} seed(s)",
-        fontsize=10,
-    )
-    axes.legend(fontsize=8, loc="best")
+    budget = BenchSettings(**{k: settings[k] for k in ("budget", "steps", "batch_size")}).budget_text
+    seeds = max((e["seeds"] for e in summary.values()), default=0)
+    figure.suptitle(f"{results['data']['name']}: {budget}; mean ± std over up to {seeds} seed(s)", fontsize=10)
+    curves.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -506,20 +644,10 @@ def _read_labels(directory: Path) -> list[dict[str, Any]]:
 
 
 def _train(config: PipelineConfig, labels: Path, output: Path) -> dict[str, Any]:
-    """Train one student; returns its training summary."""
+    """Train one student, evaluated on the gold set along its run; returns its training summary."""
     from llkd_ray.train import train_student
 
-    # The gold set is scored once, after training (``_evaluate``), not every epoch by the trainer.
-    return train_student(config, labels=labels, output=output, eval_data=None)
-
-
-def _evaluate(
-    model_dir: Path, texts: list[str], gold: list[str], label_names: list[str], max_length: int
-) -> dict[str, Any]:
-    from llkd_ray.evaluate import classification_metrics, predict_labels
-
-    predicted = predict_labels(model_dir, texts, max_length=max_length)
-    return classification_metrics(gold, predicted, label_names)
+    return train_student(config, labels=labels, output=output, eval_data=config.data.gold)
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -601,21 +729,20 @@ def run_benchmark(
     work = output / "work"
     base = base_config(data, settings)
     if train:
-        from llkd_ray.train import ensure_ray
+        from llkd_ray.runtime import ensure_ray
 
         ensure_ray(base)  # a private local Ray with room for the trainer and Ray Data, or the job's cluster
     labels_dir, teacher = teacher_scores(data, base, work, log)
     log(f"teacher on the gold set: accuracy {teacher['accuracy']:.3f}, macro-F1 {teacher['macro_f1']:.3f}")
-    gold_ids = sorted(data.gold_labels)
-    gold_texts = _gold_texts(data.gold_path, gold_ids)
-    gold = [data.gold_labels[i] for i in gold_ids]
     names = [label.name for label in data.labels]
     runs: list[dict[str, Any]] = []
     total = len(variants) * settings.seeds
     for seed in range(settings.seeds):
         for variant in variants:
             config = run_config(base, variant, seed)
-            key = _hash({"config": config.model_dump(mode="json"), "labels": labels_dir.name})
+            # The settings that differ from the defaults: a config field added later (with its
+            # default) keeps finished runs valid, so a long benchmark resumes across versions.
+            key = _hash({"config": config.model_dump(mode="json", exclude_defaults=True), "labels": labels_dir.name})
             run_dir = work / "runs" / variant.slug / f"seed{seed}"
             result_path = run_dir / "result.json"
             if result_path.is_file() and json.loads(result_path.read_text()).get("key") == key:
@@ -630,28 +757,16 @@ def run_benchmark(
             started = time.perf_counter()
             summary = _train(config, labels_dir, run_dir / "train")
             train_time = time.perf_counter() - started
-            scores = _evaluate(run_dir / "train" / "student", gold_texts, gold, names, settings.max_length)
-            pool_fraction, step_fraction = _usage(summary)
-            run = {
-                "key": key,
-                "variant": variant.name,
-                "strategy": variant.strategy,
-                "candidates_per_step": variant.candidates_per_step,
-                "seed": seed,
-                "accuracy": scores["accuracy"],
-                "macro_f1": scores["macro_f1"],
-                "per_class_f1": {name: row["f1"] for name, row in scores["per_class"].items()},
-                "data_usage": pool_fraction,
-                "sample_step_usage": step_fraction,
-                "steps": summary.get("steps"),
-                "train_wall_time_s": train_time,
-                "wall_time_s": time.perf_counter() - started,
-            }
+            run = run_record(summary, variant, seed, key)
+            run["train_wall_time_s"] = train_time
+            run["wall_time_s"] = time.perf_counter() - started
             result_path.write_text(json.dumps(run, indent=2) + "\n")
             runs.append(run)
             log(
-                f"[{len(runs)}/{total}] {variant.name} seed {seed}: macro-F1 {run['macro_f1']:.3f}, "
-                f"accuracy {run['accuracy']:.3f}, data usage {_pct(pool_fraction)}, {run['wall_time_s']:.0f} s"
+                f"[{len(runs)}/{total}] {variant.name} seed {seed}: macro-F1 {run['macro_f1']:.3f} "
+                f"(best {max(p['macro_f1'] for p in run['curve']):.3f}), accuracy {run['accuracy']:.3f}, "
+                f"data usage {_pct(run['data_usage'])}, {run['compute']:.2f} passes of `all` "
+                f"({_pct(run['scoring_share'])} scoring), {run['steps']} steps, {run['wall_time_s']:.0f} s"
             )
     return {
         "benchmark": "quality",
@@ -668,7 +783,38 @@ def run_benchmark(
         "settings": asdict(settings) | {"variants": [v.name for v in variants], "config": base.model_dump(mode="json")},
         "teacher": teacher,
         "runs": runs,
-        "summary": summarize(runs, [v.name for v in variants]),
+        "summary": (summary := summarize(runs, [v.name for v in variants], teacher["macro_f1"])),
+        "plateau": plateau_check(summary),
+    }
+
+
+def run_record(summary: dict[str, Any], variant: Variant, seed: int, key: str) -> dict[str, Any]:
+    """One run's line in ``results.json``, from its training summary (its curve's last point is final)."""
+    curve = summary.get("curve") or []
+    if not curve:
+        raise DataError(f"run {variant.name} seed {seed} recorded no gold-set evaluation")
+    final = curve[-1]
+    compute = summary["compute"]
+    pool_fraction, step_fraction = _usage(summary)
+    keep = ("step", "progress", "all_passes", "flops", "elapsed_s", "data_usage", "accuracy", "macro_f1")
+    return {
+        "key": key,
+        "variant": variant.name,
+        "strategy": variant.strategy,
+        "candidates_per_step": variant.candidates_per_step,
+        "seed": seed,
+        "accuracy": final["accuracy"],
+        "macro_f1": final["macro_f1"],
+        "per_class_f1": final["per_class_f1"],
+        "curve": [{k: point.get(k) for k in keep} for point in curve],
+        "data_usage": pool_fraction,
+        "sample_step_usage": step_fraction,
+        "steps": summary.get("steps"),
+        "compute": compute["all_passes"],
+        "flops": compute["flops"],
+        "scoring_share": compute["scoring_flops"] / compute["flops"] if compute["flops"] else None,
+        "compute_detail": compute,
+        "budget_spent": summary.get("budget_spent"),
     }
 
 
@@ -676,16 +822,19 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def _gold_texts(path: Path, ids: list[str]) -> list[str]:
-    by_id = {row["id"]: row["text"] for row in _read_jsonl(path, "gold set")}
-    return [by_id[i] for i in ids]
-
-
 # --------------------------------------------------------------------------- quick mode
 
 
-#: ``--quick``: a tiny pool, a tiny student, one seed, a few steps — keeps the script working in CI.
-QUICK = {"pool_size": 96, "gold_size": 96, "seeds": 1, "steps": 6, "batch_size": 16, "max_length": 32}
+#: ``--quick``: a tiny pool, a tiny student, one seed, one pass of compute, a 4-point curve (CI).
+QUICK = {
+    "pool_size": 96,
+    "gold_size": 96,
+    "seeds": 1,
+    "budget": 1.0,
+    "eval_points": 4,
+    "batch_size": 16,
+    "max_length": 32,
+}
 
 
 def build_tiny_student(directory: Path, seed: int = 0) -> Path:
@@ -733,7 +882,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--gold", help="gold set, JSONL with 'text' and 'label'")
     data.add_argument("--labels", help="label descriptions, YAML: {name: description} or a list of {name, description}")
-    data.add_argument("--pool-size", type=int, help="sample this many pool rows (default 2000; 0 = the whole pool)")
+    data.add_argument("--pool-size", type=int, help="sample this many pool rows (default 1500; 0 = the whole pool)")
     data.add_argument("--gold-size", type=int, help="sample this many gold rows (default: the whole gold set)")
     models = parser.add_argument_group("models")
     models.add_argument(
@@ -752,7 +901,15 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
         help="llkd's candidates_per_step M values to compare, comma-separated (default 1,4)",
     )
     runs.add_argument("--seeds", type=int, help="seeds per strategy (default 3)")
-    runs.add_argument("--steps", type=int, help="training steps for every strategy (default 80)")
+    runs.add_argument(
+        "--budget",
+        type=float,
+        help=f"compute budget of every strategy, in passes of `all` over the pool (default {DEFAULT_BUDGET:g})",
+    )
+    runs.add_argument(
+        "--steps", type=int, help="compare at equal steps instead: this many training steps for every strategy"
+    )
+    runs.add_argument("--eval-points", type=int, help="gold-set evaluations along each run (default 8)")
     runs.add_argument("--batch-size", type=int, help="global batch size (default 32)")
     runs.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, help="default 1e-4")
     runs.add_argument("--max-length", type=int, help="student max tokens (default 64)")
@@ -788,17 +945,26 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)
-    for key in ("seeds", "steps", "batch_size", "learning_rate", "max_length", "momentum", "workers", "gold_size"):
+    keys = ("seeds", "budget", "steps", "eval_points", "batch_size", "learning_rate", "max_length", "momentum")
+    for key in (*keys, "workers", "gold_size"):
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
+    if args.steps is not None and args.budget is not None:
+        raise ConfigError("--budget (equal compute) and --steps (equal steps) are two budgets; give one of them")
+    if args.steps is not None:
+        settings.budget = None
+    else:
+        settings.steps = None
+    if settings.budget is not None and settings.budget <= 0:
+        raise ConfigError("--budget must be positive (passes of `all` over the pool, e.g. 5)")
     settings.cpus_per_worker = args.cpus_per_worker or float(max(1, (os.cpu_count() or 1) // settings.workers))
     if args.pool_size is not None:
         settings.pool_size = args.pool_size or None
     if args.student:
         settings.student = args.student
-    for key in ("seeds", "steps", "batch_size", "max_length", "workers"):
-        if getattr(settings, key) < 1:
+    for key in ("seeds", "steps", "eval_points", "batch_size", "max_length", "workers"):
+        if getattr(settings, key) is not None and getattr(settings, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
     return settings
 
@@ -826,7 +992,7 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
         settings.student = str(build_tiny_student(output / "work" / "tiny-student"))
     log(
         f"quality benchmark on {data.name}: pool {data.pool_rows} rows, gold {data.gold_rows} rows, "
-        f"{len(variants)} strategies x {settings.seeds} seed(s), {settings.steps} steps of batch {settings.batch_size}"
+        f"{len(variants)} strategies x {settings.seeds} seed(s), {settings.budget_text}"
     )
     started = time.perf_counter()
     results = run_benchmark(data, settings, variants, output, train=not args.report_only, log=log)

@@ -40,6 +40,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
 def _load(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides)
 
@@ -122,7 +132,7 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from llkd_ray.train import CONFIG_GOLD, train_student
+    from llkd_ray.train import CONFIG_GOLD, format_flops, train_student
 
     config = _load(args)
     eval_data = None if args.no_eval else (args.eval or CONFIG_GOLD)
@@ -133,13 +143,19 @@ def _train(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         workers=args.workers,
         max_steps=args.max_steps,
+        budget=args.budget,
         eval_data=eval_data,
     )
-    usage = summary["data_usage"]
+    usage, compute = summary["data_usage"], summary["compute"]
+    passes = f" = {compute['all_passes']:.2f} passes of `all`" if compute.get("all_passes") is not None else ""
+    scoring = compute["scoring_flops"] / compute["flops"] if compute["flops"] else 0.0
     line = (
         f"trained {summary['strategy']} student: {summary['steps']} steps on {summary['workers']} workers, "
         f"{usage['pool_fraction']:.1%} of the pool selected at least once, "
-        f"{summary['samples_per_s']:.1f} samples/s -> {summary['student']}"
+        f"{summary['samples_per_s']:.1f} samples/s -> {summary['student']}\n"
+        f"compute: {format_flops(compute['flops'])}{passes} ({scoring:.0%} scoring, {1 - scoring:.0%} training); "
+        f"time {summary['scoring_s']:.0f} s scoring, {summary['training_s']:.0f} s training, "
+        f"{summary['selection_s']:.1f} s selection"
     )
     final = summary.get("final_metrics")
     if final:
@@ -256,7 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--strategy", choices=STRATEGIES, default=None, help="selection strategy (default: config)")
     train.add_argument("--workers", type=_positive_int, default=None, help="Ray Train workers (default: config)")
     train.add_argument("--max-steps", type=_positive_int, default=None, help="step budget (default: config epochs)")
-    train.add_argument("--eval", default=None, metavar="REF", help="gold set evaluated each epoch (default data.gold)")
+    train.add_argument(
+        "--budget",
+        type=_positive_float,
+        default=None,
+        help="compute budget in passes of `all` over the pool, scoring included (replaces the step budget)",
+    )
+    train.add_argument(
+        "--eval", default=None, metavar="REF", help="gold set evaluated during training (default data.gold)"
+    )
     train.add_argument("--no-eval", action="store_true", help="no gold-set evaluation during training")
     train.set_defaults(handler=_train)
 

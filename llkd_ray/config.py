@@ -221,6 +221,15 @@ class TrainingConfig(_Section):
     epochs: PositiveFloat = 2.0
     max_steps: PositiveInt | None = None
     """Fixed step budget; overrides ``epochs`` when given."""
+    budget: PositiveFloat | None = None
+    """Compute budget in passes of ``all`` over the pool (one pass = 6 x N x the pool's tokens
+    FLOPs, N the student's non-embedding parameters; see ``llkd_ray/compute.py``). Training stops
+    once it has spent that much, candidate scoring included, so strategies compare at equal
+    compute; the learning-rate schedule follows the fraction spent. Overrides ``epochs``; not
+    combinable with ``max_steps``."""
+    eval_points: PositiveInt | None = None
+    """Gold-set evaluations at 1/n, 2/n, ..., n/n of the run (the budget or the steps): a learning
+    curve. Default: at the end of each epoch and of training."""
     gradient_accumulation_steps: PositiveInt = 1
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """``auto``: bf16 on GPUs that support it, full precision on CPU."""
@@ -238,6 +247,10 @@ class TrainingConfig(_Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingConfig:
+        if self.budget is not None and self.max_steps is not None:
+            raise ValueError(
+                "training.budget (compute) and training.max_steps (steps) are two budgets; give one of them"
+            )
         if self.batch_size % self.workers:
             raise ValueError(
                 f"training.batch_size ({self.batch_size}) must be divisible by training.workers ({self.workers})"

@@ -332,7 +332,7 @@ def run_pipeline(
     result = PipelineResult(run_dir=layout.root)
     if serve or any(action != "skip" for action in plan.values()):
         # A local Ray sized for the trainer's workers plus Ray Data's readers (or the job's cluster).
-        from llkd_ray.train import ensure_ray
+        from llkd_ray.runtime import ensure_ray
 
         ensure_ray(config)
     for stage, action in plan.items():

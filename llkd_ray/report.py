@@ -269,6 +269,29 @@ def plot_training(run: RunData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_compute(run: RunData, path: Path) -> Path | None:
+    """Spent compute by kind (cumulative FLOPs of scoring and of training) and the wall time split."""
+    records = [r for r in run.steps if isinstance(r.get("compute"), dict)]
+    if not records:
+        return None
+    fig, (left, right) = _figure(10, 3.8, ncols=2)
+    x = _step_axis(records)
+    scoring = [r["compute"]["scoring_flops"] for r in records]
+    training = [r["compute"]["training_flops"] for r in records]
+    kinds = ["scoring (inference-mode forward, 2N/token)", "training (forward+backward, 6N/token)"]
+    left.stackplot(x, scoring, training, labels=kinds, colors=[_TEACHER_COLOR, _STUDENT_COLOR], alpha=0.7)
+    left.set_title("compute spent (FLOPs, cumulative)", fontsize=10)
+    left.set_xlabel("step")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="upper left")
+    last = records[-1]["compute"]
+    seconds = [("scoring", last["scoring_s"]), ("training", last["training_s"]), ("selection", last["selection_s"])]
+    right.bar([k for k, _ in seconds], [v for _, v in seconds], color=[_TEACHER_COLOR, _STUDENT_COLOR, _OTHER_COLOR])
+    right.set_title("wall time by kind (s, rank 0)", fontsize=10)
+    right.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
 def plot_confidence(run: RunData, path: Path) -> Path | None:
     labels = run.labels
     if labels is None or "confidence" not in labels:
@@ -399,6 +422,14 @@ PLOTS = (
         plot_training,
     ),
     (
+        "compute.png",
+        "Compute spent",
+        "Left: cumulative FLOPs by kind — candidate scoring in inference mode (2·N per token) and training "
+        "forward+backward (6·N per token), N the student's non-embedding parameters. Right: the training loop's "
+        "wall time split into scoring, training (forward, backward, optimizer step) and selection.",
+        plot_compute,
+    ),
+    (
         "thresholds.png",
         "Adaptive thresholds per class",
         "The teacher-confidence threshold τT[k] and the student-uncertainty threshold τS[k] of each class over the "
@@ -484,6 +515,12 @@ def _summary_html(run: RunData) -> str:
     for key, title in (("strategy", "selection strategy"), ("steps", "training steps")):
         if key in run.summary:
             facts.append((title, _fmt(run.summary[key])))
+    compute = run.summary.get("compute")
+    if isinstance(compute, dict) and compute.get("flops"):
+        facts.append(("compute spent (FLOPs)", f"{compute['flops']:.3g}"))
+        if compute.get("all_passes") is not None:
+            facts.append(("compute in passes of `all` over the pool", _fmt(compute["all_passes"], 2)))
+        facts.append(("scoring share of compute", _pct(compute["scoring_flops"] / compute["flops"])))
     if run.steps and "steps" not in run.summary:
         facts.append(("training steps", str(len(run.steps))))
     if facts:

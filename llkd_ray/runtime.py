@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
 import ray
+
+from llkd_ray.config import PipelineConfig
+from llkd_ray.errors import ConfigError
 
 
 def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> None:
@@ -29,3 +33,21 @@ def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+
+
+def ensure_ray(config: PipelineConfig) -> None:
+    """Start a local Ray with room for the trainer's workers *and* Ray Data's readers, or check the one we have."""
+    training = config.training
+    needed = training.workers * training.cpus_per_worker
+    if not ray.is_initialized():
+        local = not os.environ.get("RAY_ADDRESS")
+        init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 1) if local else None)
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a cluster (maybe autoscaling): its scheduler decides
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - needed < 0.5:
+        raise ConfigError(
+            f"Ray has {total:g} CPUs and the trainer takes {training.workers} workers x "
+            f"{training.cpus_per_worker:g} CPU, leaving none for Ray Data to read the labels; "
+            "lower training.cpus_per_worker or training.workers"
+        )

@@ -4,27 +4,30 @@ Read it top to bottom, like a recipe:
 
 1. **Inputs** — ``validate_labels_dir`` checks the labeling stage's output before anything starts
    (top-level ``part-*.parquet`` files, ``_manifest.json`` labels equal to the config's).
-2. **Plan** — ``TrainingPlan``: global batch, per-worker batch, step budget, warm-up, epochs, how
-   many passes over the pool the candidate stream needs.
-3. **One step, plain torch** — ``train_round``: forward, the student's information need, the
-   selection (``llkd_ray.selection``, all-reduced across shards), the weighted loss, backward. The
-   equivalence test runs exactly this function in a 2-process gloo group.
-4. **The worker loop** — ``train_loop_per_worker``: reads its shard with
-   ``ray.train.get_dataset_shard``, restores from ``ray.train.get_checkpoint()``, trains, writes
-   ``metrics.jsonl``, evaluates on the gold set each epoch, checkpoints through
-   ``ray.train.report``.
+2. **Plan** — ``TrainingPlan``: global batch, per-worker rows and candidates, the step or compute
+   budget, warm-up, how many passes over the pool the candidate stream needs.
+3. **One step, plain torch** — ``train_step``: the information need (inference-mode scoring), the
+   selection (``llkd_ray.selection``, all-reduced across shards), the weighted loss, backward on
+   the kept rows. The equivalence test runs exactly this function in a 2-process gloo group.
+4. **The recipe** — ``StudentTrainingRecipe``: ``setup`` builds model, optimizer, schedule,
+   selector and candidate stream (``ray.train.get_dataset_shard``) and restores from
+   ``ray.train.get_checkpoint()`` with ``load_checkpoint``; ``train`` is the loop (compute
+   accounting, gold-set evaluations along the run, ``metrics.jsonl``); ``save_checkpoint`` writes
+   what a restart needs. ``train_loop_per_worker`` builds and runs it.
 5. **The driver** — ``train_student``: builds the Ray Dataset (lazily, from the Parquet parts),
    the ``TorchTrainer`` (``ScalingConfig``, ``RunConfig`` with ``FailureConfig`` and
    ``CheckpointConfig``), runs it, and writes ``OUTPUT/student/``, ``OUTPUT/metrics.jsonl``,
    ``OUTPUT/selected_ids.parquet`` and ``OUTPUT/training_summary.json``.
 
-Terms: a **step** is one optimizer step over ``training.batch_size`` rows (the global batch, split
-evenly over the workers). With ``gradient_accumulation_steps`` G > 1 a step is G **rounds** of
-``batch_size / G`` rows; selection (thresholds, mask, normaliser) works per round. With
-``candidates_per_step`` M > 1 every round draws M times its rows as candidates, scores them in
-inference mode and back-propagates at most one round's worth of the selected. An **epoch** is
-``pool rows // batch_size`` steps (with M = 1 one pass over the pool); the gold set is evaluated
-at the end of each epoch and of training.
+Terms: a **step** is one optimizer step. Its candidates are ``training.batch_size`` x M rows
+(M = ``candidates_per_step``; 1 for ``all``), split evenly over the workers; every strategy but
+``all`` scores them in inference mode, selects once over the whole step (thresholds, mask,
+normaliser: per optimizer step, whatever the gradient accumulation) and back-propagates at most
+``batch_size`` of the selected, in ``gradient_accumulation_steps`` micro-batches. ``all`` trains on
+every row. A run is bounded by steps (``max_steps`` / ``epochs``; an **epoch** is
+``pool rows // batch_size`` steps) or by compute (``training.budget``, in passes of ``all`` over the
+pool; ``llkd_ray/compute.py``). The gold set is evaluated at ``training.eval_points`` fractions of
+the run, or at the end of each epoch and of training.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.errors import ConfigError, LlkdError
 from llkd_ray.selection import Selection, Selector, normalized_entropy, selection_loss
@@ -134,7 +138,43 @@ def validate_labels_dir(labels: str | Path, label_names: list[str]) -> LabeledPo
     return LabeledPool(directory=reference, files=files, rows=rows)
 
 
+def estimate_pool_tokens(pool: LabeledPool, tokenizer: Any, max_length: int, sample_rows: int = 20_000) -> int:
+    """The pool's student tokens (truncated at ``max_length``): the size of one budget unit.
+
+    Counted exactly on pools of up to ``sample_rows`` rows; on larger pools the mean over the
+    first ``sample_rows`` rows (whole Parquet row groups) is scaled to the pool.
+    """
+    texts: list[str] = []
+    for path in pool.files:
+        filesystem, local = _filesystem(path)
+        with filesystem.open_input_file(local) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in range(parquet.num_row_groups):
+                texts.extend(str(t) for t in parquet.read_row_group(group, columns=["text"]).column("text").to_pylist())
+                if len(texts) >= sample_rows:
+                    break
+        if len(texts) >= sample_rows:
+            break
+    counted = 0
+    for start in range(0, len(texts), 1024):
+        encoded = tokenizer(texts[start : start + 1024], truncation=True, max_length=max_length)
+        counted += sum(len(ids) for ids in encoded["input_ids"])
+    if not texts:
+        return 0
+    return counted if len(texts) >= pool.rows else round(counted * pool.rows / len(texts))
+
+
 # =========================================================================== 2. plan
+
+
+def scores_candidates(strategy: str) -> bool:
+    """Whether a strategy needs the student's information need *before* its mask.
+
+    Every strategy but ``all`` does (``random`` draws as many rows as ``llkd`` would keep): they
+    score their candidates in inference mode and back-propagate the selected rows only. ``all``
+    trains on every row, so its information need comes free from the training forward pass.
+    """
+    return strategy != "all"
 
 
 @dataclass(frozen=True)
@@ -143,43 +183,65 @@ class TrainingPlan:
 
     workers: int
     batch_size: int
-    """Global rows per optimizer step."""
+    """Global rows per optimizer step (at most: the selected rows of the step's candidates)."""
     accumulation: int
+    """Micro-batches the step's kept rows are back-propagated in (``gradient_accumulation_steps``)."""
     candidates_per_step: int
+    """M; 1 for ``all``, which has nothing to choose among."""
+    scored: bool
+    """Candidates are scored in inference mode before selection (every strategy but ``all``)."""
     pool_rows: int
-    total_steps: int
+    pool_tokens: int
     steps_per_epoch: int
-    warmup_steps: int
+    total_steps: int
+    """The step budget; for a compute-budgeted run, a safety cap the budget is reached well before."""
+    budget: float | None
+    """Compute budget in passes of ``all`` over the pool (None: the run is bounded by steps)."""
+    warmup: float
+    """Fraction of the run (steps or compute) the learning rate warms up over."""
+    eval_points: int | None
     passes: int
-    """Copies of the pool the candidate stream is made of (enough for ``total_steps``)."""
+    """Copies of the pool the candidate stream is made of (enough for the run)."""
 
     @property
-    def round_rows(self) -> int:
-        """Rows one worker trains on per round (at most)."""
-        return self.batch_size // (self.workers * self.accumulation)
+    def worker_rows(self) -> int:
+        """Rows one worker back-propagates per step (at most)."""
+        return self.batch_size // self.workers
 
     @property
-    def round_candidates(self) -> int:
-        """Candidates one worker draws per round."""
-        return self.round_rows * self.candidates_per_step
+    def worker_candidates(self) -> int:
+        """Candidates one worker draws per step."""
+        return self.worker_rows * self.candidates_per_step
 
     @staticmethod
-    def build(config: PipelineConfig, pool_rows: int) -> TrainingPlan:
-        training, m = config.training, config.selection.candidates_per_step
+    def build(config: PipelineConfig, pool_rows: int, pool_tokens: int = 0) -> TrainingPlan:
+        training, selection = config.training, config.selection
+        scored = scores_candidates(selection.strategy)
+        m = selection.candidates_per_step if scored else 1
         steps_per_epoch = max(1, pool_rows // training.batch_size)
-        total = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
+        if training.budget is not None:
+            # A scored candidate costs at least a third of a trained one (2N against 6N per token),
+            # so a budget of B passes draws at most 3B pools of candidates (B for ``all``); 25% spare
+            # covers candidates shorter than the pool's mean. The step cap only guards the stream.
+            candidates = math.ceil((3 if scored else 1) * training.budget * pool_rows * 1.25)
+            total = max(1, math.ceil(candidates / (training.batch_size * m)))
+        else:
+            total = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
         # Equal shards drop at most workers-1 rows of the stream; one spare pass covers that.
-        needed = total * training.batch_size * m
-        passes = math.ceil(needed / pool_rows) + 1
+        passes = math.ceil(total * training.batch_size * m / pool_rows) + 1
         return TrainingPlan(
             workers=training.workers,
             batch_size=training.batch_size,
             accumulation=training.gradient_accumulation_steps,
             candidates_per_step=m,
+            scored=scored,
             pool_rows=pool_rows,
-            total_steps=total,
+            pool_tokens=pool_tokens,
             steps_per_epoch=steps_per_epoch,
-            warmup_steps=math.ceil(training.warmup_ratio * total),
+            total_steps=total,
+            budget=training.budget,
+            warmup=training.warmup_ratio,
+            eval_points=training.eval_points,
             passes=passes,
         )
 
@@ -189,7 +251,7 @@ class TrainingPlan:
 
 @dataclass
 class Batch:
-    """One worker's rows for a round, as the labeling stage wrote them."""
+    """One worker's rows for a step, as the labeling stage wrote them."""
 
     ids: list[str]
     texts: list[str]
@@ -199,6 +261,9 @@ class Batch:
     """Teacher confidence c_i (float32)."""
     probs: torch.Tensor
     """Teacher distribution q_i (float32, N x K)."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     @staticmethod
     def from_numpy(batch: dict[str, np.ndarray]) -> Batch:
@@ -224,7 +289,7 @@ class Batch:
 
 @dataclass
 class StepContext:
-    """What a round needs besides the model and the rows."""
+    """What a step needs besides the model and the rows."""
 
     tokenizer: Any
     max_length: int
@@ -234,8 +299,6 @@ class StepContext:
     autocast_dtype: torch.dtype | None = None
     scaler: Any = None
     """A ``torch.amp.GradScaler`` for fp16, else None."""
-    loss_scale: float = 1.0
-    """1 / gradient-accumulation rounds."""
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -248,102 +311,166 @@ class StepContext:
 
 
 @dataclass
-class RoundResult:
+class StepResult:
     selection: Selection
     loss: float
-    """This worker's loss term (its share of the global ``L``; the mean over workers is ``L``)."""
+    """This worker's loss term (its share of the global ``L``; the sum over workers is ``L``)."""
     selected_ids: list[str]
-    trained_rows: int
-    selection_seconds: float
-    """Time spent on the information need and the selection (its all-reduces included)."""
+    compute: StepCompute
+    """This worker's tokens, samples and seconds in the step (the optimizer step not included)."""
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def score_candidates(model: torch.nn.Module, batch: Batch, ctx: StepContext, chunk: int) -> torch.Tensor:
-    """The student's information need ``u_i`` for every candidate: inference mode, no dropout, no graph."""
+def _tokens(encoded: dict[str, torch.Tensor]) -> int:
+    """Real tokens of a tokenised batch (padding excluded): what the FLOPs rule counts."""
+    mask = encoded.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(encoded["input_ids"].numel())
+
+
+def score_candidates(model: torch.nn.Module, batch: Batch, ctx: StepContext, chunk: int) -> tuple[torch.Tensor, int]:
+    """The student's information need ``u_i`` for every candidate, and the tokens scored.
+
+    Inference mode: no dropout, no graph (about a third of a training pass's FLOPs per token).
+    """
     module = _unwrap(model)
     was_training = module.training
     module.eval()
-    needs = []
+    needs, tokens = [], 0
     with torch.inference_mode(), ctx.autocast():
         for start in range(0, len(batch.texts), chunk):
-            logits = module(**ctx.encode(batch.texts[start : start + chunk])).logits
-            needs.append(normalized_entropy(logits))
+            encoded = ctx.encode(batch.texts[start : start + chunk])
+            tokens += _tokens(encoded)
+            needs.append(normalized_entropy(module(**encoded).logits))
     module.train(was_training)
-    return torch.cat(needs) if needs else torch.zeros(0)
+    return (torch.cat(needs) if needs else torch.zeros(0)), tokens
 
 
-def train_round(
+def _micro_batches(rows: int, parts: int) -> list[torch.Tensor]:
+    """Row indices in at most ``parts`` contiguous chunks (never an empty one)."""
+    return [chunk for chunk in torch.arange(rows).chunk(max(1, min(parts, rows))) if len(chunk)]
+
+
+def backward_weighted(
     model: torch.nn.Module,
-    batch: Batch,
+    rows: Batch,
+    weights: torch.Tensor,
+    normaliser: float,
+    ctx: StepContext,
+    micro_batches: int = 1,
+) -> tuple[float, int, torch.Tensor]:
+    """Forward and backward ``rows`` with the spec's weighted loss, in micro-batches.
+
+    Gradients accumulate over the micro-batches; under DDP only the last one all-reduces them.
+    Each micro-batch's loss already carries the step's global normaliser, so their sum is the
+    step's loss. Returns this worker's loss term, the tokens trained and the logits (detached).
+    """
+    loss_total, tokens, logits_out = 0.0, 0, []
+    chunks = _micro_batches(len(rows), micro_batches)
+    for number, index in enumerate(chunks):
+        part = rows.take(index) if len(chunks) > 1 else rows
+        last = number == len(chunks) - 1
+        sync = model.no_sync() if not last and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+        with sync or contextlib.nullcontext():
+            encoded = ctx.encode(part.texts)
+            tokens += _tokens(encoded)
+            with ctx.autocast():
+                logits = model(**encoded).logits
+            loss = selection_loss(
+                logits,
+                weights[index].to(ctx.device) if len(chunks) > 1 else weights.to(ctx.device),
+                normaliser,
+                labels=part.labels.to(ctx.device),
+                teacher_probs=part.probs.to(ctx.device) if ctx.soft_loss else None,
+                world_size=ctx.world_size,
+            )
+            (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
+        loss_total += float(loss.detach())
+        logits_out.append(logits.detach())
+    return loss_total / ctx.world_size, tokens, torch.cat(logits_out)
+
+
+def train_step(
+    model: torch.nn.Module,
+    candidates: Batch,
     selector: Selector,
     ctx: StepContext,
     *,
     capacity: int | None = None,
-) -> RoundResult:
-    """Select, weight and back-propagate one round of this worker's rows (gradients accumulate).
+    micro_batches: int = 1,
+    scored: bool = True,
+) -> StepResult:
+    """Select, weight and back-propagate one optimizer step's rows on this worker (no optimizer step).
 
-    ``capacity`` is None for M = 1: the information need comes from the training forward pass
-    itself, over the whole batch, and unselected rows get weight 0. With M > 1 (``capacity`` =
-    rows per round), candidates are scored in inference mode and only the kept rows (at most
-    ``capacity``) go through forward and backward.
+    ``scored`` (every strategy but ``all``): the candidates are scored in inference mode, the
+    selector chooses among all of them at once — one selection per optimizer step, whatever the
+    gradient accumulation — and only the kept rows (at most ``capacity``) go through forward and
+    backward, in ``micro_batches``. Unscored (``all``): every row trains, weight 1, and the
+    information need for the thresholds' record comes from the training forward pass itself.
     """
     model.train()
-    if capacity is None:
-        with ctx.autocast():
-            logits = model(**ctx.encode(batch.texts)).logits
+    compute = StepCompute()
+    if scored:
         clock = time.perf_counter()
-        uncertainty = normalized_entropy(logits)
-        selection = selector.select(batch.confidence, batch.labels, uncertainty)
-        selection_seconds = time.perf_counter() - clock
-        rows, weights = batch, selection.weights
-    else:
-        uncertainty = score_candidates(model, batch, ctx, chunk=max(capacity, 1))
+        uncertainty, compute.scoring_tokens = score_candidates(model, candidates, ctx, chunk=max(capacity or 0, 32))
+        compute.scored_samples = len(candidates)
+        compute.scoring_s = time.perf_counter() - clock
         clock = time.perf_counter()
-        selection = selector.select(batch.confidence, batch.labels, uncertainty, capacity=capacity)
-        selection_seconds = time.perf_counter() - clock
+        selection = selector.select(candidates.confidence, candidates.labels, uncertainty, capacity=capacity)
+        compute.selection_s = time.perf_counter() - clock
         keep = selection.mask.nonzero().squeeze(1).cpu()
         if len(keep):
-            rows, weights = batch.take(keep), selection.weights[keep]
+            rows, weights = candidates.take(keep), selection.weights[keep]
         else:
             # Nothing kept here: one row with weight 0 keeps this worker in DDP's gradient all-reduce.
-            rows, weights = batch.take(torch.tensor([0])), torch.zeros(1)
-        with ctx.autocast():
-            logits = model(**ctx.encode(rows.texts)).logits
-    loss = selection_loss(
-        logits,
-        weights.to(ctx.device),
-        selection.normaliser,
-        labels=rows.labels.to(ctx.device),
-        teacher_probs=rows.probs.to(ctx.device) if ctx.soft_loss else None,
-        world_size=ctx.world_size,
-    )
-    scaled = loss * ctx.loss_scale
-    if ctx.scaler is not None:
-        scaled = ctx.scaler.scale(scaled)
-    scaled.backward()
+            rows, weights = candidates.take(torch.tensor([0])), torch.zeros(1)
+        clock = time.perf_counter()
+        loss, compute.training_tokens, _ = backward_weighted(
+            model, rows, weights, selection.normaliser, ctx, micro_batches
+        )
+        compute.training_s = time.perf_counter() - clock
+        compute.trained_samples = len(keep)
+    else:
+        clock = time.perf_counter()
+        weights = torch.ones(len(candidates))
+        normaliser = max(1.0, float(len(candidates) * ctx.world_size))  # equal shards: the global batch
+        loss, compute.training_tokens, logits = backward_weighted(
+            model, candidates, weights, normaliser, ctx, micro_batches
+        )
+        compute.training_s = time.perf_counter() - clock
+        compute.trained_samples = len(candidates)
+        clock = time.perf_counter()
+        selection = selector.select(candidates.confidence, candidates.labels, normalized_entropy(logits))
+        compute.selection_s = time.perf_counter() - clock
     mask = selection.mask.cpu().tolist()
-    return RoundResult(
+    return StepResult(
         selection=selection,
-        loss=float(loss.detach()) / ctx.world_size,
-        selected_ids=[i for i, keep in zip(batch.ids, mask, strict=True) if keep],
-        trained_rows=int(sum(mask)),
-        selection_seconds=selection_seconds,
+        loss=loss,
+        selected_ids=[i for i, keep in zip(candidates.ids, mask, strict=True) if keep],
+        compute=compute,
     )
 
 
 def build_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation weights."""
+    """AdamW; no weight decay on biases and normalisation weights; the fused kernel where torch has one.
+
+    Fused matters for selection: an LLKD step back-propagates a few rows, and the optimizer step
+    over every parameter (the embedding table included) is then most of its cost. Measured on
+    2 CPU cores with the MiniLM student (22.7M parameters): 0.158 s per step with the default
+    (foreach) implementation, 0.027 s fused, against 0.07 s for forward + backward of 5 rows.
+    """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate)
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=learning_rate)
 
 
 def load_student(reference: str, label_names: list[str], seed: int) -> tuple[torch.nn.Module, Any]:
@@ -372,38 +499,32 @@ def load_student(reference: str, label_names: list[str], seed: int) -> tuple[tor
     return model, tokenizer
 
 
-# =========================================================================== 4. the worker loop
-
-
-@dataclass(frozen=True)
-class FaultInjection:
-    """A testing hook: the worker of ``rank`` exits (like a lost process) right after ``step``,
-    on the first attempt only — the ``marker`` file it writes records that it did."""
-
-    step: int
-    marker: str
-    rank: int = 1
+# =========================================================================== 4. the recipe (one worker)
 
 
 @dataclass
 class TrainState:
-    """Everything a restored worker needs besides the model, optimizer and scheduler."""
+    """Everything a restored worker needs besides the model, optimizer, scheduler and selector."""
 
     step: int = 0
-    rounds_consumed: int = 0
-    """Rounds this worker has read from its shard: the data position to fast-forward to."""
+    batches_consumed: int = 0
+    """Candidate batches this worker has read from its shard: the data position to fast-forward to."""
     attempt: int = 0
     candidates_seen: int = 0
     rows_selected: int = 0
-    trained_rows: int = 0
     selected_counts: dict[str, int] = field(default_factory=dict)
     """Rank 0 only: how often each pool id was selected (the data usage)."""
     train_seconds: float = 0.0
-    selection_seconds: float = 0.0
-    """Rank 0's time in the selection (information need, select with its all-reduces, id gathering)."""
+    next_eval: int = 1
+    """The next evaluation point (of ``plan.eval_points``)."""
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    """Rank 0 only: the gold-set evaluations so far (the learning curve)."""
     resumed_from: list[int] = field(default_factory=list)
-    last_eval: dict[str, Any] | None = None
     last_loss: float | None = None
+
+    @property
+    def last_eval(self) -> dict[str, Any] | None:
+        return self.curve[-1] if self.curve else None
 
     def data_usage(self, pool_rows: int) -> dict[str, Any]:
         return {
@@ -433,9 +554,9 @@ def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 class _Stream:
-    """This worker's rounds from its dataset shard, skipping what a restored run already consumed.
+    """This worker's candidate batches from its dataset shard, skipping what a restored run consumed.
 
-    The first round is fetched on construction: Ray Data's start-up (seconds) is not training time.
+    The first batch is fetched on construction: Ray Data's start-up (seconds) is not training time.
     """
 
     def __init__(self, shard: Any, rows: int, seed: int, skip: int) -> None:
@@ -456,7 +577,7 @@ class _Stream:
         try:
             return next(self._batches)
         except StopIteration:
-            raise RuntimeError("the candidate stream ran out before the step budget (plan.passes too small)") from None
+            raise RuntimeError("the candidate stream ran out before the budget (plan.passes too small)") from None
 
     def next(self) -> Batch:
         batch, self._ready = (self._ready, None) if self._ready is not None else (self._fetch(), None)
@@ -470,7 +591,7 @@ def _collectives(world_size: int) -> tuple[Callable[[torch.Tensor], Any] | None,
     import torch.distributed as dist
 
     def all_reduce(tensor: torch.Tensor) -> None:
-        # gloo and NCCL both take a CPU float64 tensor on gloo; NCCL needs it on the GPU.
+        # gloo takes the CPU float64 tensor as it is; NCCL needs it on the GPU.
         if dist.get_backend() == "nccl":
             on_device = tensor.cuda()
             dist.all_reduce(on_device)
@@ -491,243 +612,348 @@ def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record, allow_nan=False) + "\n")
 
 
-def _evaluate_gold(
-    model: torch.nn.Module, ctx: StepContext, gold: dict[str, Any], rank: int, world: int, all_gather: Callable
-) -> dict[str, Any] | None:
-    """Every worker predicts its share of the gold set; rank 0 gets the metrics."""
-    from llkd_ray.evaluate import classification_metrics, predict_indices
+class StepCallback:
+    """A hook the recipe calls after every step (after its metrics are written)."""
 
-    texts = gold["texts"][rank::world]
-    predicted = predict_indices(_unwrap(model), ctx.tokenizer, texts, max_length=ctx.max_length, device=ctx.device)
-    shares = all_gather(predicted)
-    if rank != 0:
-        return None
-    merged = [0] * len(gold["texts"])
-    for r, share in enumerate(shares):
-        merged[r::world] = share
-    names = gold["label_names"]
-    return classification_metrics(gold["labels"], [names[i] for i in merged], names)
+    def on_step_end(self, recipe: StudentTrainingRecipe) -> None:  # pragma: no cover - interface
+        pass
 
 
-def _save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, selector, state, metrics_path, final):
-    student = directory / "student"
-    _unwrap(model).save_pretrained(student)
-    tokenizer.save_pretrained(student)
-    payload = {"state": asdict(state), "selector": selector.state_dict(), "final": final}
-    if not final:
-        payload["optimizer"] = optimizer.state_dict()
-        payload["scheduler"] = scheduler.state_dict()
-    torch.save(payload, directory / STATE_FILE)
-    if metrics_path.is_file():
-        shutil.copyfile(metrics_path, directory / "metrics.jsonl")
-    if final:
-        ids = sorted(state.selected_counts)
-        table = pa.table({"id": ids, "times_selected": [state.selected_counts[i] for i in ids]})
-        pq.write_table(table, directory / "selected_ids.parquet")
+@dataclass(frozen=True)
+class FaultInjection(StepCallback):
+    """A testing hook: the worker of ``rank`` exits (like a lost process) right after ``step``,
+    on the first attempt only — the ``marker`` file it writes records that it did."""
+
+    step: int
+    marker: str
+    rank: int = 1
+
+    def on_step_end(self, recipe: StudentTrainingRecipe) -> None:
+        if recipe.rank == self.rank and recipe.state.step == self.step and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"worker {recipe.rank} exited after step {recipe.state.step}\n")
+            os._exit(1)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The Ray Train worker function (also usable under any launcher that sets up Ray Train's context)."""
-    import ray.train
-    import ray.train.torch
-    from transformers import get_linear_schedule_with_warmup
+class StudentTrainingRecipe:
+    """One Ray Train worker's run, in the shape of torchtune's single-device recipe.
 
-    config = PipelineConfig.model_validate(loop_config["config"])
-    plan = TrainingPlan(**loop_config["plan"])
-    training, selection = config.training, config.selection
-    label_names = config.task.label_names
-    output = Path(loop_config["output"])
-    metrics_path = output / "metrics.jsonl"
-    fault = FaultInjection(**loop_config["fault"]) if loop_config.get("fault") else None
+    ``setup`` builds the model, optimizer, schedule, selector and candidate stream from the config
+    (restoring them with ``load_checkpoint`` when Ray Train hands one back); ``train`` is the loop;
+    ``save_checkpoint`` writes what a restart needs. The compute accounting and the budget live in
+    ``self.compute`` (a :class:`~llkd_ray.compute.ComputeMeter`, global over workers) and
+    :meth:`progress`.
+    """
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(training.cpus_per_worker)))
-    all_reduce, all_gather = _collectives(world)
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self,
+        config: PipelineConfig,
+        plan: TrainingPlan,
+        output: Path,
+        student_path: str,
+        gold: dict[str, Any] | None = None,
+        callbacks: list[StepCallback] | None = None,
+    ) -> None:
+        self.config, self.plan, self.output = config, plan, output
+        self.student_path, self.gold = student_path, gold
+        self.callbacks = callbacks or []
+        self.metrics_path = output / "metrics.jsonl"
+        self.label_names = config.task.label_names
+        self.state = TrainState()
+        self.compute = ComputeMeter()
 
-    # ---- model, optimizer, schedule, selection state: fresh or from the latest checkpoint
-    checkpoint = ray.train.get_checkpoint()
-    state, saved = TrainState(), None
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as restored:
-        source = str(Path(restored) / "student") if restored else loop_config["student_path"]
-        model, tokenizer = load_student(source, label_names, training.seed)
-        if restored:
-            saved = torch.load(Path(restored) / STATE_FILE, weights_only=False)
-            state = TrainState(**saved["state"])
-            if rank == 0:  # the metrics as of the checkpoint: steps after it are redone
-                shutil.copyfile(Path(restored) / "metrics.jsonl", metrics_path)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = build_optimizer(model, training.learning_rate, training.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
-    selector = Selector(
-        len(label_names),
-        strategy=selection.strategy,
-        momentum=selection.momentum,
-        weighting=selection.weighting,
-        seed=training.seed,
-        all_reduce=all_reduce,
-        rank=rank,
-        world_size=world,
-    )
-    if saved is not None:
-        selector.load_state_dict(saved["selector"])
+    @staticmethod
+    def from_loop_config(loop_config: dict[str, Any]) -> StudentTrainingRecipe:
+        fault = loop_config.get("fault")
+        return StudentTrainingRecipe(
+            PipelineConfig.model_validate(loop_config["config"]),
+            TrainingPlan(**loop_config["plan"]),
+            Path(loop_config["output"]),
+            loop_config["student_path"],
+            loop_config.get("gold"),
+            callbacks=[FaultInjection(**fault)] if fault else [],
+        )
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        training, selection = self.config.training, self.config.selection
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(training.cpus_per_worker)))
+        self.all_reduce, self.all_gather = _collectives(self.world)
+        if self.rank == 0:
+            self.output.mkdir(parents=True, exist_ok=True)
+
+        checkpoint = ray.train.get_checkpoint()
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as restored:
+            source = str(Path(restored) / "student") if restored else self.student_path
+            model, self.tokenizer = load_student(source, self.label_names, training.seed)
+            self.compute.parameters = non_embedding_parameters(model)
+            self.model = ray.train.torch.prepare_model(model)
+            self.optimizer = build_optimizer(self.model, training.learning_rate, training.weight_decay)
+            self.schedule = ProgressSchedule(self.plan.warmup)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+            self.selector = Selector(
+                len(self.label_names),
+                strategy=selection.strategy,
+                momentum=selection.momentum,
+                weighting=selection.weighting,
+                seed=training.seed,
+                all_reduce=self.all_reduce,
+                rank=self.rank,
+                world_size=self.world,
+            )
+            if restored:
+                self.load_checkpoint(Path(restored))
+            elif self.rank == 0:
+                self.metrics_path.unlink(missing_ok=True)
+        self.budget_flops = (
+            self.plan.budget * all_pass_flops(self.compute.parameters, self.plan.pool_tokens)
+            if self.plan.budget
+            else None
+        )
+
+        autocast_dtype = _autocast_dtype(training.mixed_precision, self.device)
+        self.ctx = StepContext(
+            tokenizer=self.tokenizer,
+            max_length=self.config.student.max_length,
+            device=self.device,
+            world_size=self.world,
+            soft_loss=selection.loss == "soft",
+            autocast_dtype=autocast_dtype,
+            scaler=torch.amp.GradScaler(self.device.type) if autocast_dtype == torch.float16 else None,
+        )
+        self.stream = _Stream(
+            ray.train.get_dataset_shard("train"),
+            self.plan.worker_candidates,
+            training.seed + self.rank,
+            self.state.batches_consumed,
+        )
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore the optimizer, schedule, selector, counters and (rank 0) the metrics so far."""
+        saved = torch.load(directory / STATE_FILE, weights_only=False)
+        self.state = TrainState(**saved["state"])
+        self.compute = ComputeMeter(**saved["compute"])
+        self.selector.load_state_dict(saved["selector"])
         if "optimizer" in saved:
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-        state.attempt += 1
-        state.resumed_from.append(state.step)
-    if rank == 0:
-        if saved is None:
-            metrics_path.unlink(missing_ok=True)
-        else:
-            _write_jsonl(metrics_path, {"kind": "resume", "step": state.step, "attempt": state.attempt})
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.state.attempt += 1
+        self.state.resumed_from.append(self.state.step)
+        if self.rank == 0:  # the metrics as of the checkpoint: steps after it are redone
+            shutil.copyfile(directory / "metrics.jsonl", self.metrics_path)
+            _write_jsonl(self.metrics_path, {"kind": "resume", "step": self.state.step, "attempt": self.state.attempt})
 
-    autocast_dtype = _autocast_dtype(training.mixed_precision, device)
-    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
-    ctx = StepContext(
-        tokenizer=tokenizer,
-        max_length=config.student.max_length,
-        device=device,
-        world_size=world,
-        soft_loss=selection.loss == "soft",
-        autocast_dtype=autocast_dtype,
-        scaler=scaler,
-        loss_scale=1.0 / plan.accumulation,
-    )
-    capacity = plan.round_rows if plan.candidates_per_step > 1 else None
-    stream = _Stream(
-        ray.train.get_dataset_shard("train"), plan.round_candidates, training.seed + rank, state.rounds_consumed
-    )
-    gold = loop_config.get("gold")
+    # ------------------------------------------------------------------ the budget
 
-    def report(metrics: dict[str, Any], final: bool = False, with_checkpoint: bool = False) -> None:
-        """``ray.train.report`` on every worker (it is a barrier); rank 0 attaches the checkpoint."""
-        if not (with_checkpoint or final):
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                _save_checkpoint(
-                    Path(tmp), model, tokenizer, optimizer, scheduler, selector, state, metrics_path, final
-                )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+    def progress(self) -> float:
+        """The fraction of the run done: compute spent over the budget, or steps over the steps."""
+        if self.budget_flops:
+            return self.compute.flops / self.budget_flops
+        return self.state.step / self.plan.total_steps
 
-    # ---- the loop
-    model.train()
-    started = time.perf_counter() - state.train_seconds
-    while state.step < plan.total_steps:
-        step_loss, step_selected, step_candidates, step_ids = 0.0, 0, 0, []
-        for round_index in range(plan.accumulation):
-            batch = stream.next()
-            state.rounds_consumed += 1
-            last = round_index == plan.accumulation - 1
-            sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
-            with sync:
-                result = train_round(model, batch, selector, ctx, capacity=capacity)
-            step_loss += result.loss / plan.accumulation
-            step_selected += result.selection.selected
-            step_candidates += result.selection.candidates
-            step_ids.extend(result.selected_ids)
-            state.trained_rows += result.trained_rows
-            state.selection_seconds += result.selection_seconds
-        if step_selected > 0:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+    def finished(self) -> bool:
+        return self.progress() >= 1.0 - 1e-9 or self.state.step >= self.plan.total_steps
+
+    def _evaluation_due(self) -> bool:
+        if not self.gold:
+            return False
+        if self.plan.eval_points:
+            return self.finished() or self.progress() >= self.state.next_eval / self.plan.eval_points - 1e-9
+        return self.state.step % self.plan.steps_per_epoch == 0 or self.finished()
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        plan, state, training = self.plan, self.state, self.config.training
+        capacity = plan.worker_rows if plan.scored else None
+        self.model.train()
+        started = time.perf_counter() - state.train_seconds
+        while not self.finished():
+            candidates = self.stream.next()
+            state.batches_consumed += 1
+            result = train_step(
+                self.model,
+                candidates,
+                self.selector,
+                self.ctx,
+                capacity=capacity,
+                micro_batches=plan.accumulation,
+                scored=plan.scored,
+            )
+            clock = time.perf_counter()
+            self._optimizer_step(result.selection.selected > 0)
+            result.compute.training_s += time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            gathered = self.all_gather((result.selected_ids, result.loss, asdict(result.compute)))
+            step = StepCompute.total([StepCompute(**share[2]) for share in gathered])
+            step.selection_s += time.perf_counter() - clock  # gathering the ids is selection's bookkeeping
+            self.compute.add(step)
+            state.step += 1
+            state.candidates_seen += result.selection.candidates
+            state.rows_selected += result.selection.selected
+            state.last_loss = sum(share[1] for share in gathered)
+            if self.rank == 0:
+                for ids, _, _ in gathered:
+                    for row_id in ids:
+                        state.selected_counts[row_id] = state.selected_counts.get(row_id, 0) + 1
+            self.schedule.progress = self.progress()
+            with warnings.catch_warnings():  # a step that selected nothing skips optimizer.step()
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+            state.train_seconds = time.perf_counter() - started
+            if self.rank == 0:
+                _write_jsonl(self.metrics_path, self._step_record(result.selection, step))
+
+            if self._evaluation_due():
+                self.evaluate()
+                started = time.perf_counter() - state.train_seconds  # evaluation is not training time
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+            if self.finished():
+                break
+            if state.step % training.checkpoint_every == 0:
+                self._report(with_checkpoint=True)
+            elif state.step % training.report_every == 0:
+                self._report()
+        self._report(final=True)
+
+    def _optimizer_step(self, any_selected: bool) -> None:
+        if any_selected:
+            if self.ctx.scaler is not None:
+                self.ctx.scaler.step(self.optimizer)
+                self.ctx.scaler.update()
             else:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a step that selected nothing skips optimizer.step()
-            warnings.simplefilter("ignore", UserWarning)
-            scheduler.step()
-        state.step += 1
-        state.candidates_seen += step_candidates
-        state.rows_selected += step_selected
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-        clock = time.perf_counter()
-        gathered = all_gather((step_ids, step_loss))
-        loss = sum(share[1] for share in gathered)
-        state.last_loss = loss
-        if rank == 0:
-            for ids, _ in gathered:
-                for row_id in ids:
-                    state.selected_counts[row_id] = state.selected_counts.get(row_id, 0) + 1
-        state.selection_seconds += time.perf_counter() - clock
-        state.train_seconds = time.perf_counter() - started
-        sel = result.selection
-        record = {
+    def _step_record(self, selection: Selection, step: StepCompute) -> dict[str, Any]:
+        state, names = self.state, self.label_names
+        return {
             "step": state.step,
-            "epoch": state.step / plan.steps_per_epoch,
-            "loss": _finite(loss),
-            "lr": scheduler.get_last_lr()[0],
-            "selected_fraction": step_selected / step_candidates if step_candidates else 0.0,
-            "selected": step_selected,
-            "candidates": step_candidates,
-            "teacher_thresholds": dict(zip(label_names, sel.teacher_thresholds.tolist(), strict=True)),
-            "student_thresholds": dict(zip(label_names, sel.student_thresholds.tolist(), strict=True)),
-            "teacher_level": float(selector.teacher_level),
-            "student_level": float(selector.student_level),
-            "confidence_selected": _finite(sel.confidence_selected),
-            "confidence_rejected": _finite(sel.confidence_rejected),
-            "data_usage": state.data_usage(plan.pool_rows),
+            "epoch": state.step / self.plan.steps_per_epoch,
+            "progress": self.progress(),
+            "loss": _finite(state.last_loss),
+            "lr": self.scheduler.get_last_lr()[0],
+            "selected_fraction": selection.selected_fraction,
+            "selected": selection.selected,
+            "candidates": selection.candidates,
+            "teacher_thresholds": dict(zip(names, selection.teacher_thresholds.tolist(), strict=True)),
+            "student_thresholds": dict(zip(names, selection.student_thresholds.tolist(), strict=True)),
+            "teacher_level": float(self.selector.teacher_level),
+            "student_level": float(self.selector.student_level),
+            "confidence_selected": _finite(selection.confidence_selected),
+            "confidence_rejected": _finite(selection.confidence_rejected),
+            "data_usage": state.data_usage(self.plan.pool_rows),
+            "step_compute": asdict(step),
+            "compute": self.compute.record(self._unit_flops()),
             "elapsed_s": round(state.train_seconds, 3),
             "samples_per_s": state.candidates_seen / state.train_seconds if state.train_seconds else None,
             "attempt": state.attempt,
         }
-        if rank == 0:
-            _write_jsonl(metrics_path, record)
 
-        end_of_epoch = state.step % plan.steps_per_epoch == 0 or state.step == plan.total_steps
-        if gold and end_of_epoch:
-            metrics = _evaluate_gold(model, ctx, gold, rank, world, all_gather)
-            model.train()
-            if rank == 0 and metrics is not None:
-                state.last_eval = {"step": state.step, "epoch": record["epoch"], **metrics}
-                _write_jsonl(
-                    metrics_path,
-                    {
-                        "kind": "eval",
-                        "step": state.step,
-                        "epoch": record["epoch"],
-                        "accuracy": metrics["accuracy"],
-                        "macro_f1": metrics["macro_f1"],
-                        "per_class_f1": {name: metrics["per_class"][name]["f1"] for name in label_names},
-                    },
-                )
-            started = time.perf_counter() - state.train_seconds  # evaluation is not training time
+    def _unit_flops(self) -> float | None:
+        return all_pass_flops(self.compute.parameters, self.plan.pool_tokens) if self.plan.pool_tokens else None
 
-        if fault and rank == fault.rank and state.step == fault.step and not Path(fault.marker).exists():
-            Path(fault.marker).write_text(f"worker {rank} exited after step {state.step}\n")
-            os._exit(1)
+    def evaluate(self) -> None:
+        """Every worker predicts its share of the gold set; rank 0 records the metrics on the curve."""
+        from llkd_ray.evaluate import classification_metrics, predict_indices
 
-        summary_metrics = {k: record[k] for k in ("step", "loss", "selected_fraction")}
-        summary_metrics["pool_fraction"] = record["data_usage"]["pool_fraction"]
-        if state.step == plan.total_steps:
-            break
-        if state.step % training.checkpoint_every == 0:
-            report(summary_metrics, with_checkpoint=True)
-        elif state.step % training.report_every == 0:
-            report(summary_metrics)
+        gold, state = self.gold or {}, self.state
+        texts = gold["texts"][self.rank :: self.world]
+        model = _unwrap(self.model)
+        predicted = predict_indices(model, self.tokenizer, texts, max_length=self.ctx.max_length, device=self.device)
+        self.model.train()
+        if self.plan.eval_points:
+            state.next_eval = math.floor(self.progress() * self.plan.eval_points + 1e-9) + 1
+        shares = self.all_gather(predicted)
+        if self.rank != 0:
+            return
+        merged = [0] * len(gold["texts"])
+        for r, share in enumerate(shares):
+            merged[r :: self.world] = share
+        metrics = classification_metrics(gold["labels"], [self.label_names[i] for i in merged], self.label_names)
+        record = {
+            "kind": "eval",
+            "step": state.step,
+            "epoch": state.step / self.plan.steps_per_epoch,
+            "progress": self.progress(),
+            "flops": self.compute.flops,
+            "all_passes": self.compute.record(self._unit_flops())["all_passes"],
+            "elapsed_s": round(state.train_seconds, 3),
+            "data_usage": state.data_usage(self.plan.pool_rows)["pool_fraction"],
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "per_class_f1": {name: metrics["per_class"][name]["f1"] for name in self.label_names},
+        }
+        state.curve.append(record | {"n": metrics["n"]})
+        _write_jsonl(self.metrics_path, record)
 
-    # ---- the end: the student, its metrics and selections, in one final checkpoint
-    final_summary = {
-        "step": state.step,
-        "loss": state.last_loss,
-        "pool_fraction": state.data_usage(plan.pool_rows)["pool_fraction"],
-    }
-    report(final_summary, final=True)
+    # ------------------------------------------------------------------ checkpoints
+
+    def _report(self, final: bool = False, with_checkpoint: bool = False) -> None:
+        """``ray.train.report`` on every worker (it is a barrier); rank 0 attaches the checkpoint."""
+        import ray.train
+
+        metrics = {
+            "step": self.state.step,
+            "loss": self.state.last_loss,
+            "pool_fraction": self.state.data_usage(self.plan.pool_rows)["pool_fraction"],
+            "progress": self.progress(),
+        }
+        if not (with_checkpoint or final):
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.rank == 0:
+                self.save_checkpoint(Path(tmp), final)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None)
+
+    def save_checkpoint(self, directory: Path, final: bool = False) -> None:
+        """The student, the training state and the metrics so far; the selections when ``final``."""
+        student = directory / "student"
+        _unwrap(self.model).save_pretrained(student)
+        self.tokenizer.save_pretrained(student)
+        payload = {
+            "state": asdict(self.state),
+            "compute": asdict(self.compute),
+            "selector": self.selector.state_dict(),
+            "final": final,
+        }
+        if not final:
+            payload["optimizer"] = self.optimizer.state_dict()
+            payload["scheduler"] = self.scheduler.state_dict()
+        torch.save(payload, directory / STATE_FILE)
+        if self.metrics_path.is_file():
+            shutil.copyfile(self.metrics_path, directory / "metrics.jsonl")
+        if final:
+            ids = sorted(self.state.selected_counts)
+            table = pa.table({"id": ids, "times_selected": [self.state.selected_counts[i] for i in ids]})
+            pq.write_table(table, directory / "selected_ids.parquet")
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function: build the recipe and run it."""
+    recipe = StudentTrainingRecipe.from_loop_config(loop_config)
+    recipe.setup()
+    recipe.train()
 
 
 # =========================================================================== 5. the driver
 
 
 def _prepared_config(
-    config: PipelineConfig, strategy: str | None, workers: int | None, max_steps: int | None
+    config: PipelineConfig, strategy: str | None, workers: int | None, max_steps: int | None, budget: float | None
 ) -> PipelineConfig:
+    if max_steps is not None and budget is not None:
+        raise ConfigError("give a step budget (max_steps) or a compute budget (budget), not both")
     raw = config.model_dump(mode="json")
     if strategy is not None:
         raw["selection"]["strategy"] = strategy
@@ -735,29 +961,11 @@ def _prepared_config(
         raw["training"]["workers"] = workers
     if max_steps is not None:
         raw["training"]["max_steps"] = max_steps
+        raw["training"]["budget"] = None
+    if budget is not None:
+        raw["training"]["budget"] = budget
+        raw["training"]["max_steps"] = None
     return validate_config(raw, "(train options)")
-
-
-def ensure_ray(config: PipelineConfig) -> None:
-    """Start a local Ray with room for the workers *and* Ray Data's readers, or check the one we have."""
-    import ray
-
-    from llkd_ray.runtime import init_ray
-
-    training = config.training
-    needed = training.workers * training.cpus_per_worker
-    if not ray.is_initialized():
-        local = not os.environ.get("RAY_ADDRESS")
-        init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 1) if local else None)
-    if os.environ.get("RAY_ADDRESS"):
-        return  # a cluster (maybe autoscaling): its scheduler decides
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - needed < 0.5:
-        raise ConfigError(
-            f"Ray has {total:g} CPUs and the trainer takes {training.workers} workers x "
-            f"{training.cpus_per_worker:g} CPU, leaving none for Ray Data to read the labels; "
-            "lower training.cpus_per_worker or training.workers"
-        )
 
 
 def _gold_payload(config: PipelineConfig, eval_data: str | None) -> dict[str, Any] | None:
@@ -784,6 +992,14 @@ def build_dataset(pool: LabeledPool, plan: TrainingPlan, seed: int):
     return copies[0].union(*copies[1:]) if len(copies) > 1 else copies[0]
 
 
+def format_flops(flops: float) -> str:
+    """``1.23 PFLOP``-style, for summary lines."""
+    for scale, unit in ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:.3g} FLOP"
+
+
 def train_student(
     config: PipelineConfig,
     labels: str | Path,
@@ -792,26 +1008,31 @@ def train_student(
     strategy: str | None = None,
     workers: int | None = None,
     max_steps: int | None = None,
+    budget: float | None = None,
     eval_data: str | None = CONFIG_GOLD,
     fault_injection: FaultInjection | None = None,
 ) -> dict[str, Any]:
     """Train a student on the labels in ``labels``; write it and its records to ``output``.
 
-    ``strategy``, ``workers`` and ``max_steps`` override the config. ``eval_data`` is the gold set
-    evaluated each epoch: the config's ``data.gold`` by default, another reference, or None.
-    Returns the training summary (also written to ``output/training_summary.json``).
+    ``strategy``, ``workers``, ``max_steps`` and ``budget`` (compute, in passes of ``all``) override
+    the config. ``eval_data`` is the gold set evaluated during training: the config's ``data.gold``
+    by default, another reference, or None. Returns the training summary (also written to
+    ``output/training_summary.json``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
 
     from llkd_ray.models import resolve_model_path
+    from llkd_ray.runtime import ensure_ray
 
     wall_started = time.perf_counter()
-    config = _prepared_config(config, strategy, workers, max_steps)
+    config = _prepared_config(config, strategy, workers, max_steps, budget)
     training = config.training
     pool = validate_labels_dir(labels, config.task.label_names)
     student_path = resolve_model_path(config.student.model)
-    plan = TrainingPlan.build(config, pool.rows)
+    pool_tokens = estimate_pool_tokens(pool, AutoTokenizer.from_pretrained(student_path), config.student.max_length)
+    plan = TrainingPlan.build(config, pool.rows, pool_tokens)
     output = Path(output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
 
@@ -858,13 +1079,20 @@ def train_student(
             if (final / name).is_file():
                 shutil.copyfile(final / name, output / name)
         saved = torch.load(final / STATE_FILE, weights_only=False)
-    state = TrainState(**saved["state"])
+    state, compute = TrainState(**saved["state"]), ComputeMeter(**saved["compute"])
     if training.storage_path is None:  # the checkpoints served their purpose
         shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
         with contextlib.suppress(OSError):
             Path(storage).rmdir()
 
+    unit = all_pass_flops(compute.parameters, pool_tokens) if pool_tokens else None
+    spent = compute.flops / (unit * plan.budget) if unit and plan.budget else None
+    if plan.budget and spent is not None and spent < 1.0 - 1e-9:
+        logger.warning(
+            "training stopped at its step cap (%d steps) with %.0f%% of the budget spent", state.step, 100 * spent
+        )
     wall = time.perf_counter() - wall_started
+    seconds = state.train_seconds
     summary = {
         "strategy": config.selection.strategy,
         "config_hash": config.section_hash("task", "selection", "student", "training"),
@@ -873,22 +1101,31 @@ def train_student(
         "student_model": config.student.model,
         "workers": training.workers,
         "batch_size": training.batch_size,
-        "candidates_per_step": config.selection.candidates_per_step,
+        "candidates_per_step": plan.candidates_per_step,
         "steps": state.step,
         "epochs": state.step / plan.steps_per_epoch,
+        "budget": plan.budget,
+        "budget_spent": spent,
         "pool_rows": pool.rows,
+        "pool_tokens": pool_tokens,
+        "student_parameters": compute.parameters,
+        "all_pass_flops": unit,
+        "compute": compute.record(unit),
         "data_usage": state.data_usage(pool.rows),
         "final_loss": state.last_loss,
         "final_metrics": state.last_eval,
+        "curve": state.curve,
         "gold": gold["reference"] if gold else None,
         "attempts": state.attempt + 1,
         "resumed_from_steps": state.resumed_from,
         "wall_time_s": round(wall, 3),
-        "train_loop_s": round(state.train_seconds, 3),
-        "selection_s": round(state.selection_seconds, 3),
-        "selection_share": state.selection_seconds / state.train_seconds if state.train_seconds else None,
-        "samples_per_s": state.candidates_seen / state.train_seconds if state.train_seconds else None,
-        "trained_samples_per_s": state.trained_rows / state.train_seconds if state.train_seconds else None,
+        "train_loop_s": round(seconds, 3),
+        "scoring_s": round(compute.scoring_s, 3),
+        "training_s": round(compute.training_s, 3),
+        "selection_s": round(compute.selection_s, 3),
+        "selection_share": compute.selection_s / seconds if seconds else None,
+        "samples_per_s": state.candidates_seen / seconds if seconds else None,
+        "trained_samples_per_s": compute.trained_samples / seconds if seconds else None,
     }
     (output / "training_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary

@@ -15,18 +15,41 @@ from llkd_ray.errors import ConfigError, DataError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(variant: str, seed: int, f1: float, acc: float, usage: float, strategy: str = "all", m: int = 1) -> dict:
+def _run(
+    variant: str,
+    seed: int,
+    f1: float,
+    acc: float,
+    usage: float,
+    strategy: str = "all",
+    m: int = 1,
+    curve: list[float] | None = None,
+) -> dict:
+    """A run as ``results.json`` holds it; ``curve`` the macro-F1 at 1/n ... n/n of a 1-pass budget."""
+    points = curve or [f1]
     return {
         "variant": variant,
         "strategy": strategy,
         "candidates_per_step": m,
         "seed": seed,
         "accuracy": acc,
-        "macro_f1": f1,
+        "macro_f1": points[-1],
+        "curve": [
+            {"all_passes": (k + 1) / len(points), "macro_f1": value, "data_usage": usage}
+            for k, value in enumerate(points)
+        ],
         "data_usage": usage,
         "sample_step_usage": usage / 2,
+        "compute": 1.0,
+        "scoring_share": 0.0 if strategy == "all" else 0.6,
         "wall_time_s": 10.0 + seed,
     }
+
+
+def _rows(table: str) -> dict[str, str]:
+    """The main table's rows by strategy (the compute table below it has the same first column)."""
+    main = table.split("## Where the compute goes")[0]
+    return {line.split("|")[1].strip(): line for line in main.splitlines() if line.startswith("| ")}
 
 
 def _results(runs: list[dict]) -> dict:
@@ -37,7 +60,8 @@ def _results(runs: list[dict]) -> dict:
         "settings": vars(settings) | {"variants": variants},
         "teacher": {"accuracy": 0.70, "macro_f1": 0.69, "pool_accuracy": 0.71, "pool_mean_confidence": 0.8},
         "runs": runs,
-        "summary": bench.summarize(runs, variants),
+        "summary": (summary := bench.summarize(runs, variants, teacher_f1=0.69)),
+        "plateau": bench.plateau_check(summary),
     }
 
 
@@ -64,6 +88,32 @@ def test_summary_is_mean_and_sample_std_over_seeds() -> None:
     assert single["macro_f1_std"] == 0.0
 
 
+def test_curve_milestones_are_compute_fractions_of_all_full_budget() -> None:
+    runs = [
+        _run("all", 0, 0, 0.7, 1.0, curve=[0.60, 0.70, 0.72, 0.71]),
+        _run("all", 1, 0, 0.7, 1.0, curve=[0.62, 0.68, 0.74, 0.73]),
+        _run("llkd (M=1)", 0, 0, 0.7, 0.3, "llkd", curve=[0.70, 0.74, 0.75, 0.75]),
+        _run("llkd (M=1)", 1, 0, 0.7, 0.3, "llkd", curve=[0.66, 0.72, 0.73, 0.74]),
+    ]
+    summary = bench.summarize(runs, ["all", "llkd (M=1)"], teacher_f1=0.69)
+    llkd, everything = summary["llkd (M=1)"], summary["all"]
+    assert llkd["macro_f1_mean"] == pytest.approx(0.745)  # the end of the run, not the best point
+    assert llkd["best_macro_f1_mean"] == pytest.approx(0.745) and llkd["best_at_mean"] == pytest.approx(0.875)
+    # all's best: the mean of its seeds' best points, (0.72 + 0.74) / 2 = 0.73
+    assert llkd["to_all_best_reached"] == 2 and llkd["to_all_best_mean"] == pytest.approx((0.5 + 0.75) / 2)
+    assert llkd["to_teacher_reached"] == 2 and llkd["to_teacher_mean"] == pytest.approx((0.25 + 0.5) / 2)
+    assert everything["to_all_best_reached"] == 1  # seed 0 never reaches 0.73
+    assert [round(p["macro_f1"], 3) for p in everything["curve"]] == [0.61, 0.69, 0.73, 0.72]
+    plateau = bench.plateau_check(summary)
+    assert plateau["held"] and plateau["peaked_before_end"]
+    rising = bench.summarize([_run("all", s, 0, 0.7, 1.0, curve=[0.5, 0.6 + s / 100]) for s in range(2)], ["all"])
+    assert not bench.plateau_check(rising)["held"]  # +0.105 against a seed std of 0.007
+    table = bench.render_markdown(_results(runs))
+    rows = _rows(table)
+    assert "62.5% ± 17.7" in rows["llkd (M=1)"] and "(1/2 seeds)" in rows["all"]
+    assert "held." in table
+
+
 def test_markdown_table_bolds_the_best_and_has_the_teacher_row() -> None:
     runs = [
         _run("llkd (M=4)", 0, 0.80, 0.78, 0.30, "llkd", 4),
@@ -72,7 +122,7 @@ def test_markdown_table_bolds_the_best_and_has_the_teacher_row() -> None:
         _run("all", 1, 0.72, 0.83, 1.0),
     ]
     table = bench.render_markdown(_results(runs))
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    rows = _rows(table)
     assert "**0.810 ± 0.014**" in rows["llkd (M=4)"]  # best macro-F1
     assert "**0.820 ± 0.014**" in rows["all"]  # best accuracy
     assert "31.0% ± 1.4" in rows["llkd (M=4)"]  # data usage

@@ -57,7 +57,7 @@ class FakeStages:
 def fake(monkeypatch) -> FakeStages:
     stages = FakeStages()
     monkeypatch.setattr(pipeline, "STAGE_FUNCTIONS", {name: stages(name) for name in STAGES})
-    monkeypatch.setattr("llkd_ray.train.ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr("llkd_ray.runtime.ensure_ray", lambda *a, **k: None)
     return stages
 
 

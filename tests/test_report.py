@@ -71,6 +71,13 @@ def write_training(directory: Path, ids: list[str], steps: int = 40) -> None:
                 "teacher_thresholds": {"negative": 0.8 - 0.001 * step, "positive": 0.75},
                 "student_thresholds": {"negative": 0.6, "positive": 0.55 + 0.002 * step},
                 "data_usage": {"pool_fraction": len(ever) / len(ids), "sample_step_fraction": 4 / 32},
+                "compute": {
+                    "scoring_flops": 2e9 * step,
+                    "training_flops": 1.5e9 * step,
+                    "scoring_s": 0.2 * step,
+                    "training_s": 0.3 * step,
+                    "selection_s": 0.01 * step,
+                },
             }
         )
         if step % 20 == 0:

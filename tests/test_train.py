@@ -106,11 +106,25 @@ def test_plan_sizes():
     settings = ["training.batch_size=32", "training.workers=2", "training.epochs=2", "selection.candidates_per_step=4"]
     config = load_config(CONFIG, settings)
     plan = TrainingPlan.build(config, pool_rows=400)
-    assert plan.steps_per_epoch == 12 and plan.total_steps == 24 and plan.warmup_steps == 3
-    assert plan.round_rows == 16 and plan.round_candidates == 64
+    assert plan.steps_per_epoch == 12 and plan.total_steps == 24 and plan.warmup == 0.1
+    assert plan.worker_rows == 16 and plan.worker_candidates == 64 and plan.scored
     assert plan.passes * 400 >= 24 * 32 * 4  # the candidate stream covers the budget
     capped = TrainingPlan.build(load_config(CONFIG, ["training.max_steps=5"]), pool_rows=400)
     assert capped.total_steps == 5
+    # `all` has nothing to choose among: one candidate per trained row, no scoring pass
+    everything = TrainingPlan.build(load_config(CONFIG, ["selection.strategy=all"]), pool_rows=400)
+    assert everything.candidates_per_step == 1 and not everything.scored
+    # a compute budget: the stream covers what the cheapest candidates (scored, none trained) could use
+    budgeted = TrainingPlan.build(load_config(CONFIG, ["training.budget=2"]), pool_rows=400, pool_tokens=4000)
+    assert budgeted.budget == 2 and budgeted.passes * 400 >= 3 * 2 * 400
+
+
+def test_budget_and_max_steps_are_exclusive():
+    from llkd_ray.config import load_config
+    from llkd_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training.budget .* give one of them"):
+        load_config(CONFIG, ["training.budget=2", "training.max_steps=10"])
 
 
 def test_batch_must_split_over_workers_and_accumulation():

@@ -1,7 +1,7 @@
 """Across-shards equivalence with a real process group: 2 gloo workers with local batches b1, b2
 against 1 worker with b1 + b2 — the same thresholds, masks, weights, and parameters after the step.
 
-Both sides run ``llkd_ray.train.train_round`` (the function the Ray Train workers run), the
+Both sides run ``llkd_ray.train.train_step`` (the function the Ray Train workers run), the
 2-worker side under DistributedDataParallel, on a tiny random BERT without dropout.
 """
 
@@ -12,19 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SST2_LABELS, build_tiny_classifier
-
-TEXTS = [
-    "a gripping, funny and deeply moving film",
-    "dull , lifeless and far too long",
-    "the cast is wonderful",
-    "i walked out after an hour",
-    "a small gem that rewards patience",
-    "an incoherent mess from start to finish",
-    "sharp writing and a great score",
-    "nothing here works at all , not even the jokes",
-]
-CONFIDENCE = [0.95, 0.7, 0.88, 0.6, 0.91, 0.99, 0.55, 0.8]
-LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
+from train_fixtures import review_batch
 
 #: (strategy, loss, weighting, candidates M): each scenario is one optimizer step from the same start.
 SCENARIOS = [
@@ -35,25 +23,12 @@ SCENARIOS = [
 ]
 
 
-def _batch(rows: list[int]):
-    from llkd_ray.train import Batch
-
-    probs = [[1 - c, c] if y == 1 else [c, 1 - c] for c, y in zip(CONFIDENCE, LABELS, strict=True)]
-    return Batch(
-        ids=[f"id{i}" for i in rows],
-        texts=[TEXTS[i] for i in rows],
-        labels=torch.tensor([LABELS[i] for i in rows]),
-        confidence=torch.tensor([CONFIDENCE[i] for i in rows]),
-        probs=torch.tensor([probs[i] for i in rows]),
-    )
-
-
 def run_worker(rank: int, world: int, model_dir: str, store: str, out: str) -> None:
     """One optimizer step per scenario on this worker's rows; results to ``out``."""
     import torch.distributed as dist
 
     from llkd_ray.selection import Selector
-    from llkd_ray.train import StepContext, build_optimizer, load_student, train_round
+    from llkd_ray.train import StepContext, build_optimizer, load_student, scores_candidates, train_step
 
     torch.set_num_threads(1)
     if world > 1:
@@ -82,14 +57,14 @@ def run_worker(rank: int, world: int, model_dir: str, store: str, out: str) -> N
             tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), world_size=world, soft_loss=loss == "soft"
         )
         capacity = None if m == 1 else len(rows) // m
-        candidates = _batch(rows)
+        candidates = review_batch(rows)
         if m > 1:
             # M candidates per kept row: this worker draws its rows twice over (second copy less confident)
-            twice = _batch(rows + rows)
+            twice = review_batch(rows + rows)
             twice.confidence[len(rows) :] *= 0.5
             candidates = twice
             capacity = len(rows)
-        result = train_round(model, candidates, selector, ctx, capacity=capacity)
+        result = train_step(model, candidates, selector, ctx, capacity=capacity, scored=scores_candidates(strategy))
         optimizer.step()
         module = model.module if world > 1 else model
         results.append(

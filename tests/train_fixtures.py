@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 
 def write_labels_dir(
@@ -56,3 +57,33 @@ def write_labels_dir(
     manifest = {"stage": "label", "labels": label_names, "counts": counts}
     (directory / "_manifest.json").write_text(json.dumps(manifest))
     return directory
+
+
+#: Eight short reviews with a teacher confidence and pseudo-label each (the one-step tests' rows).
+TEXTS = [
+    "a gripping, funny and deeply moving film",
+    "dull , lifeless and far too long",
+    "the cast is wonderful",
+    "i walked out after an hour",
+    "a small gem that rewards patience",
+    "an incoherent mess from start to finish",
+    "sharp writing and a great score",
+    "nothing here works at all , not even the jokes",
+]
+CONFIDENCE = [0.95, 0.7, 0.88, 0.6, 0.91, 0.99, 0.55, 0.8]
+LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
+
+
+def review_batch(rows: list[int] | None = None):
+    """A :class:`llkd_ray.train.Batch` of those rows (all eight by default)."""
+    from llkd_ray.train import Batch
+
+    rows = list(range(len(TEXTS))) if rows is None else rows
+    probs = [[1 - c, c] if y == 1 else [c, 1 - c] for c, y in zip(CONFIDENCE, LABELS, strict=True)]
+    return Batch(
+        ids=[f"id{i}" for i in rows],
+        texts=[TEXTS[i] for i in rows],
+        labels=torch.tensor([LABELS[i] for i in rows]),
+        confidence=torch.tensor([CONFIDENCE[i] for i in rows]),
+        probs=torch.tensor([probs[i] for i in rows]),
+    )
