@@ -60,33 +60,52 @@ METRICS = (("macro_f1", "macro-F1"), ("accuracy", "accuracy"))
 
 @dataclass(frozen=True)
 class Variant:
-    """One trained configuration: a selection strategy and, for ``llkd``, its candidate factor M."""
+    """One trained configuration: a selection strategy and, for ``llkd``, its candidate factor M
+    (with ``fill``: adaptive M, draws of one batch until the kept rows fill one, at most M)."""
 
     strategy: str
     candidates_per_step: int = 1
+    fill: bool = False
 
     @property
     def name(self) -> str:
-        return f"llkd (M={self.candidates_per_step})" if self.strategy == "llkd" else self.strategy
+        if self.strategy != "llkd":
+            return self.strategy
+        return f"llkd (fill, M≤{self.candidates_per_step})" if self.fill else f"llkd (M={self.candidates_per_step})"
 
     @property
     def slug(self) -> str:
-        return f"llkd-m{self.candidates_per_step}" if self.strategy == "llkd" else self.strategy
+        if self.strategy != "llkd":
+            return self.strategy
+        return f"llkd-fill{self.candidates_per_step}" if self.fill else f"llkd-m{self.candidates_per_step}"
 
 
-def build_variants(strategies: Sequence[str], candidates: Sequence[int]) -> list[Variant]:
+def parse_candidates(text: str) -> list[tuple[int, bool]]:
+    """``--candidates 1,4,fill8``: fixed M values, and ``fillN`` for adaptive M capped at N."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        fill = part.startswith("fill")
+        try:
+            out.append((int(part.removeprefix("fill")), fill))
+        except ValueError:
+            raise ConfigError(f"--candidates takes M values and fillN entries, e.g. 1,4,fill8; got {part!r}") from None
+    return out
+
+
+def build_variants(strategies: Sequence[str], candidates: Sequence[int | tuple[int, bool]]) -> list[Variant]:
     """``llkd`` once per M in ``candidates``; every baseline once, with M = 1 (their usual setting)."""
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ConfigError(f"unknown strategy {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
     if not strategies:
         raise ConfigError("no strategy to benchmark")
-    if any(m < 1 for m in candidates) or not candidates:
+    pairs = [c if isinstance(c, tuple) else (c, False) for c in candidates]
+    if any(m < 1 for m, _ in pairs) or not pairs:
         raise ConfigError("--candidates takes positive integers, e.g. 1,4")
     variants: list[Variant] = []
     for strategy in dict.fromkeys(strategies):
         if strategy == "llkd":
-            variants.extend(Variant("llkd", m) for m in dict.fromkeys(candidates))
+            variants.extend(Variant("llkd", m, fill) for m, fill in dict.fromkeys(pairs))
         else:
             variants.append(Variant(strategy))
     return variants
@@ -348,6 +367,7 @@ def run_config(base: PipelineConfig, variant: Variant, seed: int) -> PipelineCon
     config = base.model_copy(deep=True)
     config.selection.strategy = variant.strategy  # type: ignore[assignment]
     config.selection.candidates_per_step = variant.candidates_per_step
+    config.selection.fill_batch = variant.fill
     config.training.seed = seed
     return config
 
@@ -719,12 +739,15 @@ def run_benchmark(
     output: Path,
     *,
     train: bool = True,
+    reuse: Sequence[Path] = (),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Label once, train every variant and seed from the same labels, score each on the gold set.
 
     Runs go seed by seed (every variant of seed 0 first), so a benchmark cut short still compares
-    every variant. ``train=False`` only collects the runs finished so far.
+    every variant. ``train=False`` only collects the runs finished so far. ``reuse``: earlier
+    ``results.json`` files of the same settings; their runs count as finished (a benchmark moved to
+    another machine or checkout resumes from its committed results).
     """
     work = output / "work"
     base = base_config(data, settings)
@@ -735,6 +758,7 @@ def run_benchmark(
     labels_dir, teacher = teacher_scores(data, base, work, log)
     log(f"teacher on the gold set: accuracy {teacher['accuracy']:.3f}, macro-F1 {teacher['macro_f1']:.3f}")
     names = [label.name for label in data.labels]
+    reused = reusable_runs(reuse, data, settings)
     runs: list[dict[str, Any]] = []
     total = len(variants) * settings.seeds
     for seed in range(settings.seeds):
@@ -745,6 +769,10 @@ def run_benchmark(
             key = _hash({"config": config.model_dump(mode="json", exclude_defaults=True), "labels": labels_dir.name})
             run_dir = work / "runs" / variant.slug / f"seed{seed}"
             result_path = run_dir / "result.json"
+            earlier = reused.get((variant.name, seed))
+            if earlier is not None and not result_path.is_file():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                result_path.write_text(json.dumps(earlier | {"key": key, "reused": True}, indent=2) + "\n")
             if result_path.is_file() and json.loads(result_path.read_text()).get("key") == key:
                 run = json.loads(result_path.read_text())
                 log(
@@ -786,6 +814,25 @@ def run_benchmark(
         "summary": (summary := summarize(runs, [v.name for v in variants], teacher["macro_f1"])),
         "plateau": plateau_check(summary),
     }
+
+
+def reusable_runs(paths: Sequence[Path], data: BenchData, settings: BenchSettings) -> dict[tuple[str, int], Any]:
+    """The runs of earlier ``results.json`` files, by (variant, seed), checked to share our settings."""
+    mine = asdict(settings)
+    reused: dict[tuple[str, int], Any] = {}
+    for path in paths:
+        try:
+            earlier = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(f"--reuse {path}: not a readable results.json ({error})") from None
+        theirs = {k: v for k, v in earlier.get("settings", {}).items() if k in mine}
+        differing = sorted(k for k in mine if k != "cpus_per_worker" and theirs.get(k) != mine[k])
+        same_data = all(earlier.get("data", {}).get(k) == getattr(data, k) for k in ("name", "pool_rows", "gold_rows"))
+        if differing or not same_data:
+            what = ", ".join(differing) if differing else "the data set"
+            raise ConfigError(f"--reuse {path}: its runs were made with other settings ({what})")
+        reused |= {(run["variant"], run["seed"]): run for run in earlier.get("runs", [])}
+    return reused
 
 
 def run_record(summary: dict[str, Any], variant: Variant, seed: int, key: str) -> dict[str, Any]:
@@ -898,7 +945,8 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument(
         "--candidates",
         default="1,4",
-        help="llkd's candidates_per_step M values to compare, comma-separated (default 1,4)",
+        help="llkd's candidates_per_step M values to compare, comma-separated; fillN for adaptive M "
+        "capped at N (selection.fill_batch) (default 1,4)",
     )
     runs.add_argument("--seeds", type=int, help="seeds per strategy (default 3)")
     runs.add_argument(
@@ -931,13 +979,13 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="train nothing: write the results of the runs finished so far"
     )
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="RESULTS_JSON",
+        help="count the runs of an earlier results.json of the same settings as finished (repeatable)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -972,7 +1020,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """``llkd bench quality``: run the benchmark and write results.json, results.md, quality.png."""
     variants = build_variants(
-        [s.strip() for s in args.strategies.split(",") if s.strip()], _int_list(args.candidates, "--candidates")
+        [s.strip() for s in args.strategies.split(",") if s.strip()], parse_candidates(args.candidates)
     )
     settings = settings_from_args(args)
     dataset = args.dataset or (None if args.pool else "builtin:sst2")
@@ -995,7 +1043,8 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
         f"{len(variants)} strategies x {settings.seeds} seed(s), {settings.budget_text}"
     )
     started = time.perf_counter()
-    results = run_benchmark(data, settings, variants, output, train=not args.report_only, log=log)
+    reuse = [Path(p) for p in args.reuse]
+    results = run_benchmark(data, settings, variants, output, train=not args.report_only, reuse=reuse, log=log)
     results["wall_time_s"] = time.perf_counter() - started
     paths = write_results(results, output)
     log("")

@@ -201,6 +201,12 @@ class SelectionConfig(_Section):
     (0.353); on SST-2 0.744 at M = 4 and 0.753 at M = 1, both within the seed noise of the best
     baselines (0.747)."""
 
+    fill_batch: bool = False
+    """Adaptive M: draw one batch of candidates at a time, each scored and selected on its own,
+    until the kept rows fill a batch or ``candidates_per_step`` batches were drawn (the cap). A
+    step then back-propagates a full batch while the selection is generous and scores more while
+    it is strict, instead of taking optimizer steps on one or two rows."""
+
 
 class StudentConfig(_Section):
     model: str = MINILM

@@ -190,6 +190,9 @@ class TrainingPlan:
     """M; 1 for ``all``, which has nothing to choose among."""
     scored: bool
     """Candidates are scored in inference mode before selection (every strategy but ``all``)."""
+    fill: bool
+    """Adaptive M (``selection.fill_batch``): draws of one batch until the kept rows fill a batch,
+    at most ``candidates_per_step`` of them."""
     pool_rows: int
     pool_tokens: int
     steps_per_epoch: int
@@ -210,8 +213,8 @@ class TrainingPlan:
 
     @property
     def worker_candidates(self) -> int:
-        """Candidates one worker draws per step."""
-        return self.worker_rows * self.candidates_per_step
+        """Candidates one worker draws at once: a step's worth, or one batch's when filling."""
+        return self.worker_rows * (1 if self.fill else self.candidates_per_step)
 
     @staticmethod
     def build(config: PipelineConfig, pool_rows: int, pool_tokens: int = 0) -> TrainingPlan:
@@ -235,6 +238,7 @@ class TrainingPlan:
             accumulation=training.gradient_accumulation_steps,
             candidates_per_step=m,
             scored=scored,
+            fill=scored and selection.fill_batch,
             pool_rows=pool_rows,
             pool_tokens=pool_tokens,
             steps_per_epoch=steps_per_epoch,
@@ -274,6 +278,16 @@ class Batch:
             labels=torch.tensor(np.asarray(batch["label_index"], dtype=np.int64)),
             confidence=torch.tensor(np.asarray(batch["confidence"], dtype=np.float32)),
             probs=torch.as_tensor(probs) if probs is not None else torch.zeros(0, 0),
+        )
+
+    @staticmethod
+    def concat(batches: list[Batch]) -> Batch:
+        return Batch(
+            ids=[i for b in batches for i in b.ids],
+            texts=[t for b in batches for t in b.texts],
+            labels=torch.cat([b.labels for b in batches]),
+            confidence=torch.cat([b.confidence for b in batches]),
+            probs=torch.cat([b.probs for b in batches]),
         )
 
     def take(self, index: torch.Tensor) -> Batch:
@@ -413,17 +427,9 @@ def train_step(
     model.train()
     compute = StepCompute()
     if scored:
-        clock = time.perf_counter()
-        uncertainty, compute.scoring_tokens = score_candidates(model, candidates, ctx, chunk=max(capacity or 0, 32))
-        compute.scored_samples = len(candidates)
-        compute.scoring_s = time.perf_counter() - clock
-        clock = time.perf_counter()
-        selection = selector.select(candidates.confidence, candidates.labels, uncertainty, capacity=capacity)
-        compute.selection_s = time.perf_counter() - clock
-        keep = selection.mask.nonzero().squeeze(1).cpu()
-        if len(keep):
-            rows, weights = candidates.take(keep), selection.weights[keep]
-        else:
+        selection, rows, weights = _score_and_select(model, candidates, selector, ctx, capacity, compute)
+        kept = len(rows)
+        if not kept:
             # Nothing kept here: one row with weight 0 keeps this worker in DDP's gradient all-reduce.
             rows, weights = candidates.take(torch.tensor([0])), torch.zeros(1)
         clock = time.perf_counter()
@@ -431,7 +437,7 @@ def train_step(
             model, rows, weights, selection.normaliser, ctx, micro_batches
         )
         compute.training_s = time.perf_counter() - clock
-        compute.trained_samples = len(keep)
+        compute.trained_samples = kept
     else:
         clock = time.perf_counter()
         weights = torch.ones(len(candidates))
@@ -449,6 +455,101 @@ def train_step(
         selection=selection,
         loss=loss,
         selected_ids=[i for i, keep in zip(candidates.ids, mask, strict=True) if keep],
+        compute=compute,
+    )
+
+
+def _score_and_select(
+    model: torch.nn.Module,
+    candidates: Batch,
+    selector: Selector,
+    ctx: StepContext,
+    capacity: int | None,
+    compute: StepCompute,
+) -> tuple[Selection, Batch, torch.Tensor]:
+    """Score the candidates in inference mode and select; the kept rows and their weights."""
+    clock = time.perf_counter()
+    uncertainty, tokens = score_candidates(model, candidates, ctx, chunk=max(capacity or 0, 32))
+    compute.scoring_tokens += tokens
+    compute.scored_samples += len(candidates)
+    compute.scoring_s += time.perf_counter() - clock
+    clock = time.perf_counter()
+    selection = selector.select(candidates.confidence, candidates.labels, uncertainty, capacity=capacity)
+    compute.selection_s += time.perf_counter() - clock
+    keep = selection.mask.nonzero().squeeze(1).cpu()
+    return selection, candidates.take(keep), selection.weights[keep]
+
+
+def _merge(selections: list[Selection]) -> Selection:
+    """The selections of one step's draws as one: masks and weights concatenated, counts summed."""
+    if len(selections) == 1:
+        return selections[0]
+    selected = sum(s.selected for s in selections)
+    candidates = sum(s.candidates for s in selections)
+
+    def mean(attribute: str, counts: list[int]) -> float:
+        pairs = [(getattr(s, attribute), n) for s, n in zip(selections, counts, strict=True) if n]
+        total = sum(n for _, n in pairs)
+        return sum(v * n for v, n in pairs) / total if total else math.nan
+
+    return Selection(
+        mask=torch.cat([s.mask for s in selections]),
+        weights=torch.cat([s.weights for s in selections]),
+        normaliser=max(1.0, float(selected)),
+        teacher_thresholds=selections[-1].teacher_thresholds,
+        student_thresholds=selections[-1].student_thresholds,
+        candidates=candidates,
+        selected=selected,
+        confidence_selected=mean("confidence_selected", [s.selected for s in selections]),
+        confidence_rejected=mean("confidence_rejected", [s.candidates - s.selected for s in selections]),
+    )
+
+
+def fill_step(
+    model: torch.nn.Module,
+    draw: Callable[[], Batch],
+    selector: Selector,
+    ctx: StepContext,
+    *,
+    capacity: int,
+    target: int,
+    max_draws: int,
+    micro_batches: int = 1,
+) -> StepResult:
+    """Adaptive M: draw one batch of candidates at a time until the kept rows fill a batch.
+
+    Each draw is scored and selected on its own (the thresholds advance per draw, as at M = 1);
+    the kept rows accumulate until ``target`` rows are kept over all workers (the global batch)
+    or ``max_draws`` draws were made, then they are back-propagated in one optimizer step with the
+    step's normaliser (the rows kept over all its draws). Every worker makes the same number of
+    draws: the stopping test reads the selector's global counts. ``capacity`` caps this worker's
+    kept rows (its share of the batch).
+    """
+    model.train()
+    compute = StepCompute()
+    selections, kept_rows, kept_weights, ids, kept = [], [], [], [], 0
+    for _ in range(max_draws):
+        candidates = draw()
+        selection, rows, weights = _score_and_select(model, candidates, selector, ctx, capacity - kept, compute)
+        selections.append(selection)
+        kept_rows.append(rows)
+        kept_weights.append(weights)
+        ids.extend(candidates.ids)
+        kept += len(rows)
+        if sum(s.selected for s in selections) >= target:
+            break
+    selection = _merge(selections)
+    rows = Batch.concat(kept_rows) if kept else Batch.concat([candidates.take(torch.tensor([0]))])
+    weights = torch.cat(kept_weights) if kept else torch.zeros(1)
+    clock = time.perf_counter()
+    loss, compute.training_tokens, _ = backward_weighted(model, rows, weights, selection.normaliser, ctx, micro_batches)
+    compute.training_s = time.perf_counter() - clock
+    compute.trained_samples = kept
+    mask = selection.mask.cpu().tolist()
+    return StepResult(
+        selection=selection,
+        loss=loss,
+        selected_ids=[i for i, keep in zip(ids, mask, strict=True) if keep],
         compute=compute,
     )
 
@@ -776,17 +877,27 @@ class StudentTrainingRecipe:
         self.model.train()
         started = time.perf_counter() - state.train_seconds
         while not self.finished():
-            candidates = self.stream.next()
-            state.batches_consumed += 1
-            result = train_step(
-                self.model,
-                candidates,
-                self.selector,
-                self.ctx,
-                capacity=capacity,
-                micro_batches=plan.accumulation,
-                scored=plan.scored,
-            )
+            if plan.fill:
+                result = fill_step(
+                    self.model,
+                    self._draw,
+                    self.selector,
+                    self.ctx,
+                    capacity=plan.worker_rows,
+                    target=plan.batch_size,
+                    max_draws=plan.candidates_per_step,
+                    micro_batches=plan.accumulation,
+                )
+            else:
+                result = train_step(
+                    self.model,
+                    self._draw(),
+                    self.selector,
+                    self.ctx,
+                    capacity=capacity,
+                    micro_batches=plan.accumulation,
+                    scored=plan.scored,
+                )
             clock = time.perf_counter()
             self._optimizer_step(result.selection.selected > 0)
             result.compute.training_s += time.perf_counter() - clock
@@ -824,6 +935,10 @@ class StudentTrainingRecipe:
             elif state.step % training.report_every == 0:
                 self._report()
         self._report(final=True)
+
+    def _draw(self) -> Batch:
+        self.state.batches_consumed += 1
+        return self.stream.next()
 
     def _optimizer_step(self, any_selected: bool) -> None:
         if any_selected:

@@ -70,6 +70,13 @@ def test_variants_compare_llkd_m_values_and_run_each_baseline_once() -> None:
     assert [v.name for v in variants] == ["llkd (M=1)", "llkd (M=4)", "all", "random"]
     assert [v.candidates_per_step for v in variants] == [1, 4, 1, 1]
     assert len({v.slug for v in variants}) == 4
+    adaptive = bench.build_variants(["llkd"], bench.parse_candidates("4,fill8"))
+    assert [(v.name, v.slug, v.fill) for v in adaptive] == [
+        ("llkd (M=4)", "llkd-m4", False),
+        ("llkd (fill, M≤8)", "llkd-fill8", True),
+    ]
+    with pytest.raises(ConfigError, match="fillN"):
+        bench.parse_candidates("4,lots")
     with pytest.raises(ConfigError, match="unknown strategy best"):
         bench.build_variants(["best"], [1])
     with pytest.raises(ConfigError, match="positive"):
@@ -246,3 +253,22 @@ def test_cli_rejects_incomplete_custom_data_in_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "--gold, --labels" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_reuse_takes_runs_of_the_same_settings_only(tmp_path: Path) -> None:
+    data = bench.prepare_data(
+        dataset="builtin:sst2", pool=None, gold=None, labels_file=None,
+        pool_size=10, gold_size=10, sample_seed=0, directory=tmp_path,
+    )  # fmt: skip
+    settings = bench.BenchSettings(seeds=2)
+    earlier = {
+        "data": {"name": "sst2", "pool_rows": 10, "gold_rows": 10},
+        "settings": vars(bench.BenchSettings(seeds=2, cpus_per_worker=7.0)) | {"variants": ["all"]},
+        "runs": [_run("all", 0, 0.7, 0.7, 1.0), _run("all", 1, 0.72, 0.7, 1.0)],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(earlier))
+    reused = bench.reusable_runs([path], data, settings)
+    assert sorted(reused) == [("all", 0), ("all", 1)] and reused[("all", 1)]["macro_f1"] == 0.72
+    with pytest.raises(ConfigError, match=r"other settings \(budget\)"):
+        bench.reusable_runs([path], data, bench.BenchSettings(seeds=2, budget=2.0))

@@ -131,3 +131,36 @@ def test_progress_schedule_warms_up_then_decays_to_zero():
     restored = ProgressSchedule(warmup=0.1)
     torch.optim.lr_scheduler.LambdaLR(optimizer, restored).load_state_dict(scheduler.state_dict())
     assert restored.progress == 0.55
+
+
+def test_fill_step_draws_until_the_kept_rows_fill_a_batch(student):
+    from llkd_ray.train import fill_step, train_step
+
+    model, _, ctx = student
+    draws = []
+
+    def draw():
+        draws.append(1)
+        return review_batch()
+
+    # one draw, capped at one: the same selection and gradient as the fixed-M step
+    one = fill_step(model, draw, _selector(), ctx, capacity=8, target=8, max_draws=1)
+    filled = _gradients(model)
+    fixed = train_step(model, review_batch(), _selector(), ctx, capacity=8)
+    assert one.selection.mask.tolist() == fixed.selection.mask.tolist()
+    for name, grad in _gradients(model).items():
+        assert torch.allclose(grad, filled[name], atol=1e-6, rtol=1e-4), name
+
+    # a target of a full batch the first draw does not reach: more draws, up to the cap
+    draws.clear()
+    result = fill_step(model, draw, _selector(), ctx, capacity=8, target=8, max_draws=3)
+    _gradients(model)
+    assert len(draws) == 3 and result.selection.candidates == 24 and result.compute.scored_samples == 24
+    assert result.selection.selected == result.compute.trained_samples <= 8
+    assert result.selection.normaliser == max(1, result.selection.selected)
+    assert len(result.selected_ids) == result.selection.selected
+
+    # a target the first draw reaches: it stops there
+    draws.clear()
+    early = fill_step(model, draw, _selector(), ctx, capacity=8, target=1, max_draws=3)
+    assert len(draws) == 1 and early.selection.selected >= 1
