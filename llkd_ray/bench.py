@@ -471,7 +471,13 @@ def plateau_check(summary: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     change = last["macro_f1"] - before["macro_f1"]
     peaked = max(point["macro_f1"] for point in curve[:-1]) > last["macro_f1"]
     held = peaked or abs(change) < max(last["macro_f1_std"], 1e-9)
-    return {"held": held, "last_change": change, "last_std": last["macro_f1_std"], "peaked_before_end": peaked}
+    return {
+        "held": held,
+        "last_change": change,
+        "last_std": last["macro_f1_std"],
+        "peaked_before_end": peaked,
+        "seeds": entry["seeds"],
+    }
 
 
 def _cell(mean: float | None, std: float | None, *, percent: bool = False, digits: int = 3) -> str:
@@ -564,9 +570,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     plateau = results.get("plateau")
     if plateau is not None:
         verdict = "held" if plateau["held"] else "did **not** hold (a longer budget may change the ranking)"
+        if plateau.get("seeds", 2) < 2:
+            verdict += " (one seed: no seed std to hold the change against; judged on the peak alone)"
+        peak = "; its best point lies before the end" if plateau["peaked_before_end"] else ""
         lines.append(
             f"`all`'s curve has peaked or plateaued — its last two points differ by "
-            f"{plateau['last_change']:+.3f}, its seed std at the end is {plateau['last_std']:.3f}: {verdict}."
+            f"{plateau['last_change']:+.3f}, its seed std at the end is {plateau['last_std']:.3f}{peak}: {verdict}."
         )
     if teacher.get("pool_accuracy") is not None:
         lines.append(

@@ -199,7 +199,9 @@ class SelectionConfig(_Section):
     the default 4 is measured (3 seeds x 80 steps, docs/quality.md): macro-F1 on TREC-6 0.463 at
     M = 4 against 0.265 at M = 1, which starves there and falls below training on every label
     (0.353); on SST-2 0.744 at M = 4 and 0.753 at M = 1, both within the seed noise of the best
-    baselines (0.747)."""
+    baselines (0.747). At equal compute (5 passes of ``all``; SST-2, seed 0 so far) neither M
+    leads at the full budget (0.703 at M = 4, 0.714 at M = 1; ``all`` 0.755): the default is
+    re-decided once both data sets have 3 seeds of curves (docs/quality.md)."""
 
     fill_batch: bool = False
     """Adaptive M: draw one batch of candidates at a time, each scored and selected on its own,
