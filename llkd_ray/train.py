@@ -813,11 +813,11 @@ class StudentTrainingRecipe:
                 self.load_checkpoint(Path(restored))
             elif self.rank == 0:
                 self.metrics_path.unlink(missing_ok=True)
-        self.budget_flops = (
-            self.plan.budget * all_pass_flops(self.compute.parameters, self.plan.pool_tokens)
-            if self.plan.budget
-            else None
+        # One budget unit (a pass of `all` over the pool) in FLOPs, and the budget itself.
+        self.unit_flops = (
+            all_pass_flops(self.compute.parameters, self.plan.pool_tokens) if self.plan.pool_tokens else None
         )
+        self.budget_flops = self.plan.budget * self.unit_flops if self.plan.budget and self.unit_flops else None
 
         autocast_dtype = _autocast_dtype(training.mixed_precision, self.device)
         self.ctx = StepContext(
@@ -968,14 +968,11 @@ class StudentTrainingRecipe:
             "confidence_rejected": _finite(selection.confidence_rejected),
             "data_usage": state.data_usage(self.plan.pool_rows),
             "step_compute": asdict(step),
-            "compute": self.compute.record(self._unit_flops()),
+            "compute": self.compute.record(self.unit_flops),
             "elapsed_s": round(state.train_seconds, 3),
             "samples_per_s": state.candidates_seen / state.train_seconds if state.train_seconds else None,
             "attempt": state.attempt,
         }
-
-    def _unit_flops(self) -> float | None:
-        return all_pass_flops(self.compute.parameters, self.plan.pool_tokens) if self.plan.pool_tokens else None
 
     def evaluate(self) -> None:
         """Every worker predicts its share of the gold set; rank 0 records the metrics on the curve."""
@@ -1001,7 +998,7 @@ class StudentTrainingRecipe:
             "epoch": state.step / self.plan.steps_per_epoch,
             "progress": self.progress(),
             "flops": self.compute.flops,
-            "all_passes": self.compute.record(self._unit_flops())["all_passes"],
+            "all_passes": self.compute.flops / self.unit_flops if self.unit_flops else None,
             "elapsed_s": round(state.train_seconds, 3),
             "data_usage": state.data_usage(self.plan.pool_rows)["pool_fraction"],
             "accuracy": metrics["accuracy"],
