@@ -203,6 +203,14 @@ class SelectionConfig(_Section):
     leads at the full budget (0.703 at M = 4, 0.714 at M = 1; ``all`` 0.755): the default is
     re-decided once both data sets have 3 seeds of curves (docs/quality.md)."""
 
+    gated_scoring: bool = True
+    """Score only what the rule can keep: ``llkd`` (and ``random``, which draws as many rows as
+    ``llkd`` keeps) scores in inference mode the candidates the teacher passes, plus a uniform
+    sample (``scoring_sample_rate``) of the others for the student levels' batch means; see
+    docs/method.md. ``teacher_confidence`` never scores (its mask reads the teacher only)."""
+    scoring_sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.25
+    """Sampling rate of the rows outside the teacher gate (gated scoring): their ``u`` enters the
+    student levels with weight 1/rate. Lower is cheaper and noisier."""
     fill_batch: bool = False
     """Adaptive M: draw one batch of candidates at a time, each scored and selected on its own,
     until the kept rows fill a batch or ``candidates_per_step`` batches were drawn (the cap). A

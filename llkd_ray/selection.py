@@ -24,10 +24,20 @@ Two points the spec leaves open, decided here:
   the sharding; with M = 1 the cap never binds, so the equivalence property holds exactly.
   ``random`` draws its budget (the global number ``llkd`` keeps) over global candidate positions
   with a generator seeded by (seed, step), so its mask too is shard-invariant at M = 1.
+- **Gated scoring** (``selection.gated_scoring``, ``docs/method.md``): ``llkd`` keeps a row only
+  if the teacher passes it, and the teacher thresholds need no student, so only those rows need
+  ``u_i``. :meth:`Selector.teacher_gate` gives that gate before any scoring (the same all-reduced
+  update :meth:`Selector.select` then applies). The student levels still need ``u`` over the
+  *whole* batch: the rows outside the gate are scored on a uniform sample (:func:`scoring_sample`,
+  keyed by row id, seed and step, so shard-invariant), and :meth:`Selector.fill_unscored` gives
+  each unscored row the mean ``u`` of the sampled rows of its class over the global batch (a
+  post-stratified estimate; inverse-probability weights were tried first and measured biased, see
+  docs/method.md). A filled row is outside the teacher gate, so it is never kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +61,17 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     log_p = F.log_softmax(logits.detach().float().cpu(), dim=-1)
     entropy = -(log_p.exp() * log_p).sum(dim=-1) / math.log(logits.shape[-1])
     return entropy.clamp_(0.0, 1.0)
+
+
+def scoring_sample(ids: list[str], rate: float, seed: int, step: int) -> torch.Tensor:
+    """A uniform Bernoulli(``rate``) sample of rows, keyed by (seed, step, row id).
+
+    The key makes the draw independent of how the batch is sharded over workers (and of the
+    order of rows), so gated scoring keeps the 2-workers = 1-worker equivalence.
+    """
+    limit = rate * 2**64
+    keys = (hashlib.blake2b(f"{seed}:{step}:{i}".encode(), digest_size=8).digest() for i in ids)
+    return torch.tensor([int.from_bytes(k, "big") < limit for k in keys], dtype=torch.bool)
 
 
 def _cap(mask: torch.Tensor, capacity: int | None) -> torch.Tensor:
@@ -160,61 +181,126 @@ class Selector:
         return stats
 
     def pack_local_stats(
-        self, confidence: torch.Tensor, labels: torch.Tensor, uncertainty: torch.Tensor
+        self,
+        confidence: torch.Tensor,
+        labels: torch.Tensor,
+        uncertainty: torch.Tensor,
     ) -> torch.Tensor:
-        """``[sum c, sum u, n, sum c per class (K), sum u per class (K), n per class (K), n per rank (W)]``.
+        """``[sum c, sum u, n, sum c per class (K), sum u per class (K), n per class (K), n per rank (W), scored]``.
 
-        The last segment (this shard's row count at its rank) gives every shard the offsets of all
-        shards in the global batch after the SUM all-reduce.
+        The rank segment (this shard's row count at its rank) gives every shard the offsets of all
+        shards in the global batch after the SUM all-reduce. ``u`` sums skip unscored rows (NaN:
+        ``teacher_confidence`` scores nothing); ``scored`` counts the others.
         """
         k = self.num_classes
-        stats = torch.zeros(3 + 3 * k + self.world_size, dtype=_STAT_DTYPE)
-        stats[0], stats[1], stats[2] = confidence.sum(), uncertainty.sum(), len(confidence)
+        scored = ~torch.isnan(uncertainty)
+        weighted_u = torch.nan_to_num(uncertainty, nan=0.0)
+        stats = torch.zeros(4 + 3 * k + self.world_size, dtype=_STAT_DTYPE)
+        stats[0], stats[1], stats[2] = confidence.sum(), weighted_u.sum(), len(confidence)
         stats[3 : 3 + k] = torch.bincount(labels, weights=confidence, minlength=k)[:k]
-        stats[3 + k : 3 + 2 * k] = torch.bincount(labels, weights=uncertainty, minlength=k)[:k]
+        stats[3 + k : 3 + 2 * k] = torch.bincount(labels, weights=weighted_u, minlength=k)[:k]
         stats[3 + 2 * k : 3 + 3 * k] = torch.bincount(labels, minlength=k)[:k]
         stats[3 + 3 * k + self.rank] = len(confidence)
+        stats[-1] = scored.sum()
         return stats
 
-    def update(self, stats: torch.Tensor) -> None:
-        """Apply the EMA update from globally reduced statistics (the output of ``pack_local_stats``)."""
+    def _teacher_stats(self, confidence: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The statistics with no ``u`` at all (every row unscored)."""
+        return self.pack_local_stats(confidence, labels, torch.full_like(confidence, math.nan))
+
+    def _advanced(
+        self,
+        level: torch.Tensor,
+        per_class: torch.Tensor,
+        sums: torch.Tensor,
+        class_sums: torch.Tensor,
+        stats: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One signal's levels after this batch (the spec's EMA; nothing is stored)."""
         k = self.num_classes
-        sum_c, sum_u, n = stats[0], stats[1], stats[2]
-        class_c, class_u, class_n = stats[3 : 3 + k], stats[3 + k : 3 + 2 * k], stats[3 + 2 * k : 3 + 3 * k]
-        if n <= 0:
-            return
+        n, class_n = stats[2], stats[3 + 2 * k : 3 + 3 * k]
         present = class_n > 0
-        mean_c, mean_u = sum_c / n, sum_u / n
-        counts = class_n.clamp(min=1)
-        class_mean_c = torch.where(present, class_c / counts, 0.0)
-        class_mean_u = torch.where(present, class_u / counts, 0.0)
-        lam = self.momentum
+        mean = sums / n
+        class_mean = torch.where(present, class_sums / class_n.clamp(min=1), 0.0)
         if self.steps == 0:
             # First step: every level is that step's batch statistic; absent classes take the global level.
-            self.teacher_level, self.student_level = mean_c, mean_u
-            self.teacher_class = torch.where(present, class_mean_c, mean_c)
-            self.student_class = torch.where(present, class_mean_u, mean_u)
-        else:
-            # A class not seen before sits at the global level; the EMA starts from there.
-            old_tc = torch.where(self.seen, self.teacher_class, self.teacher_level)
-            old_sc = torch.where(self.seen, self.student_class, self.student_level)
-            self.teacher_level = lam * self.teacher_level + (1 - lam) * mean_c
-            self.student_level = lam * self.student_level + (1 - lam) * mean_u
-            absent_t = torch.where(self.seen, old_tc, self.teacher_level)
-            absent_s = torch.where(self.seen, old_sc, self.student_level)
-            self.teacher_class = torch.where(present, lam * old_tc + (1 - lam) * class_mean_c, absent_t)
-            self.student_class = torch.where(present, lam * old_sc + (1 - lam) * class_mean_u, absent_s)
-        self.seen = self.seen | present
+            return mean, torch.where(present, class_mean, mean)
+        lam = self.momentum
+        # A class not seen before sits at the global level; the EMA starts from there.
+        old = torch.where(self.seen, per_class, level)
+        new_level = lam * level + (1 - lam) * mean
+        absent = torch.where(self.seen, old, new_level)
+        return new_level, torch.where(present, lam * old + (1 - lam) * class_mean, absent)
+
+    def _advanced_teacher(self, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.num_classes
+        return self._advanced(self.teacher_level, self.teacher_class, stats[0], stats[3 : 3 + k], stats)
+
+    def update(self, stats: torch.Tensor) -> None:
+        """Apply the EMA update from globally reduced statistics (the output of ``pack_local_stats``).
+
+        The student levels move only when some row of the batch was scored (``teacher_confidence``
+        scores nothing: its student levels are never used).
+        """
+        k = self.num_classes
+        if stats[2] <= 0:
+            return
+        self.teacher_level, self.teacher_class = self._advanced_teacher(stats)
+        if stats[-1] > 0:
+            self.student_level, self.student_class = self._advanced(
+                self.student_level, self.student_class, stats[1], stats[3 + k : 3 + 2 * k], stats
+            )
+        self.seen = self.seen | (stats[3 + 2 * k : 3 + 3 * k] > 0)
         self.steps += 1
+
+    @staticmethod
+    def _scaled(level: torch.Tensor, per_class: torch.Tensor) -> torch.Tensor:
+        top = per_class.max()
+        return level * per_class / top if top > 0 else torch.zeros_like(per_class)
+
+    def teacher_gate(self, confidence: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``c_i >= tauT[y_i]`` with the thresholds :meth:`select` will use for this batch.
+
+        Computed before the student scores anything (one extra all-reduce of the teacher's sums);
+        nothing is stored: :meth:`select` applies the same update.
+        """
+        c, y = _stat(confidence), _stat(labels, torch.int64)
+        stats = self._reduce(self._teacher_stats(c, y))
+        if stats[2] <= 0:
+            return torch.zeros(len(c), dtype=torch.bool)
+        tau_t = self._scaled(*self._advanced_teacher(stats))
+        return c >= tau_t[y]
+
+    def fill_unscored(self, uncertainty: torch.Tensor, labels: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+        """``u`` with every unscored row (NaN) set to the mean ``u`` of the ``sampled`` rows of its class.
+
+        The means are over the global batch (one small all-reduce), so every sharding fills the
+        same values; a class with no sampled row takes the mean of all sampled rows, and a batch
+        with none the mean of the scored rows. This is the student levels' estimate of the rows
+        outside the teacher gate: it keeps their batch means within sampling noise of the full
+        rule without the upward bias noisy per-class sums give ``max_j S[j]``.
+        """
+        k = self.num_classes
+        u, y, s = _stat(uncertainty), _stat(labels, torch.int64), sampled.cpu()
+        scored = ~torch.isnan(u)
+        stats = torch.zeros(2 * k + 2, dtype=_STAT_DTYPE)
+        stats[:k] = torch.bincount(y[s], weights=u[s], minlength=k)[:k]
+        stats[k : 2 * k] = torch.bincount(y[s], minlength=k)[:k]
+        stats[2 * k], stats[2 * k + 1] = u[scored].sum(), scored.sum()
+        stats = self._reduce(stats)
+        class_sum, class_n = stats[:k], stats[k : 2 * k]
+        if class_n.sum() > 0:
+            pooled = class_sum.sum() / class_n.sum()
+        else:
+            pooled = stats[2 * k] / stats[2 * k + 1] if stats[2 * k + 1] > 0 else torch.tensor(0.0, dtype=_STAT_DTYPE)
+        fill = torch.where(class_n > 0, class_sum / class_n.clamp(min=1), pooled)
+        return torch.where(scored, u, fill[y]).to(uncertainty.dtype)
 
     def thresholds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``tauT[k] = T * T[k] / max_j T[j]`` and ``tauS[k] = S * S[k] / max_j S[j]`` (float64)."""
-
-        def scaled(level: torch.Tensor, per_class: torch.Tensor) -> torch.Tensor:
-            top = per_class.max()
-            return level * per_class / top if top > 0 else torch.zeros_like(per_class)
-
-        return scaled(self.teacher_level, self.teacher_class), scaled(self.student_level, self.student_class)
+        return self._scaled(self.teacher_level, self.teacher_class), self._scaled(
+            self.student_level, self.student_class
+        )
 
     # ------------------------------------------------------------------ selection
 
@@ -243,6 +329,8 @@ class Selector:
 
         ``confidence`` (c_i), ``labels`` (pseudo-label index y_i) and ``uncertainty`` (u_i) are this
         shard's rows; ``capacity`` caps how many local rows may be kept (the M > 1 candidate pool).
+        ``u_i`` is NaN where the row was not scored (``teacher_confidence``): such rows never pass
+        the student bar, and a batch with no scored row leaves the student levels where they are.
         """
         device = confidence.device
         c = _stat(confidence)
@@ -252,11 +340,11 @@ class Selector:
         stats = self._reduce(self.pack_local_stats(c, y, u))
         self.update(stats)
         total = round(float(stats[2]))
-        offset = round(float(stats[3 + 3 * self.num_classes :][: self.rank].sum()))
+        offset = round(float(stats[3 + 3 * self.num_classes : -1][: self.rank].sum()))
 
         tau_t, tau_s = self.thresholds()
         teacher_ok = c >= tau_t[y]
-        student_ok = u >= tau_s[y]
+        student_ok = u >= tau_s[y]  # False where u is NaN (not scored)
         if self.strategy == "llkd":
             mask = _cap(teacher_ok & student_ok, capacity)
         elif self.strategy == "all":
@@ -272,7 +360,7 @@ class Selector:
 
         m = mask.to(_STAT_DTYPE)
         use_cu = self.strategy == "llkd" and self.weighting == "confidence_uncertainty"
-        raw = c * u if use_cu else torch.ones_like(c)
+        raw = c * torch.nan_to_num(u, nan=0.0) if use_cu else torch.ones_like(c)
         sums = self._reduce(torch.stack([m.sum(), (m * raw).sum(), (m * c).sum(), ((1 - m) * c).sum()]))
         selected, selected_raw, c_selected, c_rejected = sums.tolist()
         n_selected = round(selected)

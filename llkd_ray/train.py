@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +56,7 @@ import torch
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.errors import ConfigError, LlkdError
-from llkd_ray.selection import Selection, Selector, normalized_entropy, selection_loss
+from llkd_ray.selection import Selection, Selector, normalized_entropy, scoring_sample, selection_loss
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ LABEL_COLUMNS = ["id", "text", "label_index", "confidence", "probs"]
 MANIFEST = "_manifest.json"
 STATE_FILE = "training_state.pt"
 WORKER_SUMMARY = "worker_summary.json"
+#: Copies of the pool the candidate dataset is made of (each in its own block order); a run that
+#: draws more starts the stream over with a new shuffle.
+MAX_POOL_COPIES = 8
 #: Placeholder for "evaluate on ``config.data.gold``" in :func:`train_student`.
 CONFIG_GOLD = "config"
 
@@ -167,14 +170,24 @@ def estimate_pool_tokens(pool: LabeledPool, tokenizer: Any, max_length: int, sam
 # =========================================================================== 2. plan
 
 
-def scores_candidates(strategy: str) -> bool:
-    """Whether a strategy needs the student's information need *before* its mask.
+#: How a strategy learns the student's information need ``u_i`` before its mask (docs/method.md):
+#: ``train`` — it trains on every row (``all``): ``u`` comes free from the training forward pass;
+#: ``none`` — its mask reads the teacher only (``teacher_confidence``): nothing is scored;
+#: ``gated`` — it needs ``u`` only where the teacher passes (``llkd``, ``random``): those rows are
+#: scored, and a uniform sample of the rest for the student levels' batch means;
+#: ``full`` — every candidate is scored (``student_uncertainty``; ``llkd`` without gated scoring).
+Scoring = Literal["train", "none", "gated", "full"]
 
-    Every strategy but ``all`` does (``random`` draws as many rows as ``llkd`` would keep): they
-    score their candidates in inference mode and back-propagate the selected rows only. ``all``
-    trains on every row, so its information need comes free from the training forward pass.
-    """
-    return strategy != "all"
+
+def scoring_mode(strategy: str, gated: bool = True) -> Scoring:
+    """The cheapest scoring that gives ``strategy`` the same mask (see :data:`Scoring`)."""
+    if strategy == "all":
+        return "train"
+    if strategy == "teacher_confidence":
+        return "none"
+    if strategy in ("llkd", "random") and gated:
+        return "gated"
+    return "full"
 
 
 @dataclass(frozen=True)
@@ -188,8 +201,10 @@ class TrainingPlan:
     """Micro-batches the step's kept rows are back-propagated in (``gradient_accumulation_steps``)."""
     candidates_per_step: int
     """M; 1 for ``all``, which has nothing to choose among."""
-    scored: bool
-    """Candidates are scored in inference mode before selection (every strategy but ``all``)."""
+    scoring: Scoring
+    """How candidates are scored before selection (:data:`Scoring`)."""
+    sample_rate: float
+    """Gated scoring: the sampling rate of the rows outside the teacher gate."""
     fill: bool
     """Adaptive M (``selection.fill_batch``): draws of one batch until the kept rows fill a batch,
     at most ``candidates_per_step`` of them."""
@@ -207,6 +222,11 @@ class TrainingPlan:
     """Copies of the pool the candidate stream is made of (enough for the run)."""
 
     @property
+    def scored(self) -> bool:
+        """Selection happens before the training pass (every strategy but ``all``)."""
+        return self.scoring != "train"
+
+    @property
     def worker_rows(self) -> int:
         """Rows one worker back-propagates per step (at most)."""
         return self.batch_size // self.workers
@@ -219,25 +239,28 @@ class TrainingPlan:
     @staticmethod
     def build(config: PipelineConfig, pool_rows: int, pool_tokens: int = 0) -> TrainingPlan:
         training, selection = config.training, config.selection
-        scored = scores_candidates(selection.strategy)
+        scoring = scoring_mode(selection.strategy, selection.gated_scoring)
+        scored = scoring != "train"
         m = selection.candidates_per_step if scored else 1
         steps_per_epoch = max(1, pool_rows // training.batch_size)
         if training.budget is not None:
-            # A scored candidate costs at least a third of a trained one (2N against 6N per token),
-            # so a budget of B passes draws at most 3B pools of candidates (B for ``all``); 25% spare
-            # covers candidates shorter than the pool's mean. The step cap only guards the stream.
-            candidates = math.ceil((3 if scored else 1) * training.budget * pool_rows * 1.25)
+            # A candidate costs 6N per token trained, 2N scored, less when it is neither (gated or no
+            # scoring): the step cap only guards against a run that never spends its budget (it
+            # stops there, with budget_spent < 1). The stream cycles, so the cap costs nothing.
+            candidates = math.ceil((25 if scored else 1) * training.budget * pool_rows * 1.25)
             total = max(1, math.ceil(candidates / (training.batch_size * m)))
         else:
             total = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
-        # Equal shards drop at most workers-1 rows of the stream; one spare pass covers that.
-        passes = math.ceil(total * training.batch_size * m / pool_rows) + 1
+        # Equal shards drop at most workers-1 rows of the stream; one spare pass covers that. The
+        # stream starts over (a new shuffle) past the last copy, so long runs need no more copies.
+        passes = min(math.ceil(total * training.batch_size * m / pool_rows) + 1, MAX_POOL_COPIES)
         return TrainingPlan(
             workers=training.workers,
             batch_size=training.batch_size,
             accumulation=training.gradient_accumulation_steps,
             candidates_per_step=m,
-            scored=scored,
+            scoring=scoring,
+            sample_rate=selection.scoring_sample_rate,
             fill=scored and selection.fill_batch,
             pool_rows=pool_rows,
             pool_tokens=pool_tokens,
@@ -414,20 +437,24 @@ def train_step(
     *,
     capacity: int | None = None,
     micro_batches: int = 1,
-    scored: bool = True,
+    scoring: Scoring = "full",
+    sample_rate: float = 1.0,
 ) -> StepResult:
     """Select, weight and back-propagate one optimizer step's rows on this worker (no optimizer step).
 
-    ``scored`` (every strategy but ``all``): the candidates are scored in inference mode, the
-    selector chooses among all of them at once — one selection per optimizer step, whatever the
-    gradient accumulation — and only the kept rows (at most ``capacity``) go through forward and
-    backward, in ``micro_batches``. Unscored (``all``): every row trains, weight 1, and the
-    information need for the thresholds' record comes from the training forward pass itself.
+    Selecting strategies (``scoring`` other than ``train``): the candidates are scored in inference
+    mode as ``scoring`` says, the selector chooses among all of them at once — one selection per
+    optimizer step, whatever the gradient accumulation — and only the kept rows (at most
+    ``capacity``) go through forward and backward, in ``micro_batches``. ``train`` (``all``): every
+    row trains, weight 1, and the information need for the thresholds' record comes from the
+    training forward pass itself.
     """
     model.train()
     compute = StepCompute()
-    if scored:
-        selection, rows, weights = _score_and_select(model, candidates, selector, ctx, capacity, compute)
+    if scoring != "train":
+        selection, rows, weights = _score_and_select(
+            model, candidates, selector, ctx, capacity, compute, scoring=scoring, sample_rate=sample_rate
+        )
         kept = len(rows)
         if not kept:
             # Nothing kept here: one row with weight 0 keeps this worker in DDP's gradient all-reduce.
@@ -466,14 +493,37 @@ def _score_and_select(
     ctx: StepContext,
     capacity: int | None,
     compute: StepCompute,
+    *,
+    scoring: Scoring = "full",
+    sample_rate: float = 1.0,
 ) -> tuple[Selection, Batch, torch.Tensor]:
-    """Score the candidates in inference mode and select; the kept rows and their weights."""
+    """Score the candidates in inference mode as ``scoring`` says and select; the kept rows and weights.
+
+    Unscored rows carry ``u = NaN``; with ``gated`` scoring, the rows outside the teacher gate
+    that the sample left out get their class's mean over the sampled ones (``fill_unscored``).
+    """
     clock = time.perf_counter()
-    uncertainty, tokens = score_candidates(model, candidates, ctx, chunk=max(capacity or 0, 32))
-    compute.scoring_tokens += tokens
-    compute.scored_samples += len(candidates)
+    uncertainty = torch.full((len(candidates),), math.nan)
+    sampled = None
+    if scoring == "full":
+        to_score = torch.ones(len(candidates), dtype=torch.bool)
+    elif scoring == "gated":
+        gate = selector.teacher_gate(candidates.confidence, candidates.labels)
+        sampled = ~gate & scoring_sample(candidates.ids, sample_rate, selector.seed, selector.steps)
+        to_score = gate | sampled
+    else:
+        to_score = torch.zeros(len(candidates), dtype=torch.bool)
+    index = to_score.nonzero().squeeze(1)
+    if len(index):
+        scored = candidates.take(index) if len(index) < len(candidates) else candidates
+        needs, tokens = score_candidates(model, scored, ctx, chunk=max(capacity or 0, 32))
+        uncertainty[index] = needs
+        compute.scoring_tokens += tokens
+        compute.scored_samples += len(index)
     compute.scoring_s += time.perf_counter() - clock
     clock = time.perf_counter()
+    if sampled is not None:
+        uncertainty = selector.fill_unscored(uncertainty, candidates.labels, sampled)
     selection = selector.select(candidates.confidence, candidates.labels, uncertainty, capacity=capacity)
     compute.selection_s += time.perf_counter() - clock
     keep = selection.mask.nonzero().squeeze(1).cpu()
@@ -515,6 +565,8 @@ def fill_step(
     target: int,
     max_draws: int,
     micro_batches: int = 1,
+    scoring: Scoring = "full",
+    sample_rate: float = 1.0,
 ) -> StepResult:
     """Adaptive M: draw one batch of candidates at a time until the kept rows fill a batch.
 
@@ -530,7 +582,9 @@ def fill_step(
     selections, kept_rows, kept_weights, ids, kept = [], [], [], [], 0
     for _ in range(max_draws):
         candidates = draw()
-        selection, rows, weights = _score_and_select(model, candidates, selector, ctx, capacity - kept, compute)
+        selection, rows, weights = _score_and_select(
+            model, candidates, selector, ctx, capacity - kept, compute, scoring=scoring, sample_rate=sample_rate
+        )
         selections.append(selection)
         kept_rows.append(rows)
         kept_weights.append(weights)
@@ -661,24 +715,33 @@ class _Stream:
     """
 
     def __init__(self, shard: Any, rows: int, seed: int, skip: int) -> None:
-        self._batches: Iterator[dict[str, np.ndarray]] = iter(
-            shard.iter_batches(
-                batch_size=rows,
-                batch_format="numpy",
-                drop_last=True,
-                local_shuffle_buffer_size=max(4 * rows, 256),
-                local_shuffle_seed=seed,
-            )
-        )
+        self._shard, self._rows, self._seed, self._cycle = shard, rows, seed, 0
+        self._batches = self._iterate()
         for _ in range(skip):
             self._fetch()
         self._ready: dict[str, np.ndarray] | None = self._fetch()
 
+    def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(
+            self._shard.iter_batches(
+                batch_size=self._rows,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=max(4 * self._rows, 256),
+                local_shuffle_seed=self._seed + 7919 * self._cycle,
+            )
+        )
+
     def _fetch(self) -> dict[str, np.ndarray]:
         try:
             return next(self._batches)
-        except StopIteration:
-            raise RuntimeError("the candidate stream ran out before the budget (plan.passes too small)") from None
+        except StopIteration:  # past the last copy of the pool: start over, shuffled anew
+            self._cycle += 1
+            self._batches = self._iterate()
+            try:
+                return next(self._batches)
+            except StopIteration:
+                raise RuntimeError("the candidate stream is empty (fewer rows than one batch)") from None
 
     def next(self) -> Batch:
         batch, self._ready = (self._ready, None) if self._ready is not None else (self._fetch(), None)
@@ -887,6 +950,8 @@ class StudentTrainingRecipe:
                     target=plan.batch_size,
                     max_draws=plan.candidates_per_step,
                     micro_batches=plan.accumulation,
+                    scoring=plan.scoring,
+                    sample_rate=plan.sample_rate,
                 )
             else:
                 result = train_step(
@@ -896,7 +961,8 @@ class StudentTrainingRecipe:
                     self.ctx,
                     capacity=capacity,
                     micro_batches=plan.accumulation,
-                    scored=plan.scored,
+                    scoring=plan.scoring,
+                    sample_rate=plan.sample_rate,
                 )
             clock = time.perf_counter()
             self._optimizer_step(result.selection.selected > 0)

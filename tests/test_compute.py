@@ -66,7 +66,7 @@ def test_step_compute_matches_tokens_times_parameters(student):
     assert meter.record(unit_flops=meter.flops)["all_passes"] == pytest.approx(1.0)
 
     # `all` scores nothing: it trains every row once, 6N per token
-    everything = train_step(model, batch, _selector("all"), ctx, scored=False)
+    everything = train_step(model, batch, _selector("all"), ctx, scoring="train")
     assert everything.compute.scoring_tokens == 0 and everything.compute.training_tokens == sum(real_tokens)
 
 
@@ -93,15 +93,15 @@ def test_selected_only_backward_equals_the_weighted_full_batch_backward(student)
         assert torch.allclose(full[name], cheap[name], atol=1e-6, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("scored", [True, False], ids=["llkd", "all"])
-def test_micro_batches_give_the_one_batch_gradient(student, scored):
-    from llkd_ray.train import train_step
+@pytest.mark.parametrize("strategy", ["llkd", "all"])
+def test_micro_batches_give_the_one_batch_gradient(student, strategy):
+    from llkd_ray.train import scoring_mode, train_step
 
     model, _, ctx = student
-    strategy = "llkd" if scored else "all"
-    one = train_step(model, review_batch(), _selector(strategy), ctx, scored=scored)
+    scoring = scoring_mode(strategy)
+    one = train_step(model, review_batch(), _selector(strategy), ctx, scoring=scoring, sample_rate=0.5)
     whole = _gradients(model)
-    four = train_step(model, review_batch(), _selector(strategy), ctx, scored=scored, micro_batches=4)
+    four = train_step(model, review_batch(), _selector(strategy), ctx, scoring=scoring, sample_rate=0.5, micro_batches=4)
     split = _gradients(model)
     # one selection per optimizer step, whatever the accumulation: the same mask and normaliser
     assert one.selection.mask.tolist() == four.selection.mask.tolist()
@@ -109,6 +109,36 @@ def test_micro_batches_give_the_one_batch_gradient(student, scored):
     assert one.loss == pytest.approx(four.loss, abs=1e-6)
     for name in whole:
         assert torch.allclose(whole[name], split[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_gated_scoring_scores_the_teacher_gate_and_a_sample(student):
+    from llkd_ray.train import train_step
+
+    model, tokenizer, ctx = student
+    batch = review_batch()
+    real_tokens = [len(ids) for ids in tokenizer(TEXTS, truncation=True, max_length=32)["input_ids"]]
+    full = train_step(model, batch, _selector(), ctx, scoring="full")
+    _gradients(model)
+    # rate 1: every row outside the gate is sampled with weight 1 — exactly the full rule
+    exact = train_step(model, batch, _selector(), ctx, scoring="gated", sample_rate=1.0)
+    _gradients(model)
+    assert exact.selection.mask.tolist() == full.selection.mask.tolist()
+    assert torch.equal(exact.selection.student_thresholds, full.selection.student_thresholds)
+
+    gate = _selector().teacher_gate(batch.confidence, batch.labels)
+    assert 0 < int(gate.sum()) < len(batch), "the scenario should gate some rows out"
+    cheap = train_step(model, batch, _selector(), ctx, scoring="gated", sample_rate=1e-9)  # gate only
+    _gradients(model)
+    assert cheap.compute.scored_samples == int(gate.sum())
+    assert cheap.compute.scoring_tokens == sum(t for t, g in zip(real_tokens, gate.tolist(), strict=True) if g)
+    assert torch.equal(cheap.selection.teacher_thresholds, full.selection.teacher_thresholds)
+    assert not (cheap.selection.mask & ~gate).any()  # nothing outside the gate is ever kept
+
+    # teacher_confidence's mask reads the teacher only: it scores nothing
+    tc = train_step(model, batch, _selector("teacher_confidence"), ctx, scoring="none")
+    reference = train_step(model, batch, _selector("teacher_confidence"), ctx, scoring="full")
+    assert tc.compute.scoring_tokens == 0 and tc.compute.scored_samples == 0
+    assert tc.selection.mask.tolist() == reference.selection.mask.tolist() == gate.tolist()
 
 
 def test_progress_schedule_warms_up_then_decays_to_zero():

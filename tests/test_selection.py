@@ -259,3 +259,85 @@ def test_shards_keep_at_most_their_capacity():
     two = _run_shards("all", [(c[:8], y[:8], u[:8]), (c[8:], y[8:], u[8:])], steps=1, capacity=2)
     assert [int(r[0].mask.sum()) for r in two] == [2, 2]
     assert two[0][0].selected == 4 and two[0][0].candidates == 16
+
+
+def test_teacher_gate_is_the_teacher_half_of_the_mask_select_then_applies():
+    selector = Selector(3, momentum=0.9)
+    c = torch.tensor([0.9, 0.4, 0.8, 0.3, 0.7, 0.6])
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    selector.select(c, y, torch.rand(6, generator=torch.Generator().manual_seed(0)))
+    c2 = torch.tensor([0.95, 0.5, 0.2, 0.85, 0.65, 0.1])
+    before = selector.state_dict()
+    gate = selector.teacher_gate(c2, y)
+    for key, value in selector.state_dict().items():  # the preview stores nothing
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(before[key])), key
+    selection = selector.select(c2, y, torch.rand(6, generator=torch.Generator().manual_seed(1)))
+    assert gate.tolist() == (c2.double() >= selection.teacher_thresholds[y]).tolist()
+
+
+def test_unscored_rows_take_the_mean_of_their_class_sampled_rows():
+    from llkd_ray.selection import scoring_sample
+
+    nan = math.nan
+    u = torch.tensor([0.1, nan, 0.5, nan, 0.3, nan, nan])
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    sampled = torch.tensor([False, False, True, False, True, False, False])
+    filled = Selector(3).fill_unscored(u, y, sampled)
+    # class 0: its sampled row (0.5), not its gate row (0.1); class 1: 0.3; class 2 has none: the pooled 0.4
+    assert filled.tolist() == pytest.approx([0.1, 0.5, 0.5, 0.3, 0.3, 0.4, 0.4])
+    # nothing sampled at all: the mean of the scored rows
+    assert Selector(3).fill_unscored(u, y, torch.zeros(7, dtype=torch.bool))[1] == pytest.approx(0.3)
+    # the same rows are sampled whatever the order (and hence the sharding) of the batch
+    ids = [f"row-{i}" for i in range(64)]
+    assert scoring_sample(ids[::-1], 0.25, 3, 7).tolist() == scoring_sample(ids, 0.25, 3, 7).tolist()[::-1]
+    assert 5 < int(scoring_sample(ids, 0.25, 3, 7).sum()) < 30
+
+
+def test_filling_is_the_same_on_two_shards_as_on_one():
+    generator = torch.Generator().manual_seed(4)
+    u = torch.rand(24, generator=generator)
+    y = torch.randint(0, 3, (24,), generator=generator)
+    sampled = torch.rand(24, generator=generator) < 0.3
+    gate = torch.rand(24, generator=generator) < 0.5
+    u = torch.where(gate | sampled, u, torch.tensor(math.nan))
+    reduce = ThreadAllReduce(2)
+    out: list = [None, None]
+
+    def worker(rank: int) -> None:
+        part = slice(12 * rank, 12 * rank + 12)
+        selector = Selector(3, all_reduce=reduce.for_rank(rank), rank=rank, world_size=2)
+        out[rank] = selector.fill_unscored(u[part], y[part], sampled[part])
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert torch.allclose(torch.cat(out), Selector(3).fill_unscored(u, y, sampled))
+
+
+def test_estimated_levels_select_as_often_as_the_full_rule():
+    """Simulated batches (6 skewed classes): filling the unscored rows keeps the selection rate of
+    scoring every row; inverse-probability weights (the first design) inflated it by about 20%."""
+    from llkd_ray.selection import scoring_sample
+
+    def selected_fraction(rate: float | None) -> float:
+        generator = torch.Generator().manual_seed(0)
+        selector, kept, seen = Selector(6, momentum=0.9), 0, 0
+        for step in range(300):
+            y = torch.multinomial(torch.tensor([0.3, 0.25, 0.2, 0.15, 0.07, 0.03]), 32, True, generator=generator)
+            c = torch.rand(32, generator=generator) * 0.6 + 0.3
+            u = torch.rand(32, generator=generator) ** 2 * (0.3 + 0.02 * y) + 0.3 * (1 - c)
+            if rate is not None:
+                gate = selector.teacher_gate(c, y)
+                ids = [f"{step}-{i}" for i in range(32)]
+                sampled = ~gate & scoring_sample(ids, rate, 0, selector.steps)
+                u = selector.fill_unscored(torch.where(gate | sampled, u, torch.tensor(math.nan)), y, sampled)
+            selection = selector.select(c, y, u)
+            if step >= 50:
+                kept, seen = kept + selection.selected, seen + 32
+        return kept / seen
+
+    full = selected_fraction(None)
+    assert selected_fraction(0.25) == pytest.approx(full, rel=0.06)
+    assert selected_fraction(1.0) == pytest.approx(full, abs=1e-12)

@@ -114,7 +114,7 @@ def test_plan_sizes():
     # `all` has nothing to choose among: one candidate per trained row, no scoring pass
     everything = TrainingPlan.build(load_config(CONFIG, ["selection.strategy=all"]), pool_rows=400)
     assert everything.candidates_per_step == 1 and not everything.scored
-    # a compute budget: the stream covers what the cheapest candidates (scored, none trained) could use
+    # a compute budget: the stream holds a few copies of the pool (it starts over past the last)
     budgeted = TrainingPlan.build(load_config(CONFIG, ["training.budget=2"]), pool_rows=400, pool_tokens=4000)
     assert budgeted.budget == 2 and budgeted.passes * 400 >= 3 * 2 * 400
 

@@ -28,7 +28,7 @@ def run_worker(rank: int, world: int, model_dir: str, store: str, out: str) -> N
     import torch.distributed as dist
 
     from llkd_ray.selection import Selector
-    from llkd_ray.train import StepContext, build_optimizer, load_student, scores_candidates, train_step
+    from llkd_ray.train import StepContext, build_optimizer, load_student, scoring_mode, train_step
 
     torch.set_num_threads(1)
     if world > 1:
@@ -64,7 +64,9 @@ def run_worker(rank: int, world: int, model_dir: str, store: str, out: str) -> N
             twice.confidence[len(rows) :] *= 0.5
             candidates = twice
             capacity = len(rows)
-        result = train_step(model, candidates, selector, ctx, capacity=capacity, scored=scores_candidates(strategy))
+        # gated scoring with a sample of the rows outside the gate: the sample is keyed by row id
+        scoring = scoring_mode(strategy)
+        result = train_step(model, candidates, selector, ctx, capacity=capacity, scoring=scoring, sample_rate=0.5)
         optimizer.step()
         module = model.module if world > 1 else model
         results.append(
