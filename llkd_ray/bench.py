@@ -294,7 +294,7 @@ def _write_with_ids(path: Path, rows: list[dict[str, Any]], prefix: str, *, keep
 
 #: The default budget, in passes of ``all`` over the pool. Sized so that ``all``'s curve has
 #: peaked or plateaued on the built-in sets (``results.md`` says whether it did) while one data
-#: set's full run (six variants x 3 seeds) takes about 90 minutes on a 2-core machine.
+#: set's full run (five strategies x 3 seeds) takes about 70-100 minutes on a 2-core machine.
 DEFAULT_BUDGET = 5.0
 
 
@@ -955,9 +955,9 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default all five)")
     runs.add_argument(
         "--candidates",
-        default="1,4",
+        default="1",
         help="llkd's candidates_per_step M values to compare, comma-separated; fillN for adaptive M "
-        "capped at N (selection.fill_batch) (default 1,4)",
+        "capped at N (selection.fill_batch) (default 1, the default M)",
     )
     runs.add_argument("--seeds", type=int, help="seeds per strategy (default 3)")
     runs.add_argument(

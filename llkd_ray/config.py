@@ -193,15 +193,14 @@ class SelectionConfig(_Section):
     """EMA momentum of the threshold levels; see DEFAULT_MOMENTUM for why 0.9, not the paper's 0.99."""
     loss: Literal["hard", "soft"] = "hard"
     weighting: Literal["confidence_uncertainty", "none"] = "confidence_uncertainty"
-    candidates_per_step: PositiveInt = 4
+    candidates_per_step: PositiveInt = 1
     """M: score M x batch candidates in inference mode, back-propagate only the selected (at most
-    one batch). 1 is the paper's setting (the student signals come from the training forward pass);
-    the default 4 is measured (3 seeds x 80 steps, docs/quality.md): macro-F1 on TREC-6 0.463 at
-    M = 4 against 0.265 at M = 1, which starves there and falls below training on every label
-    (0.353); on SST-2 0.744 at M = 4 and 0.753 at M = 1, both within the seed noise of the best
-    baselines (0.747). At equal compute (5 passes of ``all``; SST-2, seed 0 so far) neither M
-    leads at the full budget (0.703 at M = 4, 0.714 at M = 1; ``all`` 0.755): the default is
-    re-decided once both data sets have 3 seeds of curves (docs/quality.md)."""
+    one batch). The default is the paper's M = 1, decided at equal compute (5 passes of ``all``,
+    docs/quality.md): at the full budget M = 1 ended above M = 4 on both data sets (TREC-6, 2
+    seeds: 0.528 +- 0.001 against 0.515 +- 0.004; SST-2, seed 0: 0.714 against 0.703), reached
+    ``all``'s best sooner on TREC-6, and M = 4 spends 68-91 % of its FLOPs scoring. (At the old
+    fixed 80 steps M = 4 had won on TREC-6, 0.463 against 0.265: a comparison that gave M = 4
+    four times the candidates; see docs/quality.md, "Earlier: the equal-steps comparison".)"""
 
     gated_scoring: bool = True
     """Score only what the rule can keep: ``llkd`` (and ``random``, which draws as many rows as
