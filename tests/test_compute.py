@@ -101,7 +101,9 @@ def test_micro_batches_give_the_one_batch_gradient(student, strategy):
     scoring = scoring_mode(strategy)
     one = train_step(model, review_batch(), _selector(strategy), ctx, scoring=scoring, sample_rate=0.5)
     whole = _gradients(model)
-    four = train_step(model, review_batch(), _selector(strategy), ctx, scoring=scoring, sample_rate=0.5, micro_batches=4)
+    four = train_step(
+        model, review_batch(), _selector(strategy), ctx, scoring=scoring, sample_rate=0.5, micro_batches=4
+    )
     split = _gradients(model)
     # one selection per optimizer step, whatever the accumulation: the same mask and normaliser
     assert one.selection.mask.tolist() == four.selection.mask.tolist()
