@@ -107,28 +107,42 @@ class _TeacherSection(_Section):
         return _check_concurrency(value)
 
 
+Threads = PositiveInt | Literal["auto"]
+"""Torch threads per teacher actor, or ``auto``: its node's CPUs shared among the pool's actors there."""
+
+
 class EmbeddingTeacherConfig(_TeacherSection):
     model: str = MINILM
     temperature: PositiveFloat = 0.05
-    batch_size: PositiveInt = 256
-    concurrency: Concurrency = 1
+    batch_size: PositiveInt = 32
+    """Texts per forward pass (each actor call scores a block of ``teacher.block_rows`` texts in
+    such batches, sorted by length). Small batches pad less: measured in docs/labeling.md."""
+    concurrency: Concurrency | Literal["auto"] = "auto"
+    """``auto``: one actor per node (per GPU with ``num_gpus``), each using its node's CPUs."""
     num_cpus: PositiveFloat = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    threads: Threads = "auto"
 
 
 class HFTeacherConfig(_TeacherSection):
     model: str | None = None
     batch_size: PositiveInt = 16
-    concurrency: Concurrency = 1
+    concurrency: Concurrency | Literal["auto"] = "auto"
+    """``auto``: one actor per node (per GPU with ``num_gpus``), each using its node's CPUs."""
     num_cpus: PositiveFloat = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    threads: Threads = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: PositiveInt = 2048
 
 
 class VLLMTeacherConfig(_TeacherSection):
     model: str | None = None
-    batch_size: PositiveInt = 64
+    batch_size: PositiveInt = 32
+    """Rows per batch handed to an engine; Ray's default (docs/labeling.md, vLLM on GPUs)."""
+    max_concurrent_batches: PositiveInt = 8
+    """Batches each engine keeps in flight (Ray's default): many small batches keep vLLM's
+    continuous batching fed better than one large one."""
     concurrency: Concurrency = (1, 1)
     """Actor pool size; a ``(min, max)`` pair autoscales with the backlog."""
     tensor_parallel_size: PositiveInt = 1

@@ -22,15 +22,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data._internal.datasource.csv_datasource import CSVDatasource
-from ray.data._internal.datasource.json_datasource import PandasJSONDatasource
-from ray.data._internal.datasource.text_datasource import TextDatasource
-from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
 from ray.data.datasource import FileBasedDatasource
 from ray.data.expressions import col
 
+from llkd_ray.compat import CSVDatasource, PandasJSONDatasource, TextDatasource, compute_row_hashes
 from llkd_ray.config import DataConfig
 from llkd_ray.errors import DataError
 
@@ -55,15 +53,30 @@ _BUILTIN_SETS = {"sst2": ("train", "test"), "trec": ("train", "test")}
 
 @dataclass
 class Corpus:
-    """A validated corpus: ``rows`` (id, text[, gold_label]) and ``rejected`` (id, text, reason).
+    """A validated corpus: ``classified`` (id, text, reason[, gold_label]: every row once, ``reason``
+    None when usable), and its two halves ``rows`` (id, text[, gold_label]) and ``rejected``
+    (id, text, reason).
 
-    Both are lazy Ray Datasets over the same read; nothing is materialised.
+    All three are lazy Ray Datasets; nothing is materialised. Each execution of ``rows`` or
+    ``rejected`` reads the input again: a consumer that needs both reads ``classified`` once and
+    splits it itself (as ``label_corpus`` does).
     """
 
     reference: str
-    rows: ray.data.Dataset
-    rejected: ray.data.Dataset
+    classified: ray.data.Dataset
     columns: list[str] = field(default_factory=list)
+    has_gold: bool = False
+
+    @property
+    def rows(self) -> ray.data.Dataset:
+        return self.classified.filter(expr=col("reason").is_null()).drop_columns(["reason"])
+
+    @property
+    def rejected(self) -> ray.data.Dataset:
+        rejected = self.classified.filter(expr=col("reason").is_not_null())
+        if self.has_gold:
+            rejected = rejected.drop_columns(["gold_label"])
+        return rejected
 
 
 # --------------------------------------------------------------------------- references
@@ -119,7 +132,7 @@ def detect_format(paths: list[str]) -> Format:
 
 
 def _add_row_ids(block: pd.DataFrame | pa.Table, path: str, start: int) -> pd.DataFrame | pa.Table:
-    hashes = _compute_row_hashes(path, start, len(block))
+    hashes = compute_row_hashes(path, start, len(block))
     if isinstance(block, pd.DataFrame):
         return block.assign(**{_ROW_ID: hashes})
     return block.append_column(_ROW_ID, pa.array(hashes, type=pa.uint64()))
@@ -205,10 +218,88 @@ def _reject_reason(value: Any, max_chars: int) -> str | None:
 
 
 def _first_columns(dataset: ray.data.Dataset) -> list[str] | None:
-    """Column names of the first non-empty block, or None for an empty corpus."""
+    """Column names of the first non-empty block, or None for an empty corpus (a Ray Data run)."""
     for batch in dataset.iter_batches(batch_size=1, batch_format="pandas"):
         return [c for c in batch.columns if c != _ROW_ID]
     return None
+
+
+#: How much of a file the column probe reads at most (JSONL: the keys of these first rows).
+_PROBE_ROWS = 1000
+_PROBE_BYTES = 1 << 20
+
+
+class _ProbeUndecided(Exception):
+    """The files alone do not tell the columns; ask Ray Data."""
+
+
+def _data_files(paths: list[str]) -> list[tuple[pafs.FileSystem, str]]:
+    """The files behind the paths, in Ray Data's order (directories expanded, hidden files skipped)."""
+    files: list[tuple[pafs.FileSystem, str]] = []
+    for path in paths:
+        filesystem, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        info = filesystem.get_file_info(inner)
+        if info.type == pafs.FileType.Directory:
+            listing = filesystem.get_file_info(pafs.FileSelector(inner, recursive=True))
+            names = sorted(
+                f.path for f in listing if f.type == pafs.FileType.File and not Path(f.path).name.startswith((".", "_"))
+            )
+            files += [(filesystem, name) for name in names]
+        elif info.type == pafs.FileType.File:
+            files.append((filesystem, inner))
+    return files
+
+
+def _file_columns(filesystem: pafs.FileSystem, path: str, fmt: Format) -> list[str] | None:
+    """The columns of one file from its first rows (None when it has none)."""
+    if fmt == "parquet":
+        metadata = pq.read_metadata(path, filesystem=filesystem)
+        return metadata.schema.names if metadata.num_rows else None
+    with filesystem.open_input_stream(path, compression="detect") as stream:
+        head = stream.read(_PROBE_BYTES)
+    if fmt == "csv":
+        if not head.strip():
+            return None
+        return pacsv.open_csv(pa.BufferReader(head)).schema.names
+    keys: dict[str, None] = {}
+    lines = head.splitlines()
+    if len(head) == _PROBE_BYTES and lines:
+        lines = lines[:-1]  # the last line may be cut
+    rows = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            raise _ProbeUndecided from None
+        if not isinstance(value, dict):
+            raise _ProbeUndecided
+        keys.update(dict.fromkeys(value))
+        rows += 1
+        if rows >= _PROBE_ROWS:
+            break
+    if not rows and len(head) == _PROBE_BYTES:
+        raise _ProbeUndecided  # one line longer than the probe
+    return list(keys) if rows else None
+
+
+def probe_columns(paths: list[str], fmt: Format, raw: ray.data.Dataset) -> list[str] | None:
+    """The corpus's column names from the first rows of its first non-empty file, or None if empty.
+
+    Read straight from the files (no Ray Data execution, which would read the corpus's first
+    block a second time); falls back to Ray Data when the files do not say (odd JSON).
+    """
+    if fmt == "text":
+        return ["text"]
+    try:
+        for filesystem, path in _data_files(paths):
+            columns = _file_columns(filesystem, path, fmt)
+            if columns is not None:
+                return columns
+        return None
+    except (_ProbeUndecided, OSError, pa.ArrowException):
+        return _first_columns(raw)
 
 
 def read_corpus(data: DataConfig, *, reference: str | None = None, limit: int | None = None) -> Corpus:
@@ -224,7 +315,7 @@ def read_corpus(data: DataConfig, *, reference: str | None = None, limit: int | 
     limit = limit or data.limit
     if limit:
         raw = raw.limit(limit)
-    columns = _first_columns(raw)
+    columns = probe_columns(paths, fmt, raw)
     if columns is not None and data.text_column not in columns:
         raise DataError(
             f"text column {data.text_column!r} not found in {reference}; columns found: {', '.join(columns)}"
@@ -239,11 +330,7 @@ def read_corpus(data: DataConfig, *, reference: str | None = None, limit: int | 
             "max_chars": data.max_chars,
         },
     )
-    rows = classified.filter(expr=col("reason").is_null()).drop_columns(["reason"])
-    rejected = classified.filter(expr=col("reason").is_not_null())
-    if data.label_column:
-        rejected = rejected.drop_columns(["gold_label"])
-    return Corpus(reference=reference, rows=rows, rejected=rejected, columns=columns or [])
+    return Corpus(reference=reference, classified=classified, columns=columns or [], has_gold=bool(data.label_column))
 
 
 # --------------------------------------------------------------------------- gold sets
@@ -254,9 +341,10 @@ def read_gold(
 ) -> pd.DataFrame:
     """Load a (small) gold set of ``text``, ``label`` and check every label against the label set."""
     data = DataConfig(input=reference, text_column=text_column, label_column=label_column)
-    corpus = read_corpus(data)
-    frame = corpus.rows.to_pandas()
-    rejected = corpus.rejected.count()
+    everything = read_corpus(data).classified.to_pandas()  # one read; a gold set is small
+    bad = everything["reason"].notna() if "reason" in everything else pd.Series(dtype=bool)
+    rejected = int(bad.sum())
+    frame = everything[~bad].drop(columns=["reason"]).reset_index(drop=True) if len(everything) else everything
     if rejected:
         raise DataError(f"gold set {reference} has {rejected} rows without a usable text")
     if frame.empty:
@@ -306,12 +394,13 @@ def inspect_corpus(data: DataConfig) -> CorpusStats:
     reasons: Counter[str] = Counter()
     labels: Counter[str] = Counter()
     lengths: list[np.ndarray] = []
-    for batch in corpus.rows.iter_batches(batch_format="pandas", batch_size=4096):
-        lengths.append(batch["text"].str.len().to_numpy())
-        if "gold_label" in batch:
-            labels.update(str(v) for v in batch["gold_label"] if v is not None)
-    for batch in corpus.rejected.iter_batches(batch_format="pandas", batch_size=4096):
-        reasons.update(batch["reason"])
+    for batch in corpus.classified.iter_batches(batch_format="pandas", batch_size=4096):
+        bad = batch["reason"].notna()
+        reasons.update(batch.loc[bad, "reason"])
+        good = batch[~bad]
+        lengths.append(good["text"].str.len().to_numpy())
+        if "gold_label" in good:
+            labels.update(str(v) for v in good["gold_label"] if v is not None)
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0)
     valid = int(all_lengths.size)
     percentiles = (

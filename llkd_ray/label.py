@@ -30,6 +30,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +46,7 @@ import pyarrow.parquet as pq
 from llkd_ray import __version__
 from llkd_ray.config import PipelineConfig
 from llkd_ray.errors import ConfigError
-from llkd_ray.teachers import Sink, TeacherActor, TeacherPlan, VLLMTeacher, check_teacher
+from llkd_ray.teachers import Sink, TeacherActor, TeacherPlan, backend_spec, check_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,17 @@ _EMPTY_PART = "part-empty.parquet"
 #: Settings that change how fast labels come, not what they are: left out of the config hash, so a
 #: job can be resumed with more actors or another batch size.
 _OPERATIONAL = frozenset(
-    {"batch_size", "concurrency", "num_cpus", "num_gpus", "accelerator_type", "tensor_parallel_size", "device"}
+    {
+        "batch_size",
+        "max_concurrent_batches",
+        "concurrency",
+        "num_cpus",
+        "num_gpus",
+        "threads",
+        "accelerator_type",
+        "tensor_parallel_size",
+        "device",
+    }
 )
 _DATA_KEYS = ("input", "format", "text_column", "id_column", "label_column", "max_chars", "limit")
 
@@ -211,6 +222,12 @@ def claim_output(store: OutputStore, job: dict[str, Any], overwrite: bool) -> No
     store.write_json(JOB_FILE, job)
 
 
+def _rejected_count(store: OutputStore) -> int:
+    return sum(
+        pq.read_metadata(store.path(REJECTED_DIR, n), filesystem=store.fs).num_rows for n in store.parts(REJECTED_DIR)
+    )
+
+
 def committed_ids(store: OutputStore) -> pa.Array:
     """Ids already committed (labeled or rejected), read from the parts' ``id`` column only."""
     chunks = [store.read_table(name, columns=["id"])["id"] for name in store.parts()]
@@ -229,7 +246,28 @@ def drop_committed(batch: pa.Table, *, committed: pa.Array) -> pa.Table:
     return batch.filter(keep)
 
 
-def part_name(ids: pd.Series) -> str:
+def commit_rejected(batch: pa.Table, *, store: OutputStore) -> pa.Table:
+    """Ray Data task, fused into the read: commit the block's rejected rows, pass the others on.
+
+    This is what lets one read of the corpus feed both outputs. The part name is a hash of the
+    rejected ids, so a retried read task rewrites the same file.
+    """
+    bad = pc.is_valid(batch["reason"])
+    rejected = batch.filter(bad)
+    if rejected.num_rows:
+        table = pa.table(
+            {
+                "id": rejected["id"].cast(pa.string()),
+                "text": rejected["text"].cast(pa.string()),
+                "reason": rejected["reason"].cast(pa.string()),
+            },
+            schema=REJECTED_SCHEMA,
+        )
+        store.write_table(table, REJECTED_DIR, part_name(table["id"].to_pylist()))
+    return batch.filter(pc.invert(bad)).drop_columns(["reason"])
+
+
+def part_name(ids: pd.Series | list[str]) -> str:
     """A deterministic part name: a hash of the block's ids (a retry rewrites the same file)."""
     digest = hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()[:24]
     return f"{_PART_PREFIX}{digest}.parquet"
@@ -263,7 +301,7 @@ def rejected_table(frame: pd.DataFrame) -> pa.Table:
     )
 
 
-_SUMMARY_COLUMNS = ["part", "actor", "labeled", "rejected"]
+_SUMMARY_COLUMNS = ["part", "actor", "labeled", "rejected", "score_s", "threads"]
 
 
 def commit_block(batch: pd.DataFrame, *, store: OutputStore, label_names: list[str], has_gold: bool) -> pd.DataFrame:
@@ -272,9 +310,8 @@ def commit_block(batch: pd.DataFrame, *, store: OutputStore, label_names: list[s
     Returns one summary row per teacher actor that produced the block (counts only, no text).
     """
     if batch.empty:
-        return pd.DataFrame(
-            {c: pd.Series(dtype=object if c in ("part", "actor") else np.int64) for c in _SUMMARY_COLUMNS}
-        )
+        dtypes = {"part": object, "actor": object, "score_s": np.float64}
+        return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, np.int64)) for c in _SUMMARY_COLUMNS})
     name = part_name(batch["id"])
     bad = batch["reason"].notna()
     if bad.any():
@@ -283,63 +320,220 @@ def commit_block(batch: pd.DataFrame, *, store: OutputStore, label_names: list[s
         store.write_table(labeled_table(batch[~bad], label_names, has_gold), name)
     actors = batch["teacher_actor"] if "teacher_actor" in batch else pd.Series("", index=batch.index)
     actors = actors.fillna("").astype(str)
+    # The teacher's own seconds per row (the actor class records them): the manifest's profile.
+    seconds = batch["teacher_s"].fillna(0.0).to_numpy(dtype=np.float64) if "teacher_s" in batch else 0.0
+    threads = batch["teacher_threads"].fillna(0).to_numpy(dtype=np.int64) if "teacher_threads" in batch else 0
     summary = (
-        pd.DataFrame({"actor": actors, "labeled": (~bad).astype(np.int64), "rejected": bad.astype(np.int64)})
+        pd.DataFrame(
+            {
+                "actor": actors,
+                "labeled": (~bad).astype(np.int64),
+                "rejected": bad.astype(np.int64),
+                "score_s": np.broadcast_to(seconds, len(batch)),
+                "threads": np.broadcast_to(threads, len(batch)),
+            }
+        )
         .groupby("actor", as_index=False)
-        .sum()
+        .agg({"labeled": "sum", "rejected": "sum", "score_s": "sum", "threads": "max"})
     )
     summary.insert(0, "part", name)
     return summary[_SUMMARY_COLUMNS]
 
 
-def _compute(concurrency: int | tuple[int, int] | list[int]):
-    import ray.data
+@dataclass(frozen=True)
+class ActorPool:
+    """How the teacher actors of the ``embedding`` and ``hf`` backends use the cluster."""
 
-    if isinstance(concurrency, int):
-        return ray.data.ActorPoolStrategy(size=concurrency)
-    low, high = concurrency
-    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    min_size: int
+    max_size: int
+    num_cpus: float
+    num_gpus: float
+    threads: int | None
+    """Torch threads per actor; None: its node's CPUs / ``actors_per_node`` (worked out in the actor)."""
+    actors_per_node: int
+    cluster_cpus: float
+
+    def compute(self):
+        import ray.data
+
+        if self.min_size == self.max_size:
+            return ray.data.ActorPoolStrategy(size=self.min_size)
+        return ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size)
+
+    def describe(self) -> str:
+        size = str(self.max_size) if self.min_size == self.max_size else f"{self.min_size}-{self.max_size}"
+        threads = "node CPUs" if self.threads is None else str(self.threads)
+        return f"{size} actor(s) x {threads} thread(s), {self.cluster_cpus:g} CPUs"
 
 
-def _check_pool_leaves_room(settings: Any, backend: str) -> None:
-    """Warn when the pool's minimum takes every CPU: the tasks that read the corpus then wait for a
-    CPU that never frees (a small corpus read before the actors start still goes through)."""
+def plan_actor_pool(settings: Any) -> ActorPool:
+    """Size the teacher's actor pool from the cluster for ``concurrency: auto`` / ``threads: auto``.
+
+    ``auto`` uses the whole machine with one actor per node whose torch threads take the node's
+    CPUs (one actor per GPU share with ``num_gpus``): measured against N single-thread actors in
+    docs/labeling.md. The actor reserves ``num_cpus`` only, so the tasks reading the corpus still
+    get a CPU; they use little of it, and the OS shares the core.
+    """
     import ray
 
-    low = settings.concurrency if isinstance(settings.concurrency, int) else settings.concurrency[0]
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus and low * settings.num_cpus >= cpus:
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= settings.num_cpus]
+    cluster = ray.cluster_resources()
+    cpus = float(cluster.get("CPU", 0))
+    if settings.concurrency == "auto":
+        gpus = float(cluster.get("GPU", 0))
+        high = max(1, int(gpus // settings.num_gpus) if settings.num_gpus > 0 else len(nodes))
+        low = 1
+    elif isinstance(settings.concurrency, int):
+        low = high = settings.concurrency
+    else:
+        low, high = settings.concurrency
+    per_node = max(1, -(-high // max(1, len(nodes))))
+    if settings.threads != "auto":
+        threads: int | None = int(settings.threads)
+    elif settings.num_gpus > 0:
+        threads = max(1, int(settings.num_cpus))  # the GPU does the work
+    else:
+        threads = None
+    return ActorPool(low, high, settings.num_cpus, settings.num_gpus, threads, per_node, cpus)
+
+
+def _check_pool_leaves_room(pool: ActorPool, backend: str) -> None:
+    """Warn when the pool's minimum takes every CPU: the tasks that read the corpus then wait for a
+    CPU that never frees (a small corpus read before the actors start still goes through)."""
+    if pool.cluster_cpus and pool.min_size * pool.num_cpus >= pool.cluster_cpus:
         message = (
-            f"teacher.{backend}: {low} actor(s) x num_cpus {settings.num_cpus} take all {cpus:g} CPUs of the "
-            "cluster, leaving none to read the corpus, which can stall the job; prefer an autoscaled "
-            "concurrency [1, N], fewer actors or a smaller num_cpus"
+            f"teacher.{backend}: {pool.min_size} actor(s) x num_cpus {pool.num_cpus} take all "
+            f"{pool.cluster_cpus:g} CPUs of the cluster, leaving none to read the corpus, which can stall the "
+            "job; prefer concurrency: auto (threads per actor), an autoscaled [1, N], fewer actors or a "
+            "smaller num_cpus"
         )
         logger.warning(message)
         warnings.warn(message, stacklevel=3)
 
 
-def teacher_stage(dataset, plan: TeacherPlan, sink: Sink | None = None):
+def teacher_stage(dataset, plan: TeacherPlan, sink: Sink | None = None, pool: ActorPool | None = None):
     """The teacher on a Ray Dataset of ``id``, ``text`` (``gold_label``): adds ``probs``, ``truncated``,
-    ``reason`` (None when labeled) and ``teacher_actor``, then applies ``sink`` to each block in the
-    same worker. Lazy and streaming."""
-    if plan.backend == "vllm":
-        return VLLMTeacher(plan).apply(dataset, sink)
+    ``reason`` (None when labeled), ``teacher_actor`` and ``teacher_s``, then applies ``sink`` to each
+    block in the same worker. Lazy and streaming. Each actor call gets one block of
+    ``teacher.block_rows`` rows (one committed part)."""
+    spec = backend_spec(plan.backend)
+    if spec.local is None:
+        return spec.stage(plan).apply(dataset, sink)
     settings = getattr(plan.teacher, plan.backend)
-    _check_pool_leaves_room(settings, plan.backend)
+    pool = pool or plan_actor_pool(settings)
+    _check_pool_leaves_room(pool, plan.backend)
     with warnings.catch_warnings():
         # Actor restarts and task retries still go through ray_remote_args in Ray 2.60.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         return dataset.map_batches(
             TeacherActor,
-            fn_constructor_kwargs={"plan": plan, "sink": sink},
-            batch_size=settings.batch_size,
+            fn_constructor_kwargs={
+                "plan": plan,
+                "sink": sink,
+                "threads": pool.threads,
+                "actors_per_node": pool.actors_per_node,
+            },
+            batch_size=plan.teacher.block_rows,
             batch_format="pandas",
-            compute=_compute(settings.concurrency),
-            num_cpus=settings.num_cpus,
-            num_gpus=settings.num_gpus or None,
+            compute=pool.compute(),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus or None,
             max_restarts=plan.teacher.max_restarts,
             max_task_retries=plan.teacher.max_task_retries,
         )
+
+
+# --------------------------------------------------------------------------- the declared stages
+
+
+@dataclass
+class StageContext:
+    """What the stages of one labeling run share."""
+
+    plan: TeacherPlan
+    store: OutputStore
+    committed: pa.Array
+    block_rows: int
+    has_gold: bool
+    pool: ActorPool | None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the labeling pipeline: the columns it needs, adds and drops, and how to apply it
+    to the (lazy) dataset. The list is checked before anything runs (:func:`check_stages`)."""
+
+    name: str
+    needs: tuple[str, ...]
+    adds: tuple[str, ...]
+    apply: Callable[[Any, StageContext], Any]
+    drops: tuple[str, ...] = ()
+    replaces: bool = False
+    """The stage's output is a new table (``adds`` only), not its input plus ``adds``."""
+
+
+def _drop_committed_stage(dataset, run: StageContext):
+    if not len(run.committed):
+        return dataset
+    # Default resources, so Ray Data fuses it into the reading tasks (no extra operator).
+    return dataset.map_batches(
+        drop_committed, batch_format="pyarrow", batch_size=None, fn_kwargs={"committed": run.committed}
+    )
+
+
+def _commit_rejected_stage(dataset, run: StageContext):
+    return dataset.map_batches(commit_rejected, batch_format="pyarrow", batch_size=None, fn_kwargs={"store": run.store})
+
+
+def _repartition_stage(dataset, run: StageContext):
+    # Blocks of block_rows rows: the work units the actor pool spreads (and scales) over.
+    return dataset.repartition(target_num_rows_per_block=run.block_rows)
+
+
+def _score_and_commit_stage(dataset, run: StageContext):
+    sink = functools.partial(commit_block, store=run.store, label_names=run.plan.label_names, has_gold=run.has_gold)
+    return teacher_stage(dataset, run.plan, sink=sink, pool=run.pool)
+
+
+#: What the corpus reader's ``classified`` dataset carries (``gold_label`` when the pool has gold).
+CLASSIFIED_COLUMNS = ("id", "text", "reason")
+
+#: The labeling pipeline, in order. Scoring and committing run in the same actor (the commit is
+#: the teacher's sink) so that the teacher is the last operator; see docs/labeling.md.
+LABEL_STAGES: tuple[Stage, ...] = (
+    Stage("drop_committed", needs=("id",), adds=(), apply=_drop_committed_stage),
+    Stage("commit_rejected", needs=("id", "text", "reason"), adds=(), drops=("reason",), apply=_commit_rejected_stage),
+    Stage("repartition", needs=(), adds=(), apply=_repartition_stage),
+    Stage(
+        "score_and_commit",
+        needs=("id", "text"),
+        adds=tuple(_SUMMARY_COLUMNS),
+        replaces=True,
+        apply=_score_and_commit_stage,
+    ),
+)
+
+
+def check_stages(stages: Sequence[Stage], columns: Sequence[str]) -> list[str]:
+    """Check that every stage finds the columns it needs; return the columns of the last output."""
+    available = list(columns)
+    for stage in stages:
+        missing = [c for c in stage.needs if c not in available]
+        if missing:
+            raise ValueError(f"label stage {stage.name!r} needs {', '.join(missing)}, which no earlier stage adds")
+        if stage.replaces:
+            available = list(stage.adds)
+        else:
+            available = [c for c in available if c not in stage.drops] + [c for c in stage.adds if c not in available]
+    return available
+
+
+def build_pipeline(dataset, stages: Sequence[Stage], run: StageContext):
+    """Apply the checked stages to the classified corpus (lazy: nothing runs until iterated)."""
+    check_stages(stages, CLASSIFIED_COLUMNS)
+    for stage in stages:
+        dataset = stage.apply(dataset, run)
+    return dataset
 
 
 # --------------------------------------------------------------------------- totals and exactly-once
@@ -454,7 +648,7 @@ class LabelResult:
         parts = [
             f"label: {labeled} labeled, {counts['rejected']} rejected of {counts['read']} rows",
             f"{run['rows']} this run in {run['wall_time_s']:.1f} s ({run['rows_per_s']:.1f} rows/s, "
-            f"{len(run['rows_per_actor'])} actor(s))",
+            f"{_machine_use(run)})",
             f"labels: {distribution}",
         ]
         if m["mean_confidence"] is not None:
@@ -464,6 +658,18 @@ class LabelResult:
         if counts["truncated"]:
             parts.append(f"{counts['truncated']} truncated")
         return "; ".join(parts) + f" -> {self.output}"
+
+
+def _machine_use(run: dict[str, Any]) -> str:
+    """``2 actor(s) x 1 thread(s) on 2 CPUs``: how much of the cluster the teacher used."""
+    actors = len(run["rows_per_actor"])
+    threads = sorted({t for t in run.get("threads_per_actor", {}).values() if t})
+    text = f"{actors} actor(s)"
+    if threads:
+        text += f" x {'/'.join(map(str, threads))} thread(s)"
+    if run.get("cluster_cpus"):
+        text += f" on {run['cluster_cpus']:g} CPUs"
+    return text
 
 
 def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool = False) -> LabelResult:
@@ -504,34 +710,35 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
         }
         claim_output(store, job, overwrite)
         committed = committed_ids(store)
-        summaries = []
-        commit_kwargs = {"store": store, "label_names": label_names, "has_gold": has_gold}
-        for kind, dataset in (("rejected", corpus.rejected), ("rows", corpus.rows)):
-            if len(committed):
-                # Default resources, so Ray Data fuses it into the reading tasks (no extra operator).
-                dataset = dataset.map_batches(
-                    drop_committed, batch_format="pyarrow", batch_size=None, fn_kwargs={"committed": committed}
-                )
-            if kind == "rows":
-                # Blocks of block_rows rows: the work units the actor pool spreads (and scales) over.
-                dataset = dataset.repartition(target_num_rows_per_block=config.teacher.block_rows)
-                committed_blocks = teacher_stage(dataset, plan, sink=functools.partial(commit_block, **commit_kwargs))
-            else:
-                committed_blocks = dataset.map_batches(
-                    commit_block, batch_format="pandas", batch_size=None, num_cpus=0.25, fn_kwargs=commit_kwargs
-                )
-            for batch in committed_blocks.iter_batches(batch_format="pandas", batch_size=None):
-                summaries.append(batch)
+        rejected_before = _rejected_count(store)
+        spec = backend_spec(plan.backend)
+        run = StageContext(
+            plan=plan,
+            store=store,
+            committed=committed,
+            block_rows=config.teacher.block_rows,
+            has_gold=has_gold,
+            pool=plan_actor_pool(getattr(config.teacher, plan.backend)) if spec.local else None,
+        )
+        committed_blocks = build_pipeline(corpus.classified, LABEL_STAGES, run)
+        pool = run.pool
+        summaries = list(committed_blocks.iter_batches(batch_format="pandas", batch_size=None))
     finally:
         context.execution_options.preserve_order = preserve_order
 
     wall = time.perf_counter() - started
     runs = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=_SUMMARY_COLUMNS)
     runs["rows"] = runs["labeled"].astype(int) + runs["rejected"].astype(int)
-    per_actor = runs[runs["actor"] != ""].groupby("actor")["rows"].sum()
-    rows_this_run = int(runs["rows"].sum())
+    by_actor = runs[runs["actor"] != ""].groupby("actor")
+    per_actor = by_actor["rows"].sum()
+    threads_per_actor = by_actor["threads"].max() if len(per_actor) else pd.Series(dtype=np.int64)
 
     totals = scan_output(store, label_names)
+    labeled_this_run = int(runs["labeled"].astype(int).sum())
+    # The reader's rejections are committed in the read tasks, the teacher's by its actors: both
+    # are the rejected rows the directory gained in this run.
+    rejected_this_run = max(totals["counts"]["rejected"] - rejected_before, 0)
+    rows_this_run = labeled_this_run + rejected_this_run
     if not store.parts():
         # Readers of an empty result still find the schema.
         store.write_table(labeled_schema(has_gold).empty_table(), _EMPTY_PART)
@@ -550,13 +757,19 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
         "rows_per_s": round(rows_this_run / wall, 3) if wall > 0 else None,
         "run": {
             "rows": rows_this_run,
-            "labeled": int(runs["labeled"].astype(int).sum()),
-            "rejected": int(runs["rejected"].astype(int).sum()),
+            "labeled": labeled_this_run,
+            "rejected": rejected_this_run,
             "skipped_already_committed": len(committed),
             "resumed": bool(len(committed)),
             "wall_time_s": round(wall, 3),
             "rows_per_s": round(rows_this_run / wall, 3) if wall > 0 else None,
             "rows_per_actor": {str(k): int(v) for k, v in per_actor.items()},
+            # Seconds the teacher actors spent scoring (summed over actors): the rest of
+            # wall_time_s x actors is start-up, reading, committing and waiting.
+            "teacher_busy_s": round(float(runs["score_s"].astype(float).sum()), 3),
+            # Torch threads of each actor (0 for the vLLM engines, which manage their own).
+            "threads_per_actor": {str(k): int(v) for k, v in threads_per_actor.items()},
+            "cluster_cpus": pool.cluster_cpus if pool else float(ray.cluster_resources().get("CPU", 0)),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     }

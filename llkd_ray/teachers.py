@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -140,7 +142,7 @@ def prompt_hash(task: TaskConfig, teacher: TeacherConfig) -> str:
         "labels": [[label.name, label.description, label.answer] for label in task.labels],
         "scoring": teacher.scoring,
     }
-    if teacher.backend == "embedding":
+    if not backend_spec(teacher.backend).llm:
         payload = {
             "descriptions": [[label.name, label.description] for label in task.labels],
             "temperature": teacher.embedding.temperature,
@@ -291,15 +293,16 @@ def check_teacher(task: TaskConfig, teacher: TeacherConfig) -> TeacherPlan:
     teacher and maps every label to its verbalizer tokens.
     """
     backend = teacher.backend
+    spec = backend_spec(backend)
     settings = getattr(teacher, backend)
-    if backend == "vllm" and teacher.scoring == "sequence":
+    if spec.llm and teacher.scoring == "sequence" and not spec.sequence_scoring:
         raise ConfigError(
-            "teacher.scoring: sequence needs one request per label, which the vllm backend does not do; "
+            f"teacher.scoring: sequence needs one request per label, which the {backend} backend does not do; "
             "use verbalizers with distinct first tokens (scoring: first_token) or the hf backend"
         )
     model_path = resolve_model_path(settings.model)
     phash = prompt_hash(task, teacher)
-    if backend == "embedding":
+    if not spec.llm:
         identity = TeacherIdentity(
             backend=backend,
             model=settings.model,
@@ -339,24 +342,137 @@ def check_teacher(task: TaskConfig, teacher: TeacherConfig) -> TeacherPlan:
 # --------------------------------------------------------------------------- embedding
 
 
+#: sentence-transformers module types the plain-transformers encoder reproduces exactly.
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def plain_sentence_encoder_spec(model_path: str) -> dict[str, Any] | None:
+    """How to embed with plain ``transformers`` what the sentence-transformers model at
+    ``model_path`` computes, or None when it is not a (Transformer, mean or CLS Pooling,
+    Normalize) stack: then :class:`EmbeddingTeacher` loads ``SentenceTransformer`` itself.
+
+    The reason: importing ``sentence_transformers`` pulls in scikit-learn and SciPy, which costs
+    each teacher actor several seconds of start-up on a small machine (measured: 24 s against
+    3.6 s for ``transformers`` alone on the 2-core development machine under load).
+    """
+    root = Path(model_path)
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        kinds = [str(m["type"]).rsplit(".", 1)[-1] for m in modules]
+        if kinds not in ([*_ST_MODULES], [*_ST_MODULES[:2]]) or modules[0].get("path", "") != "":
+            return None
+        settings = json.loads((root / "sentence_bert_config.json").read_text())
+        pooling = json.loads((root / modules[1]["path"] / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if set(settings) - {"max_seq_length", "do_lower_case"} or not isinstance(settings.get("max_seq_length"), int):
+        return None
+    modes = {key for key, value in pooling.items() if key.startswith("pooling_mode_") and value is True}
+    if modes not in ({"pooling_mode_mean_tokens"}, {"pooling_mode_cls_token"}):
+        return None
+    if pooling.get("include_prompt") is False:
+        return None
+    return {
+        "max_seq_length": settings["max_seq_length"],
+        "lower_case": bool(settings.get("do_lower_case")),
+        "pooling": "mean" if "pooling_mode_mean_tokens" in modes else "cls",
+        "normalize": len(kinds) == 3,
+    }
+
+
+class PlainSentenceEncoder:
+    """A sentence-transformers (Transformer, Pooling, Normalize) model run with ``transformers``.
+
+    Computes what ``SentenceTransformer.encode`` does (texts sorted by length, batched, truncated
+    to ``max_seq_length``, mean or CLS pooled) and, from the same tokenization, which texts were
+    truncated, so long texts are tokenized once.
+    """
+
+    def __init__(self, model_path: str, spec: dict[str, Any], device: str):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModel.from_pretrained(model_path).to(device).eval()
+        self.device = device
+        self.max_seq_length = int(spec["max_seq_length"])
+        self.lower_case = bool(spec["lower_case"])
+        self.pooling = spec["pooling"]
+        self.normalize = bool(spec["normalize"])
+
+    def encode(self, texts: Sequence[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, d) float32 embeddings and (n,) truncation flags."""
+        torch = self.torch
+        texts = [t.lower() for t in texts] if self.lower_case else list(texts)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        embeddings: list[np.ndarray] = []
+        flags = np.zeros(len(texts), dtype=bool)
+        for start in range(0, len(texts), batch_size):
+            chunk = order[start : start + batch_size]
+            encoded = self.tokenizer(
+                [texts[i] for i in chunk],
+                padding=True,
+                truncation="longest_first",
+                max_length=self.max_seq_length,
+                return_overflowing_tokens=True,
+                return_tensors="pt",
+            )
+            # Overflow windows repeat a row's index: the first window is the truncated text.
+            mapping = encoded.pop("overflow_to_sample_mapping")
+            first = torch.ones(len(mapping), dtype=torch.bool)
+            first[1:] = mapping[1:] != mapping[:-1]
+            flags[chunk] = np.bincount(mapping.numpy(), minlength=len(chunk)) > 1
+            encoded.pop("num_truncated_tokens", None)
+            inputs = {key: value[first].to(self.device) for key, value in encoded.items()}
+            # Overflow windows can be longer than the real rows: trim the padding they left.
+            width = int(inputs["attention_mask"].sum(dim=1).max())
+            inputs = {key: value[:, :width] for key, value in inputs.items()}
+            with torch.inference_mode():
+                hidden = self.model(**inputs)[0]
+                if self.pooling == "cls":
+                    pooled = hidden[:, 0]
+                else:
+                    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                if self.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            embeddings.append(pooled.float().cpu().numpy())
+        out = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), dtype=np.float32)
+        result = np.empty_like(out)
+        result[order] = out
+        return result, flags
+
+
 class EmbeddingTeacher:
     """Zero-shot: cosine similarity of the text and each label description, softmax / temperature."""
 
     def __init__(self, plan: TeacherPlan, device: str | None = None):
         import torch
-        from sentence_transformers import SentenceTransformer
 
         settings = plan.teacher.embedding
         device = device or ("cuda" if settings.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.model = SentenceTransformer(plan.model_path, device=device)
         self.batch_size = settings.batch_size
         self.temperature = settings.temperature
+        spec = plain_sentence_encoder_spec(plan.model_path)
         descriptions = [label.description for label in plan.task.labels]
-        self.label_embeddings = self.model.encode(
-            descriptions, normalize_embeddings=True, convert_to_numpy=True, batch_size=len(descriptions)
-        )
-        self.max_tokens = int(self.model.max_seq_length)
-        self.tokenizer = self.model.tokenizer
+        if spec is not None:
+            self.plain: PlainSentenceEncoder | None = PlainSentenceEncoder(plan.model_path, spec, device)
+            self.model = None
+            self.max_tokens = self.plain.max_seq_length
+            self.tokenizer = self.plain.tokenizer
+            label_embeddings, _ = self.plain.encode(descriptions, batch_size=len(descriptions))
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self.plain = None
+            self.model = SentenceTransformer(plan.model_path, device=device)
+            self.max_tokens = int(self.model.max_seq_length)
+            self.tokenizer = self.model.tokenizer
+            label_embeddings = self.model.encode(
+                descriptions, normalize_embeddings=True, convert_to_numpy=True, batch_size=len(descriptions)
+            )
+        self.label_embeddings = _unit_rows(label_embeddings)
 
     def _truncated(self, texts: Sequence[str]) -> np.ndarray:
         # A token covers at least one character, so only texts longer than the limit can overflow it.
@@ -367,16 +483,29 @@ class EmbeddingTeacher:
             flags[long] = np.asarray(lengths) > self.max_tokens
         return flags
 
+    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Unit-norm embeddings of the texts and whether each was truncated to the model's limit."""
+        if self.plain is not None:
+            embeddings, truncated = self.plain.encode(texts, self.batch_size)
+            return _unit_rows(embeddings), truncated
+        embeddings = self.model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
+        return embeddings, self._truncated(texts)
+
     def score(self, texts: Sequence[str]) -> TeacherOutput:
         texts = list(texts)
         if not texts:
             return TeacherOutput(np.zeros((0, len(self.label_embeddings))), np.zeros(0, dtype=bool), [])
-        embeddings = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
-        )
+        embeddings, truncated = self.embed(texts)
         similarities = embeddings.astype(np.float64) @ self.label_embeddings.astype(np.float64).T
         probs, reasons = normalise_scores(similarities / self.temperature)
-        return TeacherOutput(probs, self._truncated(texts), reasons)
+        return TeacherOutput(probs, truncated, reasons)
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)
 
 
 # --------------------------------------------------------------------------- transformers causal LM
@@ -404,9 +533,24 @@ class HFTeacher:
         self.first_tokens = [c[0] for c in self.continuations]
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        # Models whose forward takes logits_to_keep project only the positions scored (most causal
+        # LMs in transformers 5); for the others the logits are sliced before any softmax.
+        self.keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        # Each label's answer right-aligned in `longest` slots (every sequence ends with its answer).
+        longest = max(map(len, self.continuations))
+        targets = torch.zeros((len(self.continuations), longest), dtype=torch.long)
+        valid = torch.zeros((len(self.continuations), longest), dtype=torch.float32)
+        for row, cont in enumerate(self.continuations):
+            targets[row, longest - len(cont) :] = torch.tensor(cont, dtype=torch.long)
+            valid[row, longest - len(cont) :] = 1.0
+        self.answer_targets = (targets, valid)
 
-    def _forward(self, sequences: list[list[int]]):
-        """Log-softmax over the vocabulary at every position; sequences left-padded to one length."""
+    def _forward(self, sequences: list[list[int]], keep: int):
+        """Logits (float32) at the last ``keep`` positions only; sequences left-padded to one length.
+
+        Scoring reads a handful of positions, so the model computes the vocabulary projection there
+        only (``logits_to_keep``) and nothing takes a softmax over the vocabulary at every position.
+        """
         torch = self.torch
         length = max(map(len, sequences))
         ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
@@ -416,30 +560,36 @@ class HFTeacher:
             mask[row, length - len(seq) :] = 1
         # Positions count real tokens only, so a left-padded prompt is scored exactly as an unpadded one.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        inputs = {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": positions.to(self.device),
+        }
+        if self.keeps_logits:
+            inputs["logits_to_keep"] = keep
         with torch.inference_mode():
-            logits = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device),
-            ).logits
-        return torch.log_softmax(logits.float(), dim=-1)
+            logits = self.model(**inputs).logits
+        return logits[:, -keep:, :].float()
 
     def _first_token_scores(self, prompts: list[list[int]]) -> np.ndarray:
-        logprobs = self._forward(prompts)[:, -1, :]
-        return logprobs[:, self.first_tokens].double().cpu().numpy()
+        """Next-token log-probabilities of each label's first token, from the last position."""
+        logits = self._forward(prompts, keep=1)[:, -1, :]
+        logprobs = logits[:, self.first_tokens] - self.torch.logsumexp(logits, dim=-1, keepdim=True)
+        return logprobs.double().cpu().numpy()
 
     def _sequence_scores(self, prompts: list[list[int]]) -> np.ndarray:
+        """Log-probability of each label's whole answer after the prompt: one gather, K rows per prompt."""
+        torch = self.torch
         k = len(self.continuations)
         sequences = [prompt + cont for prompt in prompts for cont in self.continuations]
-        logprobs = self._forward(sequences)
-        length = logprobs.shape[1]
-        scores = np.zeros(len(sequences))
-        for row in range(len(sequences)):
-            cont = self.continuations[row % k]
-            # The logits at position p predict the token at p + 1; the answer is the last len(cont) tokens.
-            positions = range(length - len(cont) - 1, length - 1)
-            scores[row] = sum(float(logprobs[row, p, t]) for p, t in zip(positions, cont, strict=True))
-        return scores.reshape(len(prompts), k)
+        longest = max(map(len, self.continuations))
+        # The logits at position p predict the token at p + 1: the last `longest` answer tokens are
+        # predicted by the `longest` positions before the last one.
+        logprobs = torch.log_softmax(self._forward(sequences, keep=longest + 1)[:, :-1, :], dim=-1)
+        targets, valid = self.answer_targets
+        picked = logprobs.gather(-1, targets.repeat(len(prompts), 1).unsqueeze(-1).to(logprobs.device)).squeeze(-1)
+        scores = (picked * valid.repeat(len(prompts), 1).to(picked.device)).sum(dim=1)
+        return scores.double().cpu().numpy().reshape(len(prompts), k)
 
     def score(self, texts: Sequence[str]) -> TeacherOutput:
         texts = list(texts)
@@ -458,16 +608,29 @@ class HFTeacher:
 
 
 def build_local_teacher(plan: TeacherPlan) -> Teacher:
-    """The in-process teacher for a plan (the ``embedding`` and ``hf`` backends)."""
-    if plan.backend == "embedding":
-        return EmbeddingTeacher(plan)
-    if plan.backend == "hf":
-        return HFTeacher(plan)
-    raise ValueError(f"the {plan.backend} backend runs through ray.data.llm; use VLLMTeacher")
+    """The in-process teacher for a plan (the backends :class:`TeacherActor` runs)."""
+    spec = backend_spec(plan.backend)
+    if spec.local is None:
+        raise ValueError(f"the {plan.backend} backend runs as its own Ray Data stage; use backend_spec(...).stage")
+    return spec.local(plan)
 
 
 Sink = Callable[[pd.DataFrame], pd.DataFrame]
 """What the teacher stage does with each scored block, in the same worker (e.g. commit it to disk)."""
+
+
+def actor_threads(actors_per_node: int = 1) -> int:
+    """The CPUs of the node this process runs on, shared among ``actors_per_node`` actors."""
+    import os
+
+    import ray
+
+    cpus = 0.0
+    if ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
+        cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
+    cpus = cpus or len(os.sched_getaffinity(0))
+    return max(1, int(cpus // max(1, actors_per_node)))
 
 
 class TeacherActor:
@@ -477,16 +640,25 @@ class TeacherActor:
     operator of the pipeline and Ray Data's autoscaler can give it the whole cluster.
     """
 
-    def __init__(self, plan: TeacherPlan, sink: Sink | None = None):
+    def __init__(
+        self, plan: TeacherPlan, sink: Sink | None = None, threads: int | None = None, actors_per_node: int = 1
+    ):
         import ray
+        import torch
 
+        self.threads = threads or actor_threads(actors_per_node)
+        torch.set_num_threads(self.threads)
         self.teacher = build_local_teacher(plan)
         self.sink = sink
         self.actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else ""
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        started = time.perf_counter()
         output = self.teacher.score(batch["text"].tolist())
         frame = label_frame(batch, output, self.actor)
+        # The teacher's own seconds, spread over the rows: where the stage's time goes (manifest).
+        frame["teacher_s"] = (time.perf_counter() - started) / max(len(frame), 1)
+        frame["teacher_threads"] = self.threads
         return self.sink(frame) if self.sink else frame
 
 
@@ -551,9 +723,10 @@ def finish_vllm_rows(batch: pd.DataFrame, *, label_names: list[str], sink: Sink 
 def _actor_tagged_engine_udf():
     """vLLM's stage UDF, also recording which engine actor answered each row (rows per actor)."""
     import ray
-    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
 
-    class ActorTaggedVLLMEngineStageUDF(vLLMEngineStageUDF):
+    from llkd_ray.compat import vllm_engine_stage_udf
+
+    class ActorTaggedVLLMEngineStageUDF(vllm_engine_stage_udf()):  # type: ignore[misc]
         async def udf(self, batch):
             actor = ray.get_runtime_context().get_actor_id()
             async for row in super().udf(batch):
@@ -615,6 +788,7 @@ class VLLMTeacher:
             engine_kwargs=engine_kwargs,
             runtime_env={"env_vars": env} if env else None,
             batch_size=settings.batch_size,
+            max_concurrent_batches=settings.max_concurrent_batches,
             concurrency=tuple(concurrency) if isinstance(concurrency, list | tuple) else concurrency,
             accelerator_type=settings.accelerator_type,
             # Prompts are rendered (with the model's chat template, if any) and tokenized by
@@ -701,3 +875,37 @@ def _env_flag(name: str) -> bool:
     import os
 
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------- the backend registry
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the labeling stage needs to know about a teacher backend: one entry per backend, so
+    adding one is one registration, not another ``if backend == ...`` at each call site."""
+
+    name: str
+    llm: bool
+    """Prompted LLM (tokenizer, verbalizers, truncation checked up front); else label descriptions."""
+    sequence_scoring: bool
+    """Whether ``teacher.scoring: sequence`` is offered."""
+    local: Callable[[TeacherPlan], Teacher] | None
+    """An in-process teacher that :class:`TeacherActor` runs in a Ray Data actor pool."""
+    stage: Callable[[TeacherPlan], Any] | None = None
+    """Otherwise, an object whose ``apply(dataset, sink)`` is its own Ray Data stage (vLLM)."""
+
+
+BACKENDS: dict[str, Backend] = {
+    "embedding": Backend("embedding", llm=False, sequence_scoring=False, local=EmbeddingTeacher),
+    "hf": Backend("hf", llm=True, sequence_scoring=True, local=HFTeacher),
+    "vllm": Backend("vllm", llm=True, sequence_scoring=False, local=None, stage=VLLMTeacher),
+}
+
+
+def backend_spec(name: str) -> Backend:
+    """The registry entry of a backend (the config already restricts ``teacher.backend``)."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown teacher backend {name!r}; known: {', '.join(BACKENDS)}") from None

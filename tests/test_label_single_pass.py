@@ -1,0 +1,96 @@
+"""The labeling stage reads the corpus once for both outputs, and reports how it used the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import llkd_ray.corpus as corpus_module
+from llkd_ray.config import load_config
+from llkd_ray.label import REJECTED_DIR, label_corpus, plan_actor_pool
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+
+
+def rows_read(log: Path) -> int:
+    return sum(int(p.read_text()) for p in log.iterdir())
+
+
+@pytest.fixture
+def counted_reads(monkeypatch, tmp_path):
+    """Every row the corpus reader produces is counted (in files: the reads run in Ray workers)."""
+    log = tmp_path / "reads"
+    log.mkdir()
+    read_raw = corpus_module.read_raw
+
+    def _log_rows(batch: pd.DataFrame, *, log: str) -> pd.DataFrame:
+        # Fused into the read (a local function: Ray workers get it by value, not by module).
+        with open(os.path.join(log, uuid.uuid4().hex), "w") as f:
+            f.write(str(len(batch)))
+        return batch
+
+    def counting(*args, **kwargs):
+        return read_raw(*args, **kwargs).map_batches(_log_rows, batch_format="pandas", fn_kwargs={"log": str(log)})
+
+    monkeypatch.setattr(corpus_module, "read_raw", counting)
+    return log
+
+
+def test_accepted_and_rejected_rows_come_from_one_read(ray_local, tmp_path, counted_reads):
+    rows = [{"text": f"a fine film, number {i}"} for i in range(40)]
+    rows[3] = {"text": ""}
+    rows[17] = {"text": "   "}
+    rows[31] = {"other": "no text"}
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(DEMO, [f"data.input={path}", "data.label_column=null", "teacher.block_rows=10"])
+
+    result = label_corpus(config, tmp_path / "labels")
+
+    assert rows_read(counted_reads) == 40  # once each: not once for the rejected, once for the rest
+    labeled = pd.concat(pq.read_table(p).to_pandas() for p in (tmp_path / "labels").glob("part-*.parquet"))
+    rejected = pd.concat(
+        pq.read_table(p).to_pandas() for p in (tmp_path / "labels" / REJECTED_DIR).glob("part-*.parquet")
+    )
+    assert len(labeled) == 37 and sorted(rejected["reason"]) == ["empty_text", "missing_text", "whitespace_text"]
+    assert set(labeled["id"]).isdisjoint(rejected["id"])
+    run = result.manifest["run"]
+    assert run["rows"] == 40 and run["labeled"] == 37 and run["rejected"] == 3
+    assert result.counts == result.counts | {"read": 40, "labeled": 37, "rejected": 3, "duplicates_removed": 0}
+    # The teacher's own time is recorded: the profile of where the stage's time went.
+    assert 0 < run["teacher_busy_s"] <= run["wall_time_s"]
+
+    # A rerun reads the corpus once more and commits nothing new (rejected rows count as done).
+    again = label_corpus(config, tmp_path / "labels")
+    assert rows_read(counted_reads) == 80
+    assert again.manifest["run"]["rows"] == 0 and again.manifest["run"]["skipped_already_committed"] == 40
+    assert again.counts["rejected"] == 3 and again.counts["labeled"] == 37
+
+
+def test_default_pool_uses_every_cpu_of_the_node_and_says_so(ray_local, tmp_path):
+    config = load_config(DEMO, ["data.limit=60", "teacher.block_rows=20"])
+    pool = plan_actor_pool(config.teacher.embedding)
+    # One node of 2 CPUs: one actor reserving 1 CPU, whose torch threads take both.
+    assert (pool.min_size, pool.max_size, pool.threads, pool.actors_per_node) == (1, 1, None, 1)
+    result = label_corpus(config, tmp_path / "labels")
+    run = result.manifest["run"]
+    assert list(run["threads_per_actor"].values()) == [2] and run["cluster_cpus"] == 2
+    assert "1 actor(s) x 2 thread(s) on 2 CPUs" in result.summary()
+
+
+def test_explicit_pool_settings_are_kept(ray_local):
+    config = load_config(
+        DEMO, ["teacher.embedding.concurrency=[1,2]", "teacher.embedding.threads=1", "teacher.embedding.num_cpus=0.5"]
+    )
+    pool = plan_actor_pool(config.teacher.embedding)
+    assert (pool.min_size, pool.max_size, pool.threads, pool.num_cpus) == (1, 2, 1, 0.5)
+    # Two actors may share the node: "auto" threads then split its CPUs between them.
+    shared = plan_actor_pool(load_config(DEMO, ["teacher.embedding.concurrency=2"]).teacher.embedding)
+    assert shared.threads is None and shared.actors_per_node == 2
