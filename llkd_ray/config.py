@@ -11,7 +11,7 @@ import hashlib
 import json
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -111,20 +111,37 @@ Threads = PositiveInt | Literal["auto"]
 """Torch threads per teacher actor, or ``auto``: its node's CPUs shared among the pool's actors there."""
 
 
+AutoLayout = Literal["actor_per_cpu", "actor_per_node"]
+"""What ``concurrency: auto`` / ``threads: auto`` build on CPU nodes (docs/labeling.md, Benchmark)."""
+
+
 class EmbeddingTeacherConfig(_TeacherSection):
+    #: On CPU, one single-thread actor per core: measured on a quiet 2-core machine (news-length
+    #: texts, 2,000 rows), 2 actors x 1 thread scored 135 rows/s in steady state against 97 for one
+    #: actor x 2 threads (a bare 2-thread loop: 95), because torch's intra-op threads scale poorly
+    #: on a small encoder's matrices (2 threads: 1.33x one thread; 2 processes: 1.84x). A MiniLM
+    #: copy per core costs ~0.4 GB of memory each.
+    AUTO_LAYOUT: ClassVar[AutoLayout] = "actor_per_cpu"
+
     model: str = MINILM
     temperature: PositiveFloat = 0.05
     batch_size: PositiveInt = 32
     """Texts per forward pass (each actor call scores a block of ``teacher.block_rows`` texts in
     such batches, sorted by length). Small batches pad less: measured in docs/labeling.md."""
     concurrency: Concurrency | Literal["auto"] = "auto"
-    """``auto``: one actor per node (per GPU with ``num_gpus``), each using its node's CPUs."""
-    num_cpus: PositiveFloat = 1.0
+    """``auto``: one single-thread actor per CPU (per GPU with ``num_gpus``), leaving each node one
+    CPU for reading the corpus (see AUTO_LAYOUT)."""
+    num_cpus: PositiveFloat | Literal["auto"] = "auto"
+    """CPUs each actor reserves; ``auto``: with ``concurrency: auto`` on CPU, (C - 1) / C of a
+    C-CPU node (at least 0.5), so that its C actors leave one CPU to the reading tasks; else 1."""
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
     threads: Threads = "auto"
 
 
 class HFTeacherConfig(_TeacherSection):
+    #: One actor per node whose threads take the node's CPUs: an LLM copy per core would not fit.
+    AUTO_LAYOUT: ClassVar[AutoLayout] = "actor_per_node"
+
     model: str | None = None
     batch_size: PositiveInt = 16
     concurrency: Concurrency | Literal["auto"] = "auto"

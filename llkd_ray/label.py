@@ -369,17 +369,28 @@ class ActorPool:
 def plan_actor_pool(settings: Any) -> ActorPool:
     """Size the teacher's actor pool from the cluster for ``concurrency: auto`` / ``threads: auto``.
 
-    ``auto`` uses the whole machine with one actor per node whose torch threads take the node's
-    CPUs (one actor per GPU share with ``num_gpus``): measured against N single-thread actors in
-    docs/labeling.md. The actor reserves ``num_cpus`` only, so the tasks reading the corpus still
-    get a CPU; they use little of it, and the OS shares the core.
+    ``auto`` uses the whole machine in the layout the backend's ``AUTO_LAYOUT`` names, both
+    measured in docs/labeling.md: ``actor_per_cpu`` (the embedding teacher) runs one
+    single-thread actor per CPU, each reserving (C - 1) / C of a C-CPU node so that one CPU stays
+    free for the tasks reading the corpus; ``actor_per_node`` (hf) runs one actor per node whose
+    torch threads take the node's CPUs. With ``num_gpus``, one actor per GPU share, with
+    ``num_cpus`` threads.
     """
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= settings.num_cpus]
+    requested = None if settings.num_cpus == "auto" else float(settings.num_cpus)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= (requested or 0.5)]
     cluster = ray.cluster_resources()
     cpus = float(cluster.get("CPU", 0))
-    if settings.concurrency == "auto":
+    num_cpus = requested or 1.0
+    per_cpu = settings.AUTO_LAYOUT == "actor_per_cpu" and settings.num_gpus == 0 and bool(nodes)
+    if settings.concurrency == "auto" and per_cpu:
+        node_cpus = [int(n["Resources"]["CPU"]) for n in nodes]
+        high = low = sum(max(1, c) for c in node_cpus)
+        if requested is None:
+            smallest = max(1, min(node_cpus))
+            num_cpus = max(0.5, (smallest - 1) / smallest)
+    elif settings.concurrency == "auto":
         gpus = float(cluster.get("GPU", 0))
         high = max(1, int(gpus // settings.num_gpus) if settings.num_gpus > 0 else len(nodes))
         low = 1
@@ -390,11 +401,13 @@ def plan_actor_pool(settings: Any) -> ActorPool:
     per_node = max(1, -(-high // max(1, len(nodes))))
     if settings.threads != "auto":
         threads: int | None = int(settings.threads)
+    elif settings.concurrency == "auto" and per_cpu:
+        threads = 1
     elif settings.num_gpus > 0:
-        threads = max(1, int(settings.num_cpus))  # the GPU does the work
+        threads = max(1, int(num_cpus))  # the GPU does the work
     else:
         threads = None
-    return ActorPool(low, high, settings.num_cpus, settings.num_gpus, threads, per_node, cpus)
+    return ActorPool(low, high, num_cpus, settings.num_gpus, threads, per_node, cpus)
 
 
 def _check_pool_leaves_room(pool: ActorPool, backend: str) -> None:
@@ -404,7 +417,7 @@ def _check_pool_leaves_room(pool: ActorPool, backend: str) -> None:
         message = (
             f"teacher.{backend}: {pool.min_size} actor(s) x num_cpus {pool.num_cpus} take all "
             f"{pool.cluster_cpus:g} CPUs of the cluster, leaving none to read the corpus, which can stall the "
-            "job; prefer concurrency: auto (threads per actor), an autoscaled [1, N], fewer actors or a "
+            "job; prefer concurrency: auto (which leaves a CPU free), an autoscaled [1, N], fewer actors or a "
             "smaller num_cpus"
         )
         logger.warning(message)

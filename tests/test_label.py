@@ -352,7 +352,9 @@ def teacher_actors() -> dict[str, dict]:
 
 
 def test_a_teacher_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_local, tmp_path):
-    config = load_config(DEMO, ["data.limit=1000", "teacher.embedding.batch_size=50", "teacher.block_rows=50"])
+    # One actor (the layout the hf backend uses by default), so that the kill hits the only one.
+    overrides = ["data.limit=1000", "teacher.embedding.batch_size=50", "teacher.block_rows=50"]
+    config = load_config(DEMO, [*overrides, "teacher.embedding.concurrency=1"])
     out = tmp_path / "labels"
     outcome: dict = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("result", label_corpus(config, out)))

@@ -64,8 +64,8 @@ def test_accepted_and_rejected_rows_come_from_one_read(ray_local, tmp_path, coun
     run = result.manifest["run"]
     assert run["rows"] == 40 and run["labeled"] == 37 and run["rejected"] == 3
     assert result.counts == result.counts | {"read": 40, "labeled": 37, "rejected": 3, "duplicates_removed": 0}
-    # The teacher's own time is recorded: the profile of where the stage's time went.
-    assert 0 < run["teacher_busy_s"] <= run["wall_time_s"]
+    # The teacher's own time (summed over its actors): the profile of where the stage's time went.
+    assert 0 < run["teacher_busy_s"] <= run["wall_time_s"] * len(run["threads_per_actor"])
 
     # A rerun reads the corpus once more and commits nothing new (rejected rows count as done).
     again = label_corpus(config, tmp_path / "labels")
@@ -77,12 +77,19 @@ def test_accepted_and_rejected_rows_come_from_one_read(ray_local, tmp_path, coun
 def test_default_pool_uses_every_cpu_of_the_node_and_says_so(ray_local, tmp_path):
     config = load_config(DEMO, ["data.limit=60", "teacher.block_rows=20"])
     pool = plan_actor_pool(config.teacher.embedding)
-    # One node of 2 CPUs: one actor reserving 1 CPU, whose torch threads take both.
-    assert (pool.min_size, pool.max_size, pool.threads, pool.actors_per_node) == (1, 1, None, 1)
+    # One node of 2 CPUs: the embedding teacher runs one single-thread actor per CPU, each
+    # reserving half a CPU, so that one CPU stays free for the reading tasks.
+    assert (pool.min_size, pool.max_size, pool.threads, pool.actors_per_node, pool.num_cpus) == (2, 2, 1, 2, 0.5)
     result = label_corpus(config, tmp_path / "labels")
     run = result.manifest["run"]
-    assert list(run["threads_per_actor"].values()) == [2] and run["cluster_cpus"] == 2
-    assert "1 actor(s) x 2 thread(s) on 2 CPUs" in result.summary()
+    assert sorted(run["threads_per_actor"].values()) == [1, 1] and run["cluster_cpus"] == 2
+    assert "2 actor(s) x 1 thread(s) on 2 CPUs" in result.summary()
+    # The hf backend keeps one actor per node whose threads take the node's CPUs (one LLM copy).
+    hf = plan_actor_pool(config.teacher.hf)
+    assert (hf.min_size, hf.max_size, hf.threads, hf.actors_per_node, hf.num_cpus) == (1, 1, None, 1, 1.0)
+    # An explicit num_cpus is kept.
+    kept = plan_actor_pool(load_config(DEMO, ["teacher.embedding.num_cpus=0.25"]).teacher.embedding)
+    assert (kept.max_size, kept.num_cpus) == (2, 0.25)
 
 
 def test_explicit_pool_settings_are_kept(ray_local):
