@@ -153,22 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     steps = 8 if args.quick else args.steps
     if args.quick:
-        from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+        from llkd_ray.testing import build_tiny_encoder
 
-        from llkd_ray.models import resolve_model_path
-
-        tiny = work / "tiny-student"
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm"))
-        BertForSequenceClassification(
-            BertConfig(
-                vocab_size=tokenizer.vocab_size,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=128,
-            )
-        ).save_pretrained(tiny)
-        tokenizer.save_pretrained(tiny)
+        tiny = build_tiny_encoder(work / "tiny-student", hidden_size=64, max_positions=None)
         overrides.append(f"student.model={tiny}")
     config = load_config(args.config, overrides)
     # A Ray of our own (not a cluster someone started here); one CPU is left over for Ray Data's

@@ -895,34 +895,6 @@ QUICK = {
 }
 
 
-def build_tiny_student(directory: Path, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer BERT encoder (hidden 32) with the MiniLM tokenizer.
-
-    Saved as a bare encoder so any label set gets a fresh classification head.
-    """
-    if (directory / "config.json").is_file():
-        return directory
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from llkd_ray.models import resolve_model_path
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(directory)
-    tokenizer.model_max_length = 128
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -1048,7 +1020,9 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
         directory=output / "work" / "data",
     )
     if args.quick and not args.student:
-        settings.student = str(build_tiny_student(output / "work" / "tiny-student"))
+        from llkd_ray.testing import build_tiny_encoder
+
+        settings.student = str(build_tiny_encoder(output / "work" / "tiny-student"))
     log(
         f"quality benchmark on {data.name}: pool {data.pool_rows} rows, gold {data.gold_rows} rows, "
         f"{len(variants)} strategies x {settings.seeds} seed(s), {settings.budget_text}"
