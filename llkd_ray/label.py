@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import time
-import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,16 +42,26 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from llkd_ray import __version__
+from llkd_ray.artifacts import (
+    MANIFEST,
+    PART_PREFIX,
+    REJECTED_DIR,
+    atomic_output,
+    is_label_part,
+    is_temporary,
+    label_files,
+    read_json,
+    resolve,
+    stable_hash,
+    write_json,
+)
 from llkd_ray.config import PipelineConfig
 from llkd_ray.errors import ConfigError
 from llkd_ray.teachers import Sink, TeacherActor, TeacherPlan, backend_spec, check_teacher
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "_manifest.json"
 JOB_FILE = "_job.json"
-REJECTED_DIR = "rejected"
-_PART_PREFIX = "part-"
 _EMPTY_PART = "part-empty.parquet"
 
 #: Settings that change how fast labels come, not what they are: left out of the config hash, so a
@@ -110,7 +118,7 @@ def label_config_hash(config: PipelineConfig) -> str:
             teacher.backend: backend_settings,
         },
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return stable_hash(payload)
 
 
 # --------------------------------------------------------------------------- the output directory
@@ -120,12 +128,8 @@ class OutputStore:
     """The output directory on any filesystem pyarrow reaches (local path or URI); picklable."""
 
     def __init__(self, output: str | Path):
-        output = str(output)
-        if "://" in output:
-            self.fs, self.root = pafs.FileSystem.from_uri(output)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(output).expanduser().resolve())
-        self.uri = output
+        self.fs, self.root = resolve(output)
+        self.uri = str(output)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -141,16 +145,12 @@ class OutputStore:
         return sorted(Path(info.path).name for info in infos)
 
     def parts(self, *parts: str) -> list[str]:
-        return [n for n in self.listing(*parts) if n.startswith(_PART_PREFIX) and n.endswith(".parquet")]
+        return [n for n in self.listing(*parts) if is_label_part(n)]
 
     def write_table(self, table: pa.Table, *parts: str) -> None:
-        """Write to a temporary name in the same directory, then rename: readers never see half a file."""
-        final = self.path(*parts)
-        directory, _, name = final.rpartition("/")
-        self.fs.create_dir(directory, recursive=True)
-        temporary = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, temporary, filesystem=self.fs)
-        self.fs.move(temporary, final)
+        """Write atomically: readers never see half a file."""
+        with atomic_output(self.path(*parts), self.fs) as stream:
+            pq.write_table(table, stream)
 
     def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(*parts), columns=columns, filesystem=self.fs)
@@ -159,17 +159,10 @@ class OutputStore:
         return pq.read_schema(self.path(*parts), filesystem=self.fs).names
 
     def read_json(self, name: str) -> dict[str, Any] | None:
-        if not self.exists(name):
-            return None
-        with self.fs.open_input_stream(self.path(name)) as stream:
-            return json.loads(stream.read().decode())
+        return read_json(self.path(name), self.fs)
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-        temporary = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
-        with self.fs.open_output_stream(temporary) as stream:
-            stream.write((json.dumps(payload, indent=2, default=str) + "\n").encode())
-        self.fs.move(temporary, self.path(name))
+        write_json(self.path(name), payload, self.fs)
 
     def delete(self, *parts: str) -> None:
         info = self.fs.get_file_info(self.path(*parts))
@@ -181,16 +174,12 @@ class OutputStore:
     def remove_temporaries(self) -> None:
         for sub in ((), (REJECTED_DIR,)):
             for name in self.listing(*sub):
-                if name.startswith(".") and name.endswith(".tmp"):
+                if is_temporary(name):
                     self.delete(*sub, name)
 
 
 def _is_ours(name: str) -> bool:
-    return (
-        name in (MANIFEST, JOB_FILE, REJECTED_DIR)
-        or name.startswith(_PART_PREFIX)
-        or (name.startswith(".") and name.endswith(".tmp"))
-    )
+    return name in (MANIFEST, JOB_FILE, REJECTED_DIR) or name.startswith(PART_PREFIX) or is_temporary(name)
 
 
 def check_output(store: OutputStore, config_hash: str, overwrite: bool) -> None:
@@ -270,7 +259,7 @@ def commit_rejected(batch: pa.Table, *, store: OutputStore) -> pa.Table:
 def part_name(ids: pd.Series | list[str]) -> str:
     """A deterministic part name: a hash of the block's ids (a retry rewrites the same file)."""
     digest = hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()[:24]
-    return f"{_PART_PREFIX}{digest}.parquet"
+    return f"{PART_PREFIX}{digest}.parquet"
 
 
 def labeled_table(frame: pd.DataFrame, label_names: list[str], has_gold: bool) -> pa.Table:
@@ -787,8 +776,7 @@ def read_labels(output: str | Path):
     """The labeled rows of an output directory as a Ray Dataset (``rejected/`` and ``_*`` left out)."""
     import ray.data
 
-    store = OutputStore(output)
-    paths = [store.path(name) for name in store.parts()]
+    filesystem, paths = label_files(output)
     if not paths:
         raise ConfigError(f"no labeled parts in {output}")
-    return ray.data.read_parquet(paths, filesystem=store.fs)
+    return ray.data.read_parquet(paths, filesystem=filesystem)
