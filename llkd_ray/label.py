@@ -668,9 +668,6 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
     refuses one written with another config unless ``overwrite``. The teacher (model path,
     tokenizer, verbalizers) is checked before any data is read.
     """
-    import ray.data
-
-    from llkd_ray.corpus import read_corpus
     from llkd_ray.runtime import init_ray
 
     started = time.perf_counter()
@@ -678,59 +675,23 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
     config_hash = label_config_hash(config)
     store = OutputStore(output)
     check_output(store, config_hash, overwrite)
-    label_names = plan.label_names
     has_gold = bool(config.data.label_column)
     init_ray()
-
-    context = ray.data.DataContext.get_current()
-    preserve_order = context.execution_options.preserve_order
-    if config.data.limit:
-        # The first N rows in read order, the same rows on every pass and every rerun.
-        context.execution_options.preserve_order = True
-    try:
-        corpus = read_corpus(config.data)
-        job = {
-            "stage": "label",
-            "config_hash": config_hash,
-            "input": config.data.input,
-            "limit": config.data.limit,
-            "teacher": plan.identity.to_dict(),
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        claim_output(store, job, overwrite)
-        committed = committed_ids(store)
-        rejected_before = _rejected_count(store)
-        spec = backend_spec(plan.backend)
-        run = StageContext(
-            plan=plan,
-            store=store,
-            committed=committed,
-            block_rows=config.teacher.block_rows,
-            has_gold=has_gold,
-            pool=plan_actor_pool(getattr(config.teacher, plan.backend)) if spec.local else None,
-        )
-        committed_blocks = build_pipeline(corpus.classified, LABEL_STAGES, run)
-        pool = run.pool
-        summaries = list(committed_blocks.iter_batches(batch_format="pandas", batch_size=None))
-    finally:
-        context.execution_options.preserve_order = preserve_order
-
+    job = {
+        "stage": "label",
+        "config_hash": config_hash,
+        "input": config.data.input,
+        "limit": config.data.limit,
+        "teacher": plan.identity.to_dict(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    labelled = _label_pass(config, plan, store, job, overwrite)
     wall = time.perf_counter() - started
-    runs = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=_SUMMARY_COLUMNS)
-    runs["rows"] = runs["labeled"].astype(int) + runs["rejected"].astype(int)
-    by_actor = runs[runs["actor"] != ""].groupby("actor")
-    per_actor = by_actor["rows"].sum()
-    threads_per_actor = by_actor["threads"].max() if len(per_actor) else pd.Series(dtype=np.int64)
-
-    totals = scan_output(store, label_names)
-    labeled_this_run = int(runs["labeled"].astype(int).sum())
-    # The reader's rejections are committed in the read tasks, the teacher's by its actors: both
-    # are the rejected rows the directory gained in this run.
-    rejected_this_run = max(totals["counts"]["rejected"] - rejected_before, 0)
-    rows_this_run = labeled_this_run + rejected_this_run
+    totals = scan_output(store, plan.label_names)
     if not store.parts():
         # Readers of an empty result still find the schema.
         store.write_table(labeled_schema(has_gold).empty_table(), _EMPTY_PART)
+    run = _run_record(labelled, totals, wall)
     manifest: dict[str, Any] = {
         "stage": "label",
         "llkd_version": __version__,
@@ -739,37 +700,99 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
         "limit": config.data.limit,
         "output": store.uri,
         "config_hash": config_hash,
-        "labels": label_names,
+        "labels": plan.label_names,
         "teacher": plan.identity.to_dict(),
         **totals,
         "wall_time_s": round(wall, 3),
-        "rows_per_s": round(rows_this_run / wall, 3) if wall > 0 else None,
-        "run": {
-            "rows": rows_this_run,
-            "labeled": labeled_this_run,
-            "rejected": rejected_this_run,
-            "skipped_already_committed": len(committed),
-            "resumed": bool(len(committed)),
-            "wall_time_s": round(wall, 3),
-            "rows_per_s": round(rows_this_run / wall, 3) if wall > 0 else None,
-            "rows_per_actor": {str(k): int(v) for k, v in per_actor.items()},
-            # Seconds the teacher actors spent scoring (summed over actors): the rest of
-            # wall_time_s x actors is start-up, reading, committing and waiting.
-            "teacher_busy_s": round(float(runs["score_s"].astype(float).sum()), 3),
-            # Torch threads of each actor (0 for the vLLM engines, which manage their own).
-            "threads_per_actor": {str(k): int(v) for k, v in threads_per_actor.items()},
-            "cluster_cpus": pool.cluster_cpus if pool else float(ray.cluster_resources().get("CPU", 0)),
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
+        "rows_per_s": run["rows_per_s"],
+        "run": run,
+        # Top-level copy for the autoscaling check (how many actors served, and how much each did).
+        "rows_per_actor": run["rows_per_actor"],
     }
-    # Top-level copy for the autoscaling check (how many actors served, and how much each did).
-    manifest["rows_per_actor"] = manifest["run"]["rows_per_actor"]
     if not totals["counts"]["read"]:
         manifest["message"] = f"the input {config.data.input} has no rows: wrote an empty label set"
     elif not totals["counts"]["labeled"]:
         manifest["message"] = f"every row of {config.data.input} was rejected: see {REJECTED_DIR}/"
     store.write_json(MANIFEST, manifest)
     return LabelResult(output=store.uri, manifest=manifest)
+
+
+@dataclass
+class _LabelPass:
+    """What one labeling pass did: a summary row per block and teacher actor, and what was there before."""
+
+    blocks: pd.DataFrame
+    committed_before: int
+    rejected_before: int
+    pool: ActorPool | None
+
+
+def _label_pass(
+    config: PipelineConfig, plan: TeacherPlan, store: OutputStore, job: dict[str, Any], overwrite: bool
+) -> _LabelPass:
+    """Claim the (checked) directory for ``job`` and run the stages over the rows not committed yet."""
+    import ray.data
+
+    from llkd_ray.corpus import read_corpus
+
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    if config.data.limit:
+        # The first N rows in read order, the same rows on every pass and every rerun.
+        context.execution_options.preserve_order = True
+    try:
+        corpus = read_corpus(config.data)
+        claim_output(store, job, overwrite)
+        committed = committed_ids(store)
+        rejected_before = _rejected_count(store)
+        run = StageContext(
+            plan=plan,
+            store=store,
+            committed=committed,
+            block_rows=config.teacher.block_rows,
+            has_gold=bool(config.data.label_column),
+            pool=plan_actor_pool(getattr(config.teacher, plan.backend)) if backend_spec(plan.backend).local else None,
+        )
+        committed_blocks = build_pipeline(corpus.classified, LABEL_STAGES, run)
+        summaries = list(committed_blocks.iter_batches(batch_format="pandas", batch_size=None))
+    finally:
+        context.execution_options.preserve_order = preserve_order
+    blocks = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=_SUMMARY_COLUMNS)
+    return _LabelPass(blocks, len(committed), rejected_before, run.pool)
+
+
+def _run_record(labelled: _LabelPass, totals: dict[str, Any], wall: float) -> dict[str, Any]:
+    """The manifest's ``run``: rows this pass, its speed, rows and threads per teacher actor."""
+    import ray
+
+    runs = labelled.blocks
+    runs["rows"] = runs["labeled"].astype(int) + runs["rejected"].astype(int)
+    by_actor = runs[runs["actor"] != ""].groupby("actor")
+    per_actor = by_actor["rows"].sum()
+    threads_per_actor = by_actor["threads"].max() if len(per_actor) else pd.Series(dtype=np.int64)
+    labeled = int(runs["labeled"].astype(int).sum())
+    # The reader's rejections are committed in the read tasks, the teacher's by its actors: both
+    # are the rejected rows the directory gained in this run.
+    rejected = max(totals["counts"]["rejected"] - labelled.rejected_before, 0)
+    rows = labeled + rejected
+    pool = labelled.pool
+    return {
+        "rows": rows,
+        "labeled": labeled,
+        "rejected": rejected,
+        "skipped_already_committed": labelled.committed_before,
+        "resumed": bool(labelled.committed_before),
+        "wall_time_s": round(wall, 3),
+        "rows_per_s": round(rows / wall, 3) if wall > 0 else None,
+        "rows_per_actor": {str(k): int(v) for k, v in per_actor.items()},
+        # Seconds the teacher actors spent scoring (summed over actors): the rest of
+        # wall_time_s x actors is start-up, reading, committing and waiting.
+        "teacher_busy_s": round(float(runs["score_s"].astype(float).sum()), 3),
+        # Torch threads of each actor (0 for the vLLM engines, which manage their own).
+        "threads_per_actor": {str(k): int(v) for k, v in threads_per_actor.items()},
+        "cluster_cpus": pool.cluster_cpus if pool else float(ray.cluster_resources().get("CPU", 0)),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def read_labels(output: str | Path):
