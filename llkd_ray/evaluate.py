@@ -30,7 +30,7 @@ def classification_metrics(
     truth: Sequence[str], predicted: Sequence[str], label_names: Sequence[str]
 ) -> dict[str, Any]:
     """Accuracy, macro-F1 (over every label of the set), per-class report and confusion matrix."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
     names = list(label_names)
     if len(truth) != len(predicted):
@@ -38,17 +38,22 @@ def classification_metrics(
     truth, predicted = [str(t) for t in truth], [str(p) for p in predicted]
     if not truth:
         raise ValueError("no rows to evaluate")
-    precision, recall, f1, support = precision_recall_fscore_support(
-        truth, predicted, labels=names, average=None, zero_division=0
-    )
+    # Keyed by position, so that no label name can meet the report's own keys ("macro avg", ...).
+    keys = [str(i) for i in range(len(names))]
+    report = classification_report(truth, predicted, labels=names, target_names=keys, output_dict=True, zero_division=0)
     return {
         "n": len(truth),
         "labels": names,
         "accuracy": float(accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, labels=names, average="macro", zero_division=0)),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
         "per_class": {
-            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(names, precision, recall, f1, support, strict=True)
+            name: {
+                "precision": float(row["precision"]),
+                "recall": float(row["recall"]),
+                "f1": float(row["f1-score"]),
+                "support": int(row["support"]),
+            }
+            for name, row in zip(names, (report[key] for key in keys), strict=True)
         },
         "confusion": {
             "labels": names,

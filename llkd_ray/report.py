@@ -183,17 +183,14 @@ def plot_selection(run: RunData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
 def _plot_with_mean(axis, x: Sequence[float], values: Sequence[float], color: str, label: str) -> None:
     """A noisy per-step series drawn faint, with its trailing mean (about 1/15 of the steps) on top."""
     axis.plot(x, values, color=color, alpha=0.35, linewidth=1, label=label)
     if len(values) >= 5:
+        import pandas as pd
+
         window = max(3, len(values) // 15)
-        mean = [_nanmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        mean = pd.Series(values, dtype=float).rolling(window, min_periods=1).mean()  # NaN skipped
         axis.plot(x, mean, color=color, linewidth=2, label=f"{label} ({window}-step mean)")
 
 
