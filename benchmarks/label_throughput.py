@@ -36,6 +36,7 @@ wall time is start-up, reading, committing and waiting.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -367,41 +368,6 @@ def vllm_vs_hf(work: Path, rows: int, model: Path, cpus: int, skip_vllm: bool) -
     return result
 
 
-def full_vocabulary_scores(teacher, sequences: list[list[int]]):
-    """The computation the hf teacher replaced: logits and a log-softmax at every position."""
-    import torch
-
-    length = max(map(len, sequences))
-    ids = torch.full((len(sequences), length), teacher.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, length - len(seq) :] = torch.tensor(seq)
-        mask[row, length - len(seq) :] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        logits = teacher.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def old_first_token(teacher, prompts: list[list[int]]):
-    return full_vocabulary_scores(teacher, prompts)[:, -1, teacher.first_tokens].double().numpy()
-
-
-def old_sequence(teacher, prompts: list[list[int]]):
-    import numpy as np
-
-    k = len(teacher.continuations)
-    sequences = [prompt + cont for prompt in prompts for cont in teacher.continuations]
-    logprobs = full_vocabulary_scores(teacher, sequences)
-    length = logprobs.shape[1]
-    scores = np.zeros(len(sequences))
-    for row in range(len(sequences)):
-        cont = teacher.continuations[row % k]
-        positions = range(length - len(cont) - 1, length - 1)
-        scores[row] = sum(float(logprobs[row, p, t]) for p, t in zip(positions, cont, strict=True))
-    return scores.reshape(len(prompts), k)
-
-
 def wide_vocabulary_copy(model: Path, work: Path, vocab: int) -> Path:
     """The tiny Llama with a ``vocab``-token output layer (random weights; same tokenizer)."""
     import torch
@@ -422,6 +388,7 @@ def hf_scoring(work: Path, model: Path, rows: int, batch: int) -> dict[str, Any]
 
     from llkd_ray.config import load_config, validate_config
     from llkd_ray.teachers import HFTeacher, check_teacher
+    from llkd_ray.testing import reference_first_token, reference_sequence
 
     texts = case_texts("news", rows)
     result: dict[str, Any] = {"rows": rows, "batch": batch}
@@ -444,7 +411,7 @@ def hf_scoring(work: Path, model: Path, rows: int, batch: int) -> dict[str, Any]
             teacher = HFTeacher(check_teacher(config.task, config.teacher))
             prompts, _ = teacher.encoder.encode(texts)
             new = teacher._first_token_scores if scoring == "first_token" else teacher._sequence_scores
-            old = (old_first_token if scoring == "first_token" else old_sequence).__get__(teacher)
+            old = functools.partial(reference_first_token if scoring == "first_token" else reference_sequence, teacher)
             step = batch if scoring == "first_token" else max(1, batch // 2)
             timings: dict[str, float] = {}
             outputs: dict[str, Any] = {}
@@ -465,8 +432,7 @@ def hf_scoring(work: Path, model: Path, rows: int, batch: int) -> dict[str, Any]
 
 
 def tiny_model(work: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import build_tiny_llama
+    from llkd_ray.testing import build_tiny_llama
 
     texts = [row["text"] for row in sst2_rows()[:3000]]
     return build_tiny_llama(work / "tiny-llama", texts)

@@ -127,6 +127,58 @@ def ray_run(config, labels: Path, work: Path, name: str, **options) -> dict[str,
     return _throughput(work / name / "metrics.jsonl") | {"wall_s": time.perf_counter() - started}
 
 
+def compute_ratios(results: dict[str, Any], *, gpu: bool) -> dict[str, float]:
+    """The measured ratios: Ray Train against the loop, the selection's share, 2 workers against 1."""
+    plain, one_all, one, two_all, two = (
+        results[k] for k in ("plain_loop", "ray_1_all", "ray_1_llkd", "ray_2_all", "ray_2_llkd")
+    )
+    figures = {
+        "ray_train_1_worker_vs_plain_loop": one_all["trained_samples_per_s"] / plain["trained_samples_per_s"],
+        "selection_share_1_worker": one["selection_share"],
+        "selection_share_2_workers": two["selection_share"],
+        "two_workers_vs_one_all": two_all["trained_samples_per_s"] / one_all["trained_samples_per_s"],
+        "two_workers_vs_one_llkd": two["scored_samples_per_s"] / one["scored_samples_per_s"],
+        "selection_compute_share_1_worker": results["selection_ms_per_step_1_process"] / 1000 / one["step_s"],
+    }
+    if gpu:
+        figures["gpu_two_workers_vs_one"] = (
+            results["gpu_2_llkd"]["scored_samples_per_s"] / results["gpu_1_llkd"]["scored_samples_per_s"]
+        )
+    return figures
+
+
+def print_figures(results: dict[str, Any], runs: list[str], cores: int, steps: int) -> None:
+    """The table of runs and the ratios, as the module docstring lists them."""
+    ratios = results["ratios"]
+    print(
+        f"\nStudent training throughput ({results['machine']}, {results['student']}, batch 32, "
+        f"{steps} steps, from step {SKIP + 1}; load average {results['load_average_at_start'][0]:.1f})"
+    )
+    print(f"  {'run':<14} {'trained/s':>10} {'scored/s':>9} {'s/step':>7}  time: scoring / training / selection")
+    for name in ("plain_loop", *runs):
+        entry = results[name]
+        shares = (
+            f"  {entry['scoring_share']:6.1%} / {entry['training_share']:6.1%} / {entry['selection_share']:5.2%}"
+            if "scoring_share" in entry
+            else ""
+        )
+        scored = f"{entry['scored_samples_per_s']:9.1f}" if "scored_samples_per_s" in entry else f"{'–':>9}"
+        print(f"  {name:<14} {entry['trained_samples_per_s']:10.1f} {scored} {entry['step_s']:7.3f}{shares}")
+    print(f"  Ray Train 1 worker / plain loop (all, equal work): {ratios['ray_train_1_worker_vs_plain_loop']:.3f}")
+    print(
+        f"  selection share of llkd step time, 1 / 2 workers: {ratios['selection_share_1_worker']:.2%} / "
+        f"{ratios['selection_share_2_workers']:.2%}  (target <= 3%)"
+    )
+    print(
+        f"  selection compute alone: {results['selection_ms_per_step_1_process']:.2f} ms per step = "
+        f"{ratios['selection_compute_share_1_worker']:.2%} of a 1-worker llkd step"
+    )
+    print(
+        f"  2 workers / 1 worker on {cores} cores: all {ratios['two_workers_vs_one_all']:.3f}, "
+        f"llkd {ratios['two_workers_vs_one_llkd']:.3f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
@@ -153,22 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     steps = 8 if args.quick else args.steps
     if args.quick:
-        from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+        from llkd_ray.testing import build_tiny_encoder
 
-        from llkd_ray.models import resolve_model_path
-
-        tiny = work / "tiny-student"
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:minilm"))
-        BertForSequenceClassification(
-            BertConfig(
-                vocab_size=tokenizer.vocab_size,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=128,
-            )
-        ).save_pretrained(tiny)
-        tokenizer.save_pretrained(tiny)
+        tiny = build_tiny_encoder(work / "tiny-student", hidden_size=64, max_positions=None)
         overrides.append(f"student.model={tiny}")
     config = load_config(args.config, overrides)
     # A Ray of our own (not a cluster someone started here); one CPU is left over for Ray Data's
@@ -212,50 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = ray_run(run_config, labels, work, name, max_steps=steps)
     results["load_average_at_end"] = os.getloadavg()
 
-    plain, one_all, one, two_all, two = (
-        results[k] for k in ("plain_loop", "ray_1_all", "ray_1_llkd", "ray_2_all", "ray_2_llkd")
-    )
-    ratios = {
-        "ray_train_1_worker_vs_plain_loop": one_all["trained_samples_per_s"] / plain["trained_samples_per_s"],
-        "selection_share_1_worker": one["selection_share"],
-        "selection_share_2_workers": two["selection_share"],
-        "two_workers_vs_one_all": two_all["trained_samples_per_s"] / one_all["trained_samples_per_s"],
-        "two_workers_vs_one_llkd": two["scored_samples_per_s"] / one["scored_samples_per_s"],
-        "selection_compute_share_1_worker": results["selection_ms_per_step_1_process"] / 1000 / one["step_s"],
-    }
-    if args.gpu:
-        ratios["gpu_two_workers_vs_one"] = (
-            results["gpu_2_llkd"]["scored_samples_per_s"] / results["gpu_1_llkd"]["scored_samples_per_s"]
-        )
-    results["ratios"] = ratios
-
-    print(
-        f"\nStudent training throughput ({results['machine']}, {results['student']}, batch 32, "
-        f"{steps} steps, from step {SKIP + 1}; load average {results['load_average_at_start'][0]:.1f})"
-    )
-    print(f"  {'run':<14} {'trained/s':>10} {'scored/s':>9} {'s/step':>7}  time: scoring / training / selection")
-    for name in ("plain_loop", *runs):
-        entry = results[name]
-        shares = (
-            f"  {entry['scoring_share']:6.1%} / {entry['training_share']:6.1%} / {entry['selection_share']:5.2%}"
-            if "scoring_share" in entry
-            else ""
-        )
-        scored = f"{entry['scored_samples_per_s']:9.1f}" if "scored_samples_per_s" in entry else f"{'–':>9}"
-        print(f"  {name:<14} {entry['trained_samples_per_s']:10.1f} {scored} {entry['step_s']:7.3f}{shares}")
-    print(f"  Ray Train 1 worker / plain loop (all, equal work): {ratios['ray_train_1_worker_vs_plain_loop']:.3f}")
-    print(
-        f"  selection share of llkd step time, 1 / 2 workers: {ratios['selection_share_1_worker']:.2%} / "
-        f"{ratios['selection_share_2_workers']:.2%}  (target <= 3%)"
-    )
-    print(
-        f"  selection compute alone: {results['selection_ms_per_step_1_process']:.2f} ms per step = "
-        f"{ratios['selection_compute_share_1_worker']:.2%} of a 1-worker llkd step"
-    )
-    print(
-        f"  2 workers / 1 worker on {cores} cores: all {ratios['two_workers_vs_one_all']:.3f}, "
-        f"llkd {ratios['two_workers_vs_one_llkd']:.3f}"
-    )
+    results["ratios"] = compute_ratios(results, gpu=args.gpu)
+    print_figures(results, [*runs], cores, steps)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)

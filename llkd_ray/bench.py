@@ -37,6 +37,16 @@ from typing import Any
 
 import yaml
 
+from llkd_ray.artifacts import (
+    MANIFEST,
+    percent,
+    read_json,
+    read_jsonl,
+    read_label_table,
+    stable_hash,
+    write_json,
+    write_text,
+)
 from llkd_ray.config import (
     DEFAULT_MOMENTUM,
     MINILM,
@@ -46,7 +56,7 @@ from llkd_ray.config import (
     _apply_override,
     validate_config,
 )
-from llkd_ray.errors import ConfigError, DataError
+from llkd_ray.errors import ConfigError, DataError, run_reporting_errors
 
 #: Built-in data sets: pool and gold splits, label descriptions from the shipped configs.
 BUILTIN_DATASETS = {"sst2": "demo.yaml", "trec": "trec.yaml"}
@@ -149,19 +159,12 @@ def _validated(raw: dict[str, Any], source: str) -> PipelineConfig:
         raise DataError(str(error)) from None
 
 
-def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
-    rows = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{what} {path} line {number} is not JSON: {error.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise DataError(f"{what} {path} line {number} has no usable 'text'")
-            rows.append(row)
+def _read_rows(path: Path, what: str) -> list[dict[str, Any]]:
+    """The rows of a pool or gold JSONL file, each with a non-empty ``text``."""
+    rows = read_jsonl(path, strict=True, what=what)
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise DataError(f"{what} {path} row {number} has no usable 'text'")
     if not rows:
         raise DataError(f"{what} {path} is empty")
     return rows
@@ -233,8 +236,8 @@ def prepare_data(
         name = dataset_name(None, pool)
         label_specs = read_label_specs(labels_file)
     names = [label.name for label in label_specs]
-    pool_all = _read_jsonl(_resolve_file(pool), "pool")
-    gold_all = _read_jsonl(_resolve_file(gold), "gold set")
+    pool_all = _read_rows(_resolve_file(pool), "pool")
+    gold_all = _read_rows(_resolve_file(gold), "gold set")
     _check_labels(gold_all, names, "gold set", gold, required=True)
     pool_has_labels = all("label" in row for row in pool_all)
     if pool_has_labels:
@@ -277,16 +280,13 @@ def _sample(rows: list[dict[str, Any]], size: int | None, rng: random.Random) ->
 
 
 def _write_with_ids(path: Path, rows: list[dict[str, Any]], prefix: str, *, keep_label: bool) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    with path.open("w") as handle:
-        for position, row in enumerate(rows):
-            row_id = f"{prefix}{position:06d}"
-            out = {"id": row_id, "text": row["text"]}
-            if keep_label:
-                out["label"] = str(row["label"])
-                labels[row_id] = out["label"]
-            handle.write(json.dumps(out) + "\n")
-    return labels
+    """Write ``rows`` as JSONL with ids ``PREFIX000000``, ...; return the labels by id (when kept)."""
+    written = [
+        {"id": f"{prefix}{position:06d}", "text": row["text"], **({"label": str(row["label"])} if keep_label else {})}
+        for position, row in enumerate(rows)
+    ]
+    write_text(path, "".join(json.dumps(row) + "\n" for row in written))
+    return {row["id"]: row["label"] for row in written} if keep_label else {}
 
 
 # --------------------------------------------------------------------------- settings
@@ -481,10 +481,10 @@ def plateau_check(summary: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def _cell(mean: float | None, std: float | None, *, percent: bool = False, digits: int = 3) -> str:
+def _cell(mean: float | None, std: float | None, *, as_percent: bool = False, digits: int = 3) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    if percent:
+    if as_percent:
         return f"{100 * mean:.1f}% ± {100 * (std or 0):.1f}"
     return f"{mean:.{digits}f} ± {(std or 0):.{digits}f}"
 
@@ -495,16 +495,43 @@ def _milestone(entry: dict[str, Any], label: str) -> str:
         return "–"
     if not reached:
         return "not reached"
-    cell = _cell(entry[f"to_{label}_mean"], entry[f"to_{label}_std"], percent=True)
+    cell = _cell(entry[f"to_{label}_mean"], entry[f"to_{label}_std"], as_percent=True)
     return cell if reached == entry["seeds"] else f"{cell} ({reached}/{entry['seeds']} seeds)"
 
 
 def render_markdown(results: dict[str, Any]) -> str:
     """The mean ± std tables: final and best macro-F1, compute to match, data usage, where compute goes."""
-    summary: dict[str, dict[str, Any]] = results["summary"]
-    teacher = results["teacher"]
     settings = results["settings"]
     data = results["data"]
+    budget = BenchSettings(**{k: settings[k] for k in ("budget", "steps", "batch_size")}).budget_text
+    lines = [
+        f"# Quality benchmark: {data['name']}",
+        "",
+        f"Pool {data['pool_rows']:,} rows (of {int(data['pool_total']):,}), gold {data['gold_rows']:,} rows; "
+        f"teacher `{settings['teacher']}`, student `{settings['student']}`; {budget}; batch "
+        f"{settings['batch_size']}, lr {settings['learning_rate']:g}, max length {settings['max_length']}, "
+        f"momentum {settings['momentum']}; {settings.get('eval_points', 1)} gold-set evaluations along each run; "
+        f"mean ± std over seeds (up to {settings['seeds']}).",
+        "",
+        *_quality_table(results["summary"], results["teacher"]),
+        "",
+        "Compute is a fraction of `all`'s full budget (FLOPs: 2·N per token scored in inference mode, "
+        "6·N per token trained; N the student's non-embedding parameters). *Macro-F1 at the full budget* "
+        "is the end of the run: no early stopping, as in production, where no gold set tells when to stop. "
+        "*Compute to …*: where the curve first reaches that macro-F1 (the teacher's, or the mean over "
+        "`all`'s seeds of its best point). Data usage: the fraction of the pool selected at least once.",
+        "",
+        "## Where the compute goes",
+        "",
+        *_compute_table(results["summary"]),
+        "",
+        *_notes(results.get("plateau"), results["teacher"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _quality_table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> list[str]:
+    """The main table: one row per variant and the teacher's; the best of each metric in bold."""
     best = {
         key: max(
             [entry[f"{key}_mean"] for entry in summary.values() if f"{key}_mean" in entry] + [teacher[key]],
@@ -520,16 +547,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         text = _cell(mean, std) if std is not None else f"{mean:.3f}"
         return f"**{text}**" if round(mean, 3) == round(best[key], 3) else text
 
-    budget = BenchSettings(**{k: settings[k] for k in ("budget", "steps", "batch_size")}).budget_text
     lines = [
-        f"# Quality benchmark: {data['name']}",
-        "",
-        f"Pool {data['pool_rows']:,} rows (of {int(data['pool_total']):,}), gold {data['gold_rows']:,} rows; "
-        f"teacher `{settings['teacher']}`, student `{settings['student']}`; {budget}; batch "
-        f"{settings['batch_size']}, lr {settings['learning_rate']:g}, max length {settings['max_length']}, "
-        f"momentum {settings['momentum']}; {settings.get('eval_points', 1)} gold-set evaluations along each run; "
-        f"mean ± std over seeds (up to {settings['seeds']}).",
-        "",
         "| strategy | macro-F1 at the full budget | accuracy | best macro-F1 on the curve | reached at "
         "| compute to the teacher's F1 | compute to `all`'s best | data usage | seeds |",
         "|---|" + "---:|" * 8,
@@ -538,37 +556,37 @@ def render_markdown(results: dict[str, Any]) -> str:
         cells = [metric(key, entry[f"{key}_mean"], entry[f"{key}_std"]) for key, _ in METRICS]
         if "best_macro_f1_mean" in entry:
             cells.append(metric("best_macro_f1", entry["best_macro_f1_mean"], entry["best_macro_f1_std"]))
-            cells.append(_cell(entry["best_at_mean"], entry["best_at_std"], percent=True))
+            cells.append(_cell(entry["best_at_mean"], entry["best_at_std"], as_percent=True))
         else:
             cells += ["–", "–"]
         cells += [_milestone(entry, "teacher"), _milestone(entry, "all_best")]
-        cells.append(_cell(entry.get("data_usage_mean"), entry.get("data_usage_std"), percent=True))
+        cells.append(_cell(entry.get("data_usage_mean"), entry.get("data_usage_std"), as_percent=True))
         cells.append(str(entry["seeds"]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     teacher_cells = [metric(key, teacher[key], None) for key, _ in METRICS]
     lines.append("| *teacher (zero-shot, labels the pool)* | " + " | ".join(teacher_cells + ["–"] * 6) + " |")
-    lines += [
-        "",
-        "Compute is a fraction of `all`'s full budget (FLOPs: 2·N per token scored in inference mode, "
-        "6·N per token trained; N the student's non-embedding parameters). *Macro-F1 at the full budget* "
-        "is the end of the run: no early stopping, as in production, where no gold set tells when to stop. "
-        "*Compute to …*: where the curve first reaches that macro-F1 (the teacher's, or the mean over "
-        "`all`'s seeds of its best point). Data usage: the fraction of the pool selected at least once.",
-        "",
-        "## Where the compute goes",
-        "",
+    return lines
+
+
+def _compute_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Spent compute, its scoring share, sample-steps trained and wall time, per variant."""
+    lines = [
         "| strategy | FLOPs spent (passes of `all`) | scoring share of FLOPs | sample-steps trained | wall time (s) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, entry in summary.items():
         lines.append(
             f"| {name} | {_cell(entry.get('compute_mean'), entry.get('compute_std'), digits=2)} | "
-            f"{_cell(entry.get('scoring_share_mean'), entry.get('scoring_share_std'), percent=True)} | "
-            f"{_cell(entry.get('sample_step_usage_mean'), entry.get('sample_step_usage_std'), percent=True)} | "
+            f"{_cell(entry.get('scoring_share_mean'), entry.get('scoring_share_std'), as_percent=True)} | "
+            f"{_cell(entry.get('sample_step_usage_mean'), entry.get('sample_step_usage_std'), as_percent=True)} | "
             f"{_cell(entry.get('wall_time_s_mean'), entry.get('wall_time_s_std'), digits=0)} |"
         )
-    lines.append("")
-    plateau = results.get("plateau")
+    return lines
+
+
+def _notes(plateau: dict[str, Any] | None, teacher: dict[str, Any]) -> list[str]:
+    """Whether ``all``'s curve plateaued; how often the teacher's pseudo-labels were right on the pool."""
+    lines = []
     if plateau is not None:
         if plateau["held"] is None:
             verdict = "not judged (one seed: no seed std to hold the change against)"
@@ -585,7 +603,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{100 * teacher['pool_accuracy']:.1f}% of rows "
             f"(mean confidence {teacher.get('pool_mean_confidence') or math.nan:.3f})."
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def render_plot(results: dict[str, Any], path: Path) -> None:
@@ -644,8 +662,8 @@ def write_results(results: dict[str, Any], output: Path) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``quality.png`` into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
     paths = {"json": output / "results.json", "md": output / "results.md", "png": output / "quality.png"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
-    paths["md"].write_text(render_markdown(results))
+    write_json(paths["json"], results)
+    write_text(paths["md"], render_markdown(results))
     render_plot(results, paths["png"])
     return paths
 
@@ -661,19 +679,6 @@ def _label(config: PipelineConfig, output: Path) -> Path:
     return output
 
 
-def _read_labels(directory: Path) -> list[dict[str, Any]]:
-    """The accepted rows of a labeling output (its top-level ``part-*.parquet``)."""
-    import pyarrow.parquet as pq
-
-    from llkd_ray.label import OutputStore
-
-    store = OutputStore(directory)
-    parts = [store.path(name) for name in store.parts()]
-    if not parts:
-        raise DataError(f"the teacher wrote no labeled rows to {directory}")
-    return pq.read_table(parts, columns=["id", "pseudo_label", "confidence"], filesystem=store.fs).to_pylist()
-
-
 def _train(config: PipelineConfig, labels: Path, output: Path) -> dict[str, Any]:
     """Train one student, evaluated on the gold set along its run; returns its training summary."""
     from llkd_ray.train import train_student
@@ -682,10 +687,6 @@ def _train(config: PipelineConfig, labels: Path, output: Path) -> dict[str, Any]
 
 
 # --------------------------------------------------------------------------- the benchmark
-
-
-def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _usage(summary: dict[str, Any]) -> tuple[float, float]:
@@ -698,9 +699,9 @@ def teacher_scores(
     data: BenchData, base: PipelineConfig, work: Path, log: Callable[[str], None]
 ) -> tuple[Path, dict[str, Any]]:
     """Label the pool once (reused when already there) and the gold set; the teacher's own scores."""
-    from llkd_ray.evaluate import classification_metrics
+    from llkd_ray.evaluate import teacher_gold_metrics
 
-    teacher_key = _hash(
+    teacher_key = stable_hash(
         {
             "teacher": base.teacher.model_dump(mode="json"),
             "task": base.task.model_dump(mode="json"),
@@ -711,28 +712,22 @@ def teacher_scores(
     pool_labels = work / f"labels-{teacher_key}"
     gold_labels = work / f"teacher-gold-{teacher_key}"
     started = time.perf_counter()
-    if not (pool_labels / "_manifest.json").is_file():
+    if not (pool_labels / MANIFEST).is_file():
         log(f"teacher: labelling the pool ({data.pool_rows} rows)")
         _label(base, pool_labels)
-    if not (gold_labels / "_manifest.json").is_file():
+    if not (gold_labels / MANIFEST).is_file():
         log(f"teacher: labelling the gold set ({data.gold_rows} rows)")
-        gold_config = base.model_copy(deep=True)
-        gold_config.data.input = str(data.gold_path)
-        gold_config.data.label_column = "label"
-        _label(gold_config, gold_labels)
-    names = [label.name for label in data.labels]
-    on_gold = {row["id"]: row["pseudo_label"] for row in _read_labels(gold_labels)}
-    ids = sorted(data.gold_labels)
-    missing = [i for i in ids if i not in on_gold]
-    if missing:
-        raise DataError(f"the teacher left {len(missing)} gold rows unlabelled (e.g. {missing[0]})")
-    scores = classification_metrics([data.gold_labels[i] for i in ids], [on_gold[i] for i in ids], names)
+    gold_config = base.model_copy(deep=True)
+    gold_config.data.input = str(data.gold_path)
+    gold_config.data.label_column = "label"
+    truth = {row_id: data.gold_labels[row_id] for row_id in sorted(data.gold_labels)}
+    scores = teacher_gold_metrics(gold_config, truth, gold_labels)
     teacher: dict[str, Any] = {
         "accuracy": scores["accuracy"],
         "macro_f1": scores["macro_f1"],
         "labelling_wall_time_s": time.perf_counter() - started,
     }
-    pool_rows = _read_labels(pool_labels)
+    pool_rows = read_label_table(pool_labels, ["id", "pseudo_label", "confidence"]).to_pylist()
     teacher["pool_labelled"] = len(pool_rows)
     teacher["pool_mean_confidence"] = statistics.fmean(row["confidence"] for row in pool_rows) if pool_rows else None
     if data.pool_labels:
@@ -741,6 +736,42 @@ def teacher_scores(
         ]
         teacher["pool_accuracy"] = sum(agree) / len(agree) if agree else None
     return pool_labels, teacher
+
+
+def run_key(config: PipelineConfig, labels: Path) -> str:
+    """What a run's result depends on: its config's settings that differ from the defaults (so a
+    config field added later, with its default, keeps finished runs valid and a long benchmark
+    resumes across versions) and the teacher's labels."""
+    return stable_hash({"config": config.model_dump(mode="json", exclude_defaults=True), "labels": labels.name})
+
+
+def _finished_run(result_path: Path, key: str, earlier: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run recorded at ``result_path`` with this key, if any; an ``earlier`` run (``--reuse``)
+    is recorded there first."""
+    if earlier is not None and not result_path.is_file():
+        write_json(result_path, earlier | {"key": key, "reused": True})
+    run = read_json(result_path)
+    return run if isinstance(run, dict) and run.get("key") == key else None
+
+
+def _train_run(config: PipelineConfig, variant: Variant, seed: int, key: str, labels: Path, run_dir: Path) -> dict:
+    """Train one run and record its result in ``run_dir/result.json``."""
+    started = time.perf_counter()
+    summary = _train(config, labels, run_dir / "train")
+    train_time = time.perf_counter() - started
+    run = run_record(summary, variant, seed, key)
+    run["train_wall_time_s"] = train_time
+    run["wall_time_s"] = time.perf_counter() - started
+    write_json(run_dir / "result.json", run)
+    return run
+
+
+def _trained_line(run: dict[str, Any]) -> str:
+    return (
+        f"macro-F1 {run['macro_f1']:.3f} (best {max(p['macro_f1'] for p in run['curve']):.3f}), "
+        f"accuracy {run['accuracy']:.3f}, data usage {percent(run['data_usage'], '–')}, {run['compute']:.2f} passes "
+        f"of `all` ({percent(run['scoring_share'], '–')} scoring), {run['steps']} steps, {run['wall_time_s']:.0f} s"
+    )
 
 
 def run_benchmark(
@@ -768,45 +799,34 @@ def run_benchmark(
         ensure_ray(base)  # a private local Ray with room for the trainer and Ray Data, or the job's cluster
     labels_dir, teacher = teacher_scores(data, base, work, log)
     log(f"teacher on the gold set: accuracy {teacher['accuracy']:.3f}, macro-F1 {teacher['macro_f1']:.3f}")
-    names = [label.name for label in data.labels]
     reused = reusable_runs(reuse, data, settings)
     runs: list[dict[str, Any]] = []
     total = len(variants) * settings.seeds
     for seed in range(settings.seeds):
         for variant in variants:
             config = run_config(base, variant, seed)
-            # The settings that differ from the defaults: a config field added later (with its
-            # default) keeps finished runs valid, so a long benchmark resumes across versions.
-            key = _hash({"config": config.model_dump(mode="json", exclude_defaults=True), "labels": labels_dir.name})
+            key = run_key(config, labels_dir)
             run_dir = work / "runs" / variant.slug / f"seed{seed}"
-            result_path = run_dir / "result.json"
-            earlier = reused.get((variant.name, seed))
-            if earlier is not None and not result_path.is_file():
-                run_dir.mkdir(parents=True, exist_ok=True)
-                result_path.write_text(json.dumps(earlier | {"key": key, "reused": True}, indent=2) + "\n")
-            if result_path.is_file() and json.loads(result_path.read_text()).get("key") == key:
-                run = json.loads(result_path.read_text())
-                log(
-                    f"[{len(runs) + 1}/{total}] {variant.name} seed {seed}: done before, macro-F1 {run['macro_f1']:.3f}"
-                )
+            run = _finished_run(run_dir / "result.json", key, reused.get((variant.name, seed)))
+            if run is not None:
                 runs.append(run)
-                continue
-            if not train:
-                continue
-            started = time.perf_counter()
-            summary = _train(config, labels_dir, run_dir / "train")
-            train_time = time.perf_counter() - started
-            run = run_record(summary, variant, seed, key)
-            run["train_wall_time_s"] = train_time
-            run["wall_time_s"] = time.perf_counter() - started
-            result_path.write_text(json.dumps(run, indent=2) + "\n")
-            runs.append(run)
-            log(
-                f"[{len(runs)}/{total}] {variant.name} seed {seed}: macro-F1 {run['macro_f1']:.3f} "
-                f"(best {max(p['macro_f1'] for p in run['curve']):.3f}), accuracy {run['accuracy']:.3f}, "
-                f"data usage {_pct(run['data_usage'])}, {run['compute']:.2f} passes of `all` "
-                f"({_pct(run['scoring_share'])} scoring), {run['steps']} steps, {run['wall_time_s']:.0f} s"
-            )
+                log(f"[{len(runs)}/{total}] {variant.name} seed {seed}: done before, macro-F1 {run['macro_f1']:.3f}")
+            elif train:
+                runs.append(_train_run(config, variant, seed, key, labels_dir, run_dir))
+                log(f"[{len(runs)}/{total}] {variant.name} seed {seed}: {_trained_line(runs[-1])}")
+    return benchmark_results(data, settings, variants, base, teacher, runs)
+
+
+def benchmark_results(
+    data: BenchData,
+    settings: BenchSettings,
+    variants: list[Variant],
+    base: PipelineConfig,
+    teacher: dict[str, Any],
+    runs: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What ``results.json`` holds: the data, the settings, the teacher, every run and their summary."""
+    summary = summarize(runs, [v.name for v in variants], teacher["macro_f1"])
     return {
         "benchmark": "quality",
         "data": {
@@ -817,12 +837,12 @@ def run_benchmark(
             "pool_total": int(data.source["pool_total"]),
             "gold_rows": data.gold_rows,
             "gold_total": int(data.source["gold_total"]),
-            "labels": names,
+            "labels": [label.name for label in data.labels],
         },
         "settings": asdict(settings) | {"variants": [v.name for v in variants], "config": base.model_dump(mode="json")},
         "teacher": teacher,
         "runs": runs,
-        "summary": (summary := summarize(runs, [v.name for v in variants], teacher["macro_f1"])),
+        "summary": summary,
         "plateau": plateau_check(summary),
     }
 
@@ -876,10 +896,6 @@ def run_record(summary: dict[str, Any], variant: Variant, seed: int, key: str) -
     }
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-
-
 # --------------------------------------------------------------------------- quick mode
 
 
@@ -893,34 +909,6 @@ QUICK = {
     "batch_size": 16,
     "max_length": 32,
 }
-
-
-def build_tiny_student(directory: Path, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer BERT encoder (hidden 32) with the MiniLM tokenizer.
-
-    Saved as a bare encoder so any label set gets a fresh classification head.
-    """
-    if (directory / "config.json").is_file():
-        return directory
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from llkd_ray.models import resolve_model_path
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(directory)
-    tokenizer.model_max_length = 128
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 # --------------------------------------------------------------------------- command line
@@ -1048,7 +1036,9 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
         directory=output / "work" / "data",
     )
     if args.quick and not args.student:
-        settings.student = str(build_tiny_student(output / "work" / "tiny-student"))
+        from llkd_ray.testing import build_tiny_encoder
+
+        settings.student = str(build_tiny_encoder(output / "work" / "tiny-student"))
     log(
         f"quality benchmark on {data.name}: pool {data.pool_rows} rows, gold {data.gold_rows} rows, "
         f"{len(variants)} strategies x {settings.seeds} seed(s), {settings.budget_text}"
@@ -1065,7 +1055,7 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``benchmarks/quality.py`` (the same as ``llkd bench quality``)."""
-    from llkd_ray.cli import main as cli_main
-
-    return cli_main(["bench", "quality", *(argv if argv is not None else __import__("sys").argv[1:])])
+    """Entry point of ``benchmarks/quality.py``: the arguments and errors of ``llkd bench quality``."""
+    parser = argparse.ArgumentParser(prog="benchmarks/quality.py", description=__doc__.splitlines()[0])
+    add_quality_arguments(parser)
+    return run_reporting_errors(quality_main, parser.parse_args(argv))

@@ -14,8 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from llkd_ray.config import PipelineConfig, load_config
-from llkd_ray.errors import LlkdError
+from llkd_ray.artifacts import STAGES
+from llkd_ray.config import STRATEGIES, PipelineConfig, load_config
+from llkd_ray.errors import run_reporting_errors
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -231,7 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil an LLM teacher into a small served classifier on Ray (LLKD).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_commands in (_add_inspection, _add_stages, _add_bench, _add_pipeline, _add_serve):
+        add_commands(commands)
+    return parser
 
+
+#: What ``ArgumentParser.add_subparsers`` returns: each ``_add_*`` below adds its commands to it.
+Commands = argparse._SubParsersAction
+
+
+def _add_inspection(commands: Commands) -> None:
+    """``llkd config validate|show`` and ``llkd data inspect``."""
     config = commands.add_parser("config", help="validate or show a pipeline config")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     for name, handler, help_text in (
@@ -254,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(handler=_data_inspect)
 
+
+def _add_stages(commands: Commands) -> None:
+    """The stages one by one: ``llkd label``, ``llkd train``, ``llkd eval``."""
     label = commands.add_parser("label", help="the teacher pseudo-labels a corpus into Parquet (resumable)")
     add_config_arguments(label)
     label.add_argument("--input", default=None, help="corpus reference (default: data.input of the config)")
@@ -262,8 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--limit", type=_positive_int, default=None, help="label at most the first N rows")
     label.add_argument("--overwrite", action="store_true", help="replace labels of a different config in --output")
     label.set_defaults(handler=_label)
-
-    from llkd_ray.config import STRATEGIES
 
     train = commands.add_parser("train", help="train the student on pseudo-labels with LLKD selection (Ray Train)")
     add_config_arguments(train)
@@ -292,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(handler=_eval)
 
+
+def _add_bench(commands: Commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
     quality = bench_commands.add_parser(
@@ -302,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_quality_arguments(quality)
     quality.set_defaults(handler=_bench_quality)
 
-    from llkd_ray.pipeline import STAGES
 
+def _add_pipeline(commands: Commands) -> None:
+    """``llkd run``, ``llkd demo`` and ``llkd report``: the stages in one go, on a run directory."""
     run = commands.add_parser("run", help="label -> train -> evaluate -> report (-> serve), resuming finished stages")
     add_config_arguments(run)
     run.add_argument("--output", "-o", default=None, help="run directory (default runs/CONFIG-NAME)")
@@ -322,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", help="run directory written by llkd run / llkd demo")
     report.set_defaults(handler=_report)
 
+
+def _add_serve(commands: Commands) -> None:
     serve = commands.add_parser(
         "serve", help="serve a student over HTTP on Ray Serve (blocks until Ctrl-C; see docs/serving.md)"
     )
@@ -331,20 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(serve, required=False)
     serve.set_defaults(handler=_serve)
 
-    return parser
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
-    try:
-        return handler(args)
-    except LlkdError as error:
-        print(f"llkd: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("llkd: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(handler, args)
 
 
 if __name__ == "__main__":

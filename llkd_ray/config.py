@@ -7,8 +7,6 @@ value raises :class:`ConfigError` naming the key and what is allowed, before any
 
 from __future__ import annotations
 
-import hashlib
-import json
 import string
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -16,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llkd_ray.artifacts import stable_hash
 from llkd_ray.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -367,9 +366,7 @@ class PipelineConfig(_Section):
 
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections, for stage outputs and resume checks."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
-        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        return digest[:16]
+        return stable_hash({name: getattr(self, name).model_dump(mode="json") for name in sections})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -14,11 +14,13 @@ The metrics dictionary (what ``eval.json``, the training summary and the benchma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llkd_ray.config import PipelineConfig
 
 #: On CPU, texts are sorted by length before batching so that little compute goes to padding.
 _DEFAULT_BATCH = 64
@@ -28,7 +30,7 @@ def classification_metrics(
     truth: Sequence[str], predicted: Sequence[str], label_names: Sequence[str]
 ) -> dict[str, Any]:
     """Accuracy, macro-F1 (over every label of the set), per-class report and confusion matrix."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
     names = list(label_names)
     if len(truth) != len(predicted):
@@ -36,17 +38,22 @@ def classification_metrics(
     truth, predicted = [str(t) for t in truth], [str(p) for p in predicted]
     if not truth:
         raise ValueError("no rows to evaluate")
-    precision, recall, f1, support = precision_recall_fscore_support(
-        truth, predicted, labels=names, average=None, zero_division=0
-    )
+    # Keyed by position, so that no label name can meet the report's own keys ("macro avg", ...).
+    keys = [str(i) for i in range(len(names))]
+    report = classification_report(truth, predicted, labels=names, target_names=keys, output_dict=True, zero_division=0)
     return {
         "n": len(truth),
         "labels": names,
         "accuracy": float(accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, labels=names, average="macro", zero_division=0)),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
         "per_class": {
-            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(names, precision, recall, f1, support, strict=True)
+            name: {
+                "precision": float(row["precision"]),
+                "recall": float(row["recall"]),
+                "f1": float(row["f1-score"]),
+                "support": int(row["support"]),
+            }
+            for name, row in zip(names, (report[key] for key in keys), strict=True)
         },
         "confusion": {
             "labels": names,
@@ -159,3 +166,43 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     for name, row in zip(names, metrics["confusion"]["matrix"], strict=True):
         lines.append(f"{name:<{width}}  " + "".join(f"{v:>{cell + 1}d}" for v in row))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- teacher and student on a gold set
+
+
+def teacher_gold_metrics(
+    gold_config: PipelineConfig, gold_labels: Mapping[str, str], output: str | Path
+) -> dict[str, Any]:
+    """The teacher's metrics on a gold set, through the labeling stage itself.
+
+    The teacher of ``gold_config`` (a config whose ``data.input`` is the gold set) labels
+    it into ``output``; a labeling already finished there is reused. Its pseudo-labels are scored
+    against ``gold_labels`` (row id to gold label); a gold row it left unlabelled is an error.
+    """
+    from llkd_ray.artifacts import MANIFEST, read_label_rows
+    from llkd_ray.errors import DataError
+    from llkd_ray.label import label_corpus
+
+    if not (Path(output) / MANIFEST).is_file():
+        label_corpus(gold_config, output=output)
+    on_gold = dict(read_label_rows(output, ["id", "pseudo_label"]).itertuples(index=False))
+    missing = [row_id for row_id in gold_labels if row_id not in on_gold]
+    if missing:
+        raise DataError(f"the teacher left {len(missing)} gold rows unlabelled (e.g. id {missing[0]})")
+    ids = list(gold_labels)
+    names = gold_config.task.label_names
+    return classification_metrics([gold_labels[i] for i in ids], [on_gold[i] for i in ids], names)
+
+
+def student_gold_metrics(
+    model_dir: str | Path,
+    texts: Sequence[str],
+    truth: Sequence[str],
+    label_names: Sequence[str],
+    *,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """The metrics of the student in ``model_dir`` on gold ``texts`` and their ``truth`` labels."""
+    predicted = predict_labels(model_dir, texts, max_length=max_length)
+    return classification_metrics(truth, predicted, label_names)

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import time
-import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,16 +42,26 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from llkd_ray import __version__
+from llkd_ray.artifacts import (
+    MANIFEST,
+    PART_PREFIX,
+    REJECTED_DIR,
+    atomic_output,
+    is_label_part,
+    is_temporary,
+    label_files,
+    read_json,
+    resolve,
+    stable_hash,
+    write_json,
+)
 from llkd_ray.config import PipelineConfig
 from llkd_ray.errors import ConfigError
 from llkd_ray.teachers import Sink, TeacherActor, TeacherPlan, backend_spec, check_teacher
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "_manifest.json"
 JOB_FILE = "_job.json"
-REJECTED_DIR = "rejected"
-_PART_PREFIX = "part-"
 _EMPTY_PART = "part-empty.parquet"
 
 #: Settings that change how fast labels come, not what they are: left out of the config hash, so a
@@ -110,7 +118,7 @@ def label_config_hash(config: PipelineConfig) -> str:
             teacher.backend: backend_settings,
         },
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return stable_hash(payload)
 
 
 # --------------------------------------------------------------------------- the output directory
@@ -120,12 +128,8 @@ class OutputStore:
     """The output directory on any filesystem pyarrow reaches (local path or URI); picklable."""
 
     def __init__(self, output: str | Path):
-        output = str(output)
-        if "://" in output:
-            self.fs, self.root = pafs.FileSystem.from_uri(output)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(output).expanduser().resolve())
-        self.uri = output
+        self.fs, self.root = resolve(output)
+        self.uri = str(output)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -141,16 +145,12 @@ class OutputStore:
         return sorted(Path(info.path).name for info in infos)
 
     def parts(self, *parts: str) -> list[str]:
-        return [n for n in self.listing(*parts) if n.startswith(_PART_PREFIX) and n.endswith(".parquet")]
+        return [n for n in self.listing(*parts) if is_label_part(n)]
 
     def write_table(self, table: pa.Table, *parts: str) -> None:
-        """Write to a temporary name in the same directory, then rename: readers never see half a file."""
-        final = self.path(*parts)
-        directory, _, name = final.rpartition("/")
-        self.fs.create_dir(directory, recursive=True)
-        temporary = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, temporary, filesystem=self.fs)
-        self.fs.move(temporary, final)
+        """Write atomically: readers never see half a file."""
+        with atomic_output(self.path(*parts), self.fs) as stream:
+            pq.write_table(table, stream)
 
     def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(*parts), columns=columns, filesystem=self.fs)
@@ -159,17 +159,10 @@ class OutputStore:
         return pq.read_schema(self.path(*parts), filesystem=self.fs).names
 
     def read_json(self, name: str) -> dict[str, Any] | None:
-        if not self.exists(name):
-            return None
-        with self.fs.open_input_stream(self.path(name)) as stream:
-            return json.loads(stream.read().decode())
+        return read_json(self.path(name), self.fs)
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-        temporary = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
-        with self.fs.open_output_stream(temporary) as stream:
-            stream.write((json.dumps(payload, indent=2, default=str) + "\n").encode())
-        self.fs.move(temporary, self.path(name))
+        write_json(self.path(name), payload, self.fs)
 
     def delete(self, *parts: str) -> None:
         info = self.fs.get_file_info(self.path(*parts))
@@ -181,16 +174,12 @@ class OutputStore:
     def remove_temporaries(self) -> None:
         for sub in ((), (REJECTED_DIR,)):
             for name in self.listing(*sub):
-                if name.startswith(".") and name.endswith(".tmp"):
+                if is_temporary(name):
                     self.delete(*sub, name)
 
 
 def _is_ours(name: str) -> bool:
-    return (
-        name in (MANIFEST, JOB_FILE, REJECTED_DIR)
-        or name.startswith(_PART_PREFIX)
-        or (name.startswith(".") and name.endswith(".tmp"))
-    )
+    return name in (MANIFEST, JOB_FILE, REJECTED_DIR) or name.startswith(PART_PREFIX) or is_temporary(name)
 
 
 def check_output(store: OutputStore, config_hash: str, overwrite: bool) -> None:
@@ -270,7 +259,7 @@ def commit_rejected(batch: pa.Table, *, store: OutputStore) -> pa.Table:
 def part_name(ids: pd.Series | list[str]) -> str:
     """A deterministic part name: a hash of the block's ids (a retry rewrites the same file)."""
     digest = hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()[:24]
-    return f"{_PART_PREFIX}{digest}.parquet"
+    return f"{PART_PREFIX}{digest}.parquet"
 
 
 def labeled_table(frame: pd.DataFrame, label_names: list[str], has_gold: bool) -> pa.Table:
@@ -692,9 +681,6 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
     refuses one written with another config unless ``overwrite``. The teacher (model path,
     tokenizer, verbalizers) is checked before any data is read.
     """
-    import ray.data
-
-    from llkd_ray.corpus import read_corpus
     from llkd_ray.runtime import init_ray
 
     started = time.perf_counter()
@@ -702,59 +688,23 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
     config_hash = label_config_hash(config)
     store = OutputStore(output)
     check_output(store, config_hash, overwrite)
-    label_names = plan.label_names
     has_gold = bool(config.data.label_column)
     init_ray()
-
-    context = ray.data.DataContext.get_current()
-    preserve_order = context.execution_options.preserve_order
-    if config.data.limit:
-        # The first N rows in read order, the same rows on every pass and every rerun.
-        context.execution_options.preserve_order = True
-    try:
-        corpus = read_corpus(config.data)
-        job = {
-            "stage": "label",
-            "config_hash": config_hash,
-            "input": config.data.input,
-            "limit": config.data.limit,
-            "teacher": plan.identity.to_dict(),
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        claim_output(store, job, overwrite)
-        committed = committed_ids(store)
-        rejected_before = _rejected_count(store)
-        spec = backend_spec(plan.backend)
-        run = StageContext(
-            plan=plan,
-            store=store,
-            committed=committed,
-            block_rows=config.teacher.block_rows,
-            has_gold=has_gold,
-            pool=plan_actor_pool(getattr(config.teacher, plan.backend)) if spec.local else None,
-        )
-        committed_blocks = build_pipeline(corpus.classified, LABEL_STAGES, run)
-        pool = run.pool
-        summaries = list(committed_blocks.iter_batches(batch_format="pandas", batch_size=None))
-    finally:
-        context.execution_options.preserve_order = preserve_order
-
+    job = {
+        "stage": "label",
+        "config_hash": config_hash,
+        "input": config.data.input,
+        "limit": config.data.limit,
+        "teacher": plan.identity.to_dict(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    labelled = _label_pass(config, plan, store, job, overwrite)
     wall = time.perf_counter() - started
-    runs = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=_SUMMARY_COLUMNS)
-    runs["rows"] = runs["labeled"].astype(int) + runs["rejected"].astype(int)
-    by_actor = runs[runs["actor"] != ""].groupby("actor")
-    per_actor = by_actor["rows"].sum()
-    threads_per_actor = by_actor["threads"].max() if len(per_actor) else pd.Series(dtype=np.int64)
-
-    totals = scan_output(store, label_names)
-    labeled_this_run = int(runs["labeled"].astype(int).sum())
-    # The reader's rejections are committed in the read tasks, the teacher's by its actors: both
-    # are the rejected rows the directory gained in this run.
-    rejected_this_run = max(totals["counts"]["rejected"] - rejected_before, 0)
-    rows_this_run = labeled_this_run + rejected_this_run
+    totals = scan_output(store, plan.label_names)
     if not store.parts():
         # Readers of an empty result still find the schema.
         store.write_table(labeled_schema(has_gold).empty_table(), _EMPTY_PART)
+    run = _run_record(labelled, totals, wall)
     manifest: dict[str, Any] = {
         "stage": "label",
         "llkd_version": __version__,
@@ -763,31 +713,15 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
         "limit": config.data.limit,
         "output": store.uri,
         "config_hash": config_hash,
-        "labels": label_names,
+        "labels": plan.label_names,
         "teacher": plan.identity.to_dict(),
         **totals,
         "wall_time_s": round(wall, 3),
-        "rows_per_s": round(rows_this_run / wall, 3) if wall > 0 else None,
-        "run": {
-            "rows": rows_this_run,
-            "labeled": labeled_this_run,
-            "rejected": rejected_this_run,
-            "skipped_already_committed": len(committed),
-            "resumed": bool(len(committed)),
-            "wall_time_s": round(wall, 3),
-            "rows_per_s": round(rows_this_run / wall, 3) if wall > 0 else None,
-            "rows_per_actor": {str(k): int(v) for k, v in per_actor.items()},
-            # Seconds the teacher actors spent scoring (summed over actors): the rest of
-            # wall_time_s x actors is start-up, reading, committing and waiting.
-            "teacher_busy_s": round(float(runs["score_s"].astype(float).sum()), 3),
-            # Torch threads of each actor (0 for the vLLM engines, which manage their own).
-            "threads_per_actor": {str(k): int(v) for k, v in threads_per_actor.items()},
-            "cluster_cpus": pool.cluster_cpus if pool else float(ray.cluster_resources().get("CPU", 0)),
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
+        "rows_per_s": run["rows_per_s"],
+        "run": run,
+        # Top-level copy for the autoscaling check (how many actors served, and how much each did).
+        "rows_per_actor": run["rows_per_actor"],
     }
-    # Top-level copy for the autoscaling check (how many actors served, and how much each did).
-    manifest["rows_per_actor"] = manifest["run"]["rows_per_actor"]
     if not totals["counts"]["read"]:
         manifest["message"] = f"the input {config.data.input} has no rows: wrote an empty label set"
     elif not totals["counts"]["labeled"]:
@@ -796,12 +730,89 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
     return LabelResult(output=store.uri, manifest=manifest)
 
 
+@dataclass
+class _LabelPass:
+    """What one labeling pass did: a summary row per block and teacher actor, and what was there before."""
+
+    blocks: pd.DataFrame
+    committed_before: int
+    rejected_before: int
+    pool: ActorPool | None
+
+
+def _label_pass(
+    config: PipelineConfig, plan: TeacherPlan, store: OutputStore, job: dict[str, Any], overwrite: bool
+) -> _LabelPass:
+    """Claim the (checked) directory for ``job`` and run the stages over the rows not committed yet."""
+    import ray.data
+
+    from llkd_ray.corpus import read_corpus
+
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    if config.data.limit:
+        # The first N rows in read order, the same rows on every pass and every rerun.
+        context.execution_options.preserve_order = True
+    try:
+        corpus = read_corpus(config.data)
+        claim_output(store, job, overwrite)
+        committed = committed_ids(store)
+        rejected_before = _rejected_count(store)
+        run = StageContext(
+            plan=plan,
+            store=store,
+            committed=committed,
+            block_rows=config.teacher.block_rows,
+            has_gold=bool(config.data.label_column),
+            pool=plan_actor_pool(getattr(config.teacher, plan.backend)) if backend_spec(plan.backend).local else None,
+        )
+        committed_blocks = build_pipeline(corpus.classified, LABEL_STAGES, run)
+        summaries = list(committed_blocks.iter_batches(batch_format="pandas", batch_size=None))
+    finally:
+        context.execution_options.preserve_order = preserve_order
+    blocks = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=_SUMMARY_COLUMNS)
+    return _LabelPass(blocks, len(committed), rejected_before, run.pool)
+
+
+def _run_record(labelled: _LabelPass, totals: dict[str, Any], wall: float) -> dict[str, Any]:
+    """The manifest's ``run``: rows this pass, its speed, rows and threads per teacher actor."""
+    import ray
+
+    runs = labelled.blocks
+    runs["rows"] = runs["labeled"].astype(int) + runs["rejected"].astype(int)
+    by_actor = runs[runs["actor"] != ""].groupby("actor")
+    per_actor = by_actor["rows"].sum()
+    threads_per_actor = by_actor["threads"].max() if len(per_actor) else pd.Series(dtype=np.int64)
+    labeled = int(runs["labeled"].astype(int).sum())
+    # The reader's rejections are committed in the read tasks, the teacher's by its actors: both
+    # are the rejected rows the directory gained in this run.
+    rejected = max(totals["counts"]["rejected"] - labelled.rejected_before, 0)
+    rows = labeled + rejected
+    pool = labelled.pool
+    return {
+        "rows": rows,
+        "labeled": labeled,
+        "rejected": rejected,
+        "skipped_already_committed": labelled.committed_before,
+        "resumed": bool(labelled.committed_before),
+        "wall_time_s": round(wall, 3),
+        "rows_per_s": round(rows / wall, 3) if wall > 0 else None,
+        "rows_per_actor": {str(k): int(v) for k, v in per_actor.items()},
+        # Seconds the teacher actors spent scoring (summed over actors): the rest of
+        # wall_time_s x actors is start-up, reading, committing and waiting.
+        "teacher_busy_s": round(float(runs["score_s"].astype(float).sum()), 3),
+        # Torch threads of each actor (0 for the vLLM engines, which manage their own).
+        "threads_per_actor": {str(k): int(v) for k, v in threads_per_actor.items()},
+        "cluster_cpus": pool.cluster_cpus if pool else float(ray.cluster_resources().get("CPU", 0)),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
 def read_labels(output: str | Path):
     """The labeled rows of an output directory as a Ray Dataset (``rejected/`` and ``_*`` left out)."""
     import ray.data
 
-    store = OutputStore(output)
-    paths = [store.path(name) for name in store.parts()]
+    filesystem, paths = label_files(output)
     if not paths:
         raise ConfigError(f"no labeled parts in {output}")
-    return ray.data.read_parquet(paths, filesystem=store.fs)
+    return ray.data.read_parquet(paths, filesystem=filesystem)

@@ -1,6 +1,6 @@
 """The end-to-end pipeline: label → train → evaluate → report → (serve), resumable stage by stage.
 
-``run_pipeline`` writes everything under one run directory::
+``run_pipeline`` writes everything under one run directory (:class:`~llkd_ray.artifacts.RunLayout`)::
 
     RUN/config.yaml           the resolved config of the latest run
     RUN/labels/               teacher pseudo-labels of the pool (label stage)
@@ -20,8 +20,6 @@ named stage and every stage after it.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -31,12 +29,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from llkd_ray.artifacts import MANIFEST, STAGES, RunLayout, percent, read_json, write_json, write_text
 from llkd_ray.config import PipelineConfig, load_config
-from llkd_ray.errors import ConfigError, DataError, LlkdError
-
-#: Stages in order, each recorded by a marker. ``serve`` may follow them: it runs only when asked
-#: for and is never skipped or recorded (it blocks until interrupted).
-STAGES = ("label", "train", "evaluate", "report")
+from llkd_ray.errors import ConfigError, LlkdError
 
 #: Config sections each stage's output depends on (its hash decides whether it is redone).
 _LABEL_SECTIONS = ("task", "data", "teacher")
@@ -54,91 +49,11 @@ _RESUMABLE = frozenset({"label"})
 Log = Callable[[str], None]
 
 
-# --------------------------------------------------------------------------- layout and markers
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where each stage writes inside a run directory."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def labels(self) -> Path:
-        return self.root / "labels"
-
-    @property
-    def train(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def student(self) -> Path:
-        return self.train / "student"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def teacher_gold(self) -> Path:
-        return self.eval_dir / "teacher_gold"
-
-    @property
-    def eval_json(self) -> Path:
-        return self.root / "eval.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def report_index(self) -> Path:
-        return self.report / "index.html"
-
-    @property
-    def stages(self) -> Path:
-        return self.root / "_stages"
-
-    def marker(self, stage: str) -> Path:
-        return self.stages / f"{stage}.json"
-
-    def outputs(self, stage: str) -> list[Path]:
-        """The paths a stage writes (removed before the stage is redone from scratch)."""
-        return {
-            "label": [self.labels],
-            "train": [self.train],
-            "evaluate": [self.eval_dir, self.eval_json],
-            "report": [self.report],
-        }[stage]
-
-    def complete(self, stage: str) -> bool:
-        """Whether the outputs a finished stage leaves behind are all there."""
-        checks = {
-            "label": [self.labels],
-            "train": [self.student / "config.json"],
-            "evaluate": [self.eval_json],
-            "report": [self.report_index],
-        }[stage]
-        return all(path.exists() for path in checks)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and a rename: readers see all of it or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+# --------------------------------------------------------------------------- markers
 
 
 def read_marker(layout: RunLayout, stage: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(layout.marker(stage).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return read_json(layout.marker(stage))
 
 
 def stage_hash(config: PipelineConfig, stage: str) -> str:
@@ -206,7 +121,7 @@ def label_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str
 
     log(f"label: teacher {config.teacher.backend} labels {config.data.input} -> {layout.labels}")
     label_corpus(config, output=layout.labels)
-    return _read_manifest(layout.labels)
+    return read_json(layout.labels / MANIFEST) or {}
 
 
 def train_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
@@ -220,8 +135,7 @@ def train_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str
 def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
     """Teacher and student on the gold set, through the same metrics; writes ``eval.json``."""
     from llkd_ray.corpus import read_gold
-    from llkd_ray.evaluate import classification_metrics, predict_labels
-    from llkd_ray.label import label_corpus
+    from llkd_ray.evaluate import student_gold_metrics, teacher_gold_metrics
 
     if not config.data.gold:
         raise ConfigError("data.gold: the evaluate stage needs a gold set (text, label)")
@@ -235,17 +149,13 @@ def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[
     teacher_config.data.id_column = None
     teacher_config.data.label_column = "label"
     teacher_config.data.limit = None
-    label_corpus(teacher_config, output=layout.teacher_gold)
-    on_gold = dict(read_label_rows(layout.teacher_gold, ["id", "pseudo_label"]).itertuples(index=False))
-    missing = [row_id for row_id in gold["id"] if row_id not in on_gold]
-    if missing:
-        raise DataError(f"the teacher left {len(missing)} gold rows unlabelled (e.g. id {missing[0]})")
-    truth = list(gold["label"])
-    teacher = classification_metrics(truth, [on_gold[row_id] for row_id in gold["id"]], names)
+    gold_labels = dict(zip(gold["id"], gold["label"], strict=True))
+    teacher = teacher_gold_metrics(teacher_config, gold_labels, layout.teacher_gold)
 
     log(f"evaluate: student {layout.student} predicts the gold set")
-    predicted = predict_labels(layout.student, list(gold["text"]), max_length=config.student.max_length)
-    student = classification_metrics(truth, predicted, names)
+    student = student_gold_metrics(
+        layout.student, list(gold["text"]), list(gold["label"]), names, max_length=config.student.max_length
+    )
 
     summary = training_summary(layout)
     result = {
@@ -258,7 +168,7 @@ def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[
         "strategy": config.selection.strategy,
         "config_hash": stage_hash(config, "evaluate"),
     }
-    write_json_atomic(layout.eval_json, result)
+    write_json(layout.eval_json, result)
     return result
 
 
@@ -289,28 +199,8 @@ STAGE_FUNCTIONS: dict[str, Callable[[PipelineConfig, RunLayout, Log], dict[str, 
 # --------------------------------------------------------------------------- reading outputs
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / "_manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def training_summary(layout: RunLayout) -> dict[str, Any]:
-    path = layout.train / "training_summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def read_label_rows(directory: Path, columns: list[str] | None = None):
-    """The accepted rows of a labeling output (its Parquet parts; ``rejected/`` and ``_*`` excluded)."""
-    import pyarrow.dataset as pads
-
-    parts = sorted(
-        path
-        for path in directory.rglob("*.parquet")
-        if not any(part.startswith(("_", ".")) or part == "rejected" for part in path.relative_to(directory).parts)
-    )
-    if not parts:
-        raise DataError(f"no labeled rows in {directory}")
-    return pads.dataset([str(p) for p in parts], format="parquet").to_table(columns=columns).to_pandas()
+    return read_json(layout.training_summary) or {}
 
 
 # --------------------------------------------------------------------------- running
@@ -328,7 +218,7 @@ def run_pipeline(
     layout = RunLayout(Path(output))
     layout.root.mkdir(parents=True, exist_ok=True)
     plan = plan_stages(config, layout, force=force)
-    layout.config.write_text(config.to_yaml())
+    write_text(layout.config, config.to_yaml())
     result = PipelineResult(run_dir=layout.root)
     if serve or any(action != "skip" for action in plan.values()):
         # A local Ray sized for the trainer's workers plus Ray Data's readers (or the job's cluster).
@@ -353,17 +243,16 @@ def run_pipeline(
             "status": "running",
             "started_at": started_at,
         }
-        write_json_atomic(layout.marker(stage), marker)
+        write_json(layout.marker(stage), marker)
         started = time.perf_counter()
         summary = STAGE_FUNCTIONS[stage](config, layout, log)
         wall = time.perf_counter() - started
-        write_json_atomic(
+        write_json(
             layout.marker(stage),
             {**marker, "status": "done", "finished_at": _now(), "wall_s": wall, "summary": _jsonable(summary)},
         )
         result.stages[stage] = StageRecord(stage, "resumed" if action == "resume" else "ran", wall, digest)
-    if layout.eval_json.is_file():
-        result.eval = json.loads(layout.eval_json.read_text())
+    result.eval = read_json(layout.eval_json) or {}
     if serve:  # blocks until interrupted: nothing to record or skip
         log(format_summary(result))
         serve_stage(config, layout, log)
@@ -418,10 +307,6 @@ def run_demo(
     return result
 
 
-def _percent(value: Any) -> str:
-    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "n/a"
-
-
 def format_summary(result: PipelineResult, total_s: float | None = None) -> str:
     """The demo's table: teacher and student on the gold set, data usage, wall time per stage."""
     evaluation = result.eval
@@ -440,11 +325,11 @@ def format_summary(result: PipelineResult, total_s: float | None = None) -> str:
     usage = evaluation.get("data_usage")
     if isinstance(usage, dict):
         lines.append(
-            f"Data usage: {_percent(usage.get('pool_fraction'))} of the labeled pool selected at least once; "
-            f"{_percent(usage.get('sample_step_fraction'))} of sample-steps back-propagated"
+            f"Data usage: {percent(usage.get('pool_fraction'))} of the labeled pool selected at least once; "
+            f"{percent(usage.get('sample_step_fraction'))} of sample-steps back-propagated"
         )
     elif isinstance(usage, int | float):
-        lines.append(f"Data usage: {_percent(usage)} of the labeled pool")
+        lines.append(f"Data usage: {percent(usage)} of the labeled pool")
     lines.append("Wall time per stage:")
     for record in result.stages.values():
         note = " (done earlier, skipped)" if record.status == "skipped" else ""

@@ -1,6 +1,6 @@
 """The run report: ``llkd report RUN`` writes ``RUN/report/index.html`` and its PNG plots.
 
-It reads what the stages left in the run directory (see :mod:`llkd_ray.pipeline`):
+It reads what the stages left in the run directory (the layout of :class:`llkd_ray.artifacts.RunLayout`):
 
 - ``train/metrics.jsonl`` — per-step loss, selected fraction, per-class teacher and student
   thresholds, cumulative data usage; gold-set evaluations during training;
@@ -18,13 +18,13 @@ no scripts and no external resources.
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llkd_ray.artifacts import STAGES, RunLayout, percent, read_json, read_jsonl, read_label_rows, write_text
 from llkd_ray.errors import LlkdError
 
 _TEACHER_COLOR = "#d95f02"
@@ -48,39 +48,16 @@ class RunData:
     label_names: list[str]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interrupted run
-    return records
-
-
 def load_run(run_dir: str | Path) -> RunData:
-    from llkd_ray.pipeline import RunLayout, read_label_rows
-
     layout = RunLayout(Path(run_dir))
     if not layout.root.is_dir():
         raise LlkdError(f"run directory not found: {layout.root}")
-    records = _read_jsonl(layout.train / "metrics.jsonl")
+    records = read_jsonl(layout.metrics)
     steps = _last_per_step(r for r in records if r.get("kind", "step") == "step")
     gold_evals = _last_per_step(r for r in records if r.get("kind") == "eval")
-    evaluation = _read_json(layout.eval_json)
-    summary = _read_json(layout.train / "training_summary.json")
-    stages = {p.stem: _read_json(p) for p in sorted(layout.stages.glob("*.json"))}
+    evaluation = read_json(layout.eval_json) or {}
+    summary = read_json(layout.training_summary) or {}
+    stages = {p.stem: read_json(p) or {} for p in sorted(layout.stages.glob("*.json"))}
     labels = None
     if layout.labels.is_dir():
         try:
@@ -88,11 +65,10 @@ def load_run(run_dir: str | Path) -> RunData:
         except LlkdError:
             labels = None
     selected_ids = None
-    selected_path = layout.train / "selected_ids.parquet"
-    if selected_path.is_file():
+    if layout.selected_ids.is_file():
         import pyarrow.parquet as pq
 
-        selected_ids = {str(v) for v in pq.read_table(selected_path, columns=["id"]).column("id").to_pylist()}
+        selected_ids = {str(v) for v in pq.read_table(layout.selected_ids, columns=["id"]).column("id").to_pylist()}
     names = evaluation.get("labels") or _label_names_from_config(layout.config) or []
     return RunData(layout.root, steps, gold_evals, evaluation, summary, stages, labels, selected_ids, names)
 
@@ -207,17 +183,14 @@ def plot_selection(run: RunData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
 def _plot_with_mean(axis, x: Sequence[float], values: Sequence[float], color: str, label: str) -> None:
     """A noisy per-step series drawn faint, with its trailing mean (about 1/15 of the steps) on top."""
     axis.plot(x, values, color=color, alpha=0.35, linewidth=1, label=label)
     if len(values) >= 5:
+        import pandas as pd
+
         window = max(3, len(values) // 15)
-        mean = [_nanmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        mean = pd.Series(values, dtype=float).rolling(window, min_periods=1).mean()  # NaN skipped
         axis.plot(x, mean, color=color, linewidth=2, label=f"{label} ({window}-step mean)")
 
 
@@ -476,10 +449,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-def _pct(value: Any) -> str:
-    return f"{100 * value:.1f}%" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
-
-
 def _summary_html(run: RunData) -> str:
     evaluation = run.evaluation
     parts = []
@@ -500,10 +469,10 @@ def _summary_html(run: RunData) -> str:
     usage = evaluation.get("data_usage") or run.summary.get("data_usage")
     facts = []
     if isinstance(usage, dict):
-        facts.append(("pool rows selected at least once", _pct(usage.get("pool_fraction"))))
-        facts.append(("selected sample-steps / all", _pct(usage.get("sample_step_fraction"))))
+        facts.append(("pool rows selected at least once", percent(usage.get("pool_fraction"))))
+        facts.append(("selected sample-steps / all", percent(usage.get("sample_step_fraction"))))
     elif isinstance(usage, int | float):
-        facts.append(("data usage", _pct(usage)))
+        facts.append(("data usage", percent(usage)))
     if run.labels is not None:
         facts.append(("labeled pool rows", str(len(run.labels))))
         if "confidence" in run.labels:
@@ -520,7 +489,7 @@ def _summary_html(run: RunData) -> str:
         facts.append(("compute spent (FLOPs)", f"{compute['flops']:.3g}"))
         if compute.get("all_passes") is not None:
             facts.append(("compute in passes of `all` over the pool", _fmt(compute["all_passes"], 2)))
-        facts.append(("scoring share of compute", _pct(compute["scoring_flops"] / compute["flops"])))
+        facts.append(("scoring share of compute", percent(compute["scoring_flops"] / compute["flops"])))
     if run.steps and "steps" not in run.summary:
         facts.append(("training steps", str(len(run.steps))))
     if facts:
@@ -545,8 +514,6 @@ def _summary_html(run: RunData) -> str:
 
 
 def _ordered_stages(stages: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    from llkd_ray.pipeline import STAGES
-
     order = {name: i for i, name in enumerate(STAGES)}
     return sorted(stages.items(), key=lambda item: order.get(item[0], len(order)))
 
@@ -614,7 +581,5 @@ def build_report(run_dir: str | Path) -> Path:
         f"{_summary_html(run)}\n{''.join(sections)}</body></html>\n"
     )
     index = out / "index.html"
-    temporary = out / ".index.html.tmp"
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(index)
+    write_text(index, page)
     return index

@@ -22,7 +22,6 @@ read: the model path, the tokenizer, and that the verbalizers have distinct firs
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import json
 import math
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from llkd_ray.artifacts import stable_hash
 from llkd_ray.config import TaskConfig, TeacherConfig
 from llkd_ray.errors import ConfigError, LlkdError
 from llkd_ray.models import resolve_model_path
@@ -147,7 +147,7 @@ def prompt_hash(task: TaskConfig, teacher: TeacherConfig) -> str:
             "descriptions": [[label.name, label.description] for label in task.labels],
             "temperature": teacher.embedding.temperature,
         }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return stable_hash(payload)
 
 
 class PromptEncoder:

@@ -53,6 +53,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from llkd_ray.artifacts import MANIFEST, label_files, read_json, resolve
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.errors import ConfigError, LlkdError
@@ -62,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 #: Columns the trainer reads from the labeling output.
 LABEL_COLUMNS = ["id", "text", "label_index", "confidence", "probs"]
-MANIFEST = "_manifest.json"
 STATE_FILE = "training_state.pt"
 WORKER_SUMMARY = "worker_summary.json"
 #: Copies of the pool the candidate dataset is made of (each in its own block order); a run that
@@ -84,12 +84,6 @@ class LabeledPool:
     rows: int
 
 
-def _filesystem(reference: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in reference:
-        return pafs.FileSystem.from_uri(reference)
-    return pafs.LocalFileSystem(), str(Path(reference).expanduser().resolve())
-
-
 def validate_labels_dir(labels: str | Path, label_names: list[str]) -> LabeledPool:
     """Check a labels directory before any training starts; raise :class:`LlkdError` if unusable.
 
@@ -98,30 +92,17 @@ def validate_labels_dir(labels: str | Path, label_names: list[str]) -> LabeledPo
     label set, in the same order.
     """
     reference = str(labels)
-    filesystem, root = _filesystem(reference)
-    info = filesystem.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
+    filesystem, root = resolve(reference)
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
         raise LlkdError(f"labels directory not found: {reference} (write one with `llkd label`)")
-    entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=False))
-    names = {Path(e.path).name: e for e in entries}
-    manifest_info = names.get(MANIFEST)
-    if manifest_info is not None and manifest_info.type == pafs.FileType.File:
-        with filesystem.open_input_stream(manifest_info.path) as stream:
-            try:
-                manifest = json.loads(stream.read())
-            except ValueError as error:
-                raise LlkdError(f"{reference}/{MANIFEST} is not valid JSON: {error}") from None
-        labeled_with = manifest.get("labels")
-        if labeled_with is not None and list(labeled_with) != list(label_names):
-            raise LlkdError(
-                f"labels directory {reference} was labeled with labels {list(labeled_with)}, "
-                f"but the config's task.labels are {list(label_names)}; relabel or use the matching config"
-            )
-    parts = sorted(
-        e.path
-        for name, e in names.items()
-        if name.startswith("part-") and name.endswith(".parquet") and e.type == pafs.FileType.File
-    )
+    manifest = read_json(f"{root}/{MANIFEST}", filesystem, strict=True)
+    labeled_with = manifest.get("labels") if isinstance(manifest, dict) else None
+    if labeled_with is not None and list(labeled_with) != list(label_names):
+        raise LlkdError(
+            f"labels directory {reference} was labeled with labels {list(labeled_with)}, "
+            f"but the config's task.labels are {list(label_names)}; relabel or use the matching config"
+        )
+    _, parts = label_files(reference)
     if not parts:
         raise LlkdError(f"labels directory {reference} is empty: no part-*.parquet files (did `llkd label` finish?)")
     rows = 0
@@ -149,7 +130,7 @@ def estimate_pool_tokens(pool: LabeledPool, tokenizer: Any, max_length: int, sam
     """
     texts: list[str] = []
     for path in pool.files:
-        filesystem, local = _filesystem(path)
+        filesystem, local = resolve(path)
         with filesystem.open_input_file(local) as handle:
             parquet = pq.ParquetFile(handle)
             for group in range(parquet.num_row_groups):

@@ -296,9 +296,10 @@ def multinode(output: Path, overrides: list[str]) -> int:
     from ray._private.state import actors as actor_table  # straight from the GCS: no dashboard needed
     from ray.cluster_utils import Cluster
 
+    from llkd_ray.artifacts import read_label_rows
     from llkd_ray.config import load_config
     from llkd_ray.label import label_corpus
-    from llkd_ray.pipeline import read_label_rows, run_pipeline
+    from llkd_ray.pipeline import run_pipeline
 
     os.environ.update(OFFLINE_ENV)
     # Spread: 2 teacher actors and 2 training workers of 1 CPU each on nodes of 1 CPU. The labels do

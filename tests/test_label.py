@@ -18,13 +18,12 @@ import pytest
 import yaml
 from scenarios import kill_session
 
+from llkd_ray.artifacts import MANIFEST, REJECTED_DIR
 from llkd_ray.cli import main
 from llkd_ray.config import load_config, validate_config
 from llkd_ray.errors import ConfigError
 from llkd_ray.label import (
     JOB_FILE,
-    MANIFEST,
-    REJECTED_DIR,
     OutputStore,
     commit_block,
     label_corpus,

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import llkd_ray.corpus as corpus_module
+from llkd_ray.artifacts import REJECTED_DIR
 from llkd_ray.config import load_config
-from llkd_ray.label import REJECTED_DIR, label_corpus, plan_actor_pool
+from llkd_ray.label import label_corpus, plan_actor_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

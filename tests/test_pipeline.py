@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from llkd_ray import pipeline
+from llkd_ray.artifacts import STAGES, RunLayout
 from llkd_ray.config import load_config
 from llkd_ray.errors import ConfigError
-from llkd_ray.pipeline import STAGES, RunLayout, plan_stages, run_pipeline
+from llkd_ray.pipeline import plan_stages, run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

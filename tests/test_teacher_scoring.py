@@ -1,18 +1,18 @@
 """The hf teacher computes only what it scores, and scores exactly what the full computation gives.
 
-The reference here is the computation the teacher used to do: the model's logits at every
-position, a log-softmax over the whole vocabulary at every position, then the label tokens read
-off the positions that predict them.
+The reference (``llkd_ray.testing``) is the computation the teacher used to do: the model's logits
+at every position, a log-softmax over the whole vocabulary at every position, then the label tokens
+read off the positions that predict them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from llkd_ray.config import load_config, validate_config
 from llkd_ray.teachers import HFTeacher, check_teacher
+from llkd_ray.testing import reference_first_token, reference_sequence
 
 DEMO = "configs/demo.yaml"
 TEXTS = [
@@ -31,37 +31,6 @@ def hf_teacher(model, scoring: str = "first_token", verbalizers: tuple[str, str]
             label["verbalizer"] = verbalizer
     config = validate_config(raw)
     return HFTeacher(check_teacher(config.task, config.teacher))
-
-
-def full_logprobs(teacher: HFTeacher, sequences: list[list[int]]) -> torch.Tensor:
-    """The old computation: log-softmax over the vocabulary at every position (left-padded)."""
-    length = max(map(len, sequences))
-    ids = torch.full((len(sequences), length), teacher.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, length - len(seq) :] = torch.tensor(seq)
-        mask[row, length - len(seq) :] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        logits = teacher.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def reference_first_token(teacher: HFTeacher, prompts: list[list[int]]) -> np.ndarray:
-    return full_logprobs(teacher, prompts)[:, -1, teacher.first_tokens].double().numpy()
-
-
-def reference_sequence(teacher: HFTeacher, prompts: list[list[int]]) -> np.ndarray:
-    k = len(teacher.continuations)
-    sequences = [prompt + cont for prompt in prompts for cont in teacher.continuations]
-    logprobs = full_logprobs(teacher, sequences)
-    length = logprobs.shape[1]
-    scores = np.zeros(len(sequences))
-    for row in range(len(sequences)):
-        cont = teacher.continuations[row % k]
-        positions = range(length - len(cont) - 1, length - 1)
-        scores[row] = sum(float(logprobs[row, p, t]) for p, t in zip(positions, cont, strict=True))
-    return scores.reshape(len(prompts), k)
 
 
 @pytest.mark.parametrize("keeps_logits", [True, False], ids=["logits_to_keep", "sliced"])

