@@ -149,10 +149,10 @@ def bare_forward(
 ) -> dict[int, dict[str, float]]:
     """The model alone (tokenise + forward), on the replica's thread count, per batch size."""
     from llkd_ray.config import ServingConfig
-    from llkd_ray.serve import StudentModel
+    from llkd_ray.serve import load_predictor
 
-    model = StudentModel(str(model_dir), ServingConfig(num_cpus=cpus, device="cpu"))
-    model.predict(texts[:8])  # warm-up
+    model = load_predictor(str(model_dir), ServingConfig(num_cpus=cpus, device="cpu"))
+    model.probabilities(texts[:8])  # warm-up
     results = {}
     for size in sorted(set(batch_sizes)):
         durations = []
@@ -162,7 +162,7 @@ def bare_forward(
             batch = [texts[(offset + i) % len(texts)] for i in range(size)]
             offset += size
             started = time.perf_counter()
-            model.predict(batch)
+            model.probabilities(batch)
             durations.append(time.perf_counter() - started)
         per_batch = statistics.median(durations)
         results[size] = {"batch_ms": round(1000 * per_batch, 2), "texts_per_s": round(size / per_batch, 2)}

@@ -62,52 +62,6 @@ def classification_metrics(
     }
 
 
-def predict_indices(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    texts: Sequence[str],
-    *,
-    max_length: int | None = None,
-    batch_size: int = _DEFAULT_BATCH,
-    device: torch.device | str | None = None,
-) -> list[int]:
-    """Argmax class index per text (inference mode, batches of similar length)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    predicted = [0] * len(texts)
-    limit = max_length or min(getattr(tokenizer, "model_max_length", 512), 512)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            encoded = tokenizer(
-                [texts[i] for i in rows], padding=True, truncation=True, max_length=limit, return_tensors="pt"
-            )
-            logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits
-            for i, label in zip(rows, logits.argmax(dim=-1).tolist(), strict=True):
-                predicted[i] = label
-    model.train(was_training)
-    return predicted
-
-
-def load_classifier(model_dir: str | Path, device: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """A sequence classifier and its tokenizer from a directory (or hub id), ready for inference."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from llkd_ray.errors import LlkdError
-    from llkd_ray.models import resolve_model_path
-
-    reference = resolve_model_path(str(model_dir))
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(reference)
-        tokenizer = AutoTokenizer.from_pretrained(reference)
-    except OSError as error:
-        raise LlkdError(f"cannot load the model {model_dir}: {str(error).splitlines()[0]}") from None
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.eval(), tokenizer
-
-
 def predict_labels(
     model: str | Path | torch.nn.Module,
     texts: Sequence[str],
@@ -116,14 +70,21 @@ def predict_labels(
     max_length: int | None = None,
     batch_size: int = _DEFAULT_BATCH,
 ) -> list[str]:
-    """Label names for ``texts`` from a model directory, or from a loaded model and its tokenizer."""
+    """Label names for ``texts`` from a model directory, or from a loaded model and its tokenizer.
+
+    Through :class:`~llkd_ray.predictor.Predictor`, so texts are cut at the length the student
+    trained at (recorded in its directory) exactly as ``llkd serve`` cuts them; ``max_length``
+    can only lower that limit.
+    """
+    from llkd_ray.predictor import Predictor
+
     if isinstance(model, str | Path):
-        model, tokenizer = load_classifier(model)
+        predictor = Predictor.load(model, max_length=max_length, batch_size=batch_size)
     elif tokenizer is None:
         raise ValueError("predict_labels with a loaded model needs its tokenizer")
-    id2label = model.config.id2label
-    indices = predict_indices(model, tokenizer, list(texts), max_length=max_length, batch_size=batch_size)
-    return [id2label[i] for i in indices]
+    else:
+        predictor = Predictor(model, tokenizer, max_length=max_length, batch_size=batch_size)
+    return [predictor.labels[i] for i in predictor.predict_indices(list(texts))]
 
 
 def evaluate_model(
@@ -137,15 +98,16 @@ def evaluate_model(
     """Metrics of the classifier in ``model_dir`` on the gold set ``data`` (any corpus reference)."""
     from llkd_ray.corpus import read_gold
     from llkd_ray.errors import LlkdError
+    from llkd_ray.predictor import Predictor
     from llkd_ray.runtime import init_ray
 
-    model, tokenizer = load_classifier(model_dir)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    predictor = Predictor.load(model_dir, max_length=max_length, batch_size=_DEFAULT_BATCH)
+    names = predictor.labels
     if not names or any(str(n).startswith("LABEL_") for n in names):
         raise LlkdError(f"model {model_dir} has no label names (id2label) to compare with the gold labels")
     init_ray()
     gold = read_gold(data, names, text_column=text_column, label_column=label_column)
-    predicted = predict_labels(model, list(gold["text"]), tokenizer=tokenizer, max_length=max_length)
+    predicted = [names[i] for i in predictor.predict_indices(list(gold["text"]))]
     return {"model": str(model_dir), "data": data, **classification_metrics(list(gold["label"]), predicted, names)}
 
 

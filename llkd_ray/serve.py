@@ -15,14 +15,17 @@ The HTTP API (FastAPI ingress, see docs/serving.md):
 * ``GET /healthz`` 200 once the model is loaded, 503 before (never needs a token);
 * ``GET /v1/model`` labels, model metadata, the training summary when there is one.
 
-Texts from concurrent requests are batched with ``@serve.batch`` (one text per batch item, so a
-batch is at most ``serving.max_batch_size`` texts); tokenisation and the forward pass run on one
-model thread per replica under ``torch.inference_mode``. Bad requests get a 4xx JSON error
-``{"error": {"code", "message"}}`` naming the problem, never a 500.
+A replica is small parts wired by FastAPI dependencies: :class:`BearerAuth` (the optional token,
+through ``HTTPBearer``), :class:`RequestReader` (the body, validated by a pydantic model whose
+field constraints are the replica's limits), :class:`ModelHost` (the
+:class:`~llkd_ray.predictor.Predictor` on its one model thread), :class:`Usage` (counters) and
+:class:`Classifier` (routes and ``@serve.batch``: one text per batch item, so a batch is at most
+``serving.max_batch_size`` texts). Bad requests get a 4xx JSON error ``{"error": {"code",
+"message"}}`` naming the problem, never a 500.
 """
 
 import asyncio
-import contextlib
+import email.utils
 import hashlib
 import hmac
 import json
@@ -32,17 +35,28 @@ import signal
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Request
+import httpx
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from ray import serve
 from ray.serve.metrics import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,23 +64,38 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llkd_ray.config import PipelineConfig, ServingConfig, _apply_override, load_config
 from llkd_ray.errors import ConfigError, LlkdError
 
+if TYPE_CHECKING:
+    import torch
+
+    from llkd_ray.predictor import Predictor
+
 APP_NAME = "llkd"
 DEPLOYMENT_NAME = "Classifier"
 TRAINING_SUMMARY = "training_summary.json"
+#: Test-only: a replica sleeps this many seconds before loading its model, so that "loading" can be
+#: observed. Read from the replica's own environment (tests set it in the replicas' runtime_env).
+LOAD_DELAY_ENV = "LLKD_SERVE_TEST_LOAD_DELAY_S"
 
 logger = logging.getLogger("ray.serve")
 
 
 # --------------------------------------------------------------------------- request models
 
+Text = Annotated[StrictStr, Field(min_length=1)]
+
 
 class ClassifyRequest(BaseModel):
-    """Body of ``POST /v1/classify``: exactly one of ``texts`` and ``text``."""
+    """Body of ``POST /v1/classify``: exactly one of ``texts`` and ``text``.
+
+    The limits (texts per request, characters per text) are those of the replica's serving
+    config, so each replica validates with :func:`classify_request_model`, a subclass with them
+    as field constraints.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    texts: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)] | None = None
-    text: Annotated[StrictStr, Field(min_length=1)] | None = None
+    texts: Annotated[list[Text], Field(min_length=1)] | None = None
+    text: Text | None = None
     top_k: Annotated[StrictInt, Field(ge=1)] | None = None
     """Keep only the k most probable labels in ``scores`` (default: every label)."""
 
@@ -79,6 +108,17 @@ class ClassifyRequest(BaseModel):
     @property
     def inputs(self) -> list[str]:
         return self.texts if self.texts is not None else [self.text]  # type: ignore[list-item]
+
+
+def classify_request_model(max_texts: int, max_chars: int) -> type[ClassifyRequest]:
+    """:class:`ClassifyRequest` with a replica's limits as ``Field`` constraints."""
+    limited = Annotated[StrictStr, Field(min_length=1, max_length=max_chars)]
+    return create_model(
+        "LimitedClassifyRequest",
+        __base__=ClassifyRequest,
+        texts=(Annotated[list[limited], Field(min_length=1, max_length=max_texts)] | None, None),
+        text=(limited | None, None),
+    )
 
 
 class ApiError(Exception):
@@ -115,6 +155,23 @@ def _describe(errors: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     return details
 
 
+#: Pydantic error types of the request limits (list and string ``max_length``): documented codes.
+_LIMIT_ERRORS = ("too_long", "string_too_long")
+
+
+def _limit_error(errors: Sequence[dict[str, Any]]) -> ApiError:
+    """The documented 422 for a request over the limits: too many texts first, then a long text."""
+    for item in errors:
+        if item["type"] == "too_long":
+            ctx = item.get("ctx", {})
+            given, most = ctx.get("actual_length"), ctx.get("max_length")
+            return ApiError(422, "too_many_texts", f"texts: {given} texts given, at most {most} per request")
+    item = errors[0]
+    most = item.get("ctx", {}).get("max_length")
+    message = f"{_location(item['loc'])}: {len(item['input'])} characters, at most {most} allowed"
+    return ApiError(422, "text_too_long", message)
+
+
 api = FastAPI(
     title="llkd student classifier",
     description="Text classification by a student distilled with LLKD, served on Ray Serve.",
@@ -129,12 +186,16 @@ async def _api_error(request: Request, error: ApiError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """Pydantic's errors as the documented bodies: 400 malformed JSON, 422 with a code per problem."""
     errors = list(error.errors())
     malformed = [item for item in errors if item.get("type") == "json_invalid"]
     if malformed:
         reason = str(malformed[0].get("ctx", {}).get("error", "")) or "cannot parse"
         return _error_response(400, "malformed_json", f"request body is not valid JSON: {reason}")
-    details = _describe(errors)
+    invalid = [item for item in errors if item.get("type") not in _LIMIT_ERRORS]
+    if not invalid:
+        return await _api_error(request, _limit_error(errors))
+    details = _describe(invalid)
     message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
     return _error_response(422, "invalid_request", message, details=details)
 
@@ -151,12 +212,68 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     return _error_response(500, "internal_error", "internal server error (see the replica log)")
 
 
-# --------------------------------------------------------------------------- the model
+# --------------------------------------------------------------------------- the replica's parts
 
 
 def token_digest(token: str) -> str:
     """SHA-256 of a bearer token: replicas compare digests, the token itself never leaves its env."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class BearerAuth:
+    """The optional bearer token of a replica, held as its digest and compared in constant time."""
+
+    CHALLENGE = 'Bearer realm="llkd"'
+
+    def __init__(self, digest: str | None) -> None:
+        self.digest = digest
+
+    @classmethod
+    def for_replica(cls, digest: str | None, token_env: str) -> "BearerAuth":
+        """The builder's digest, else the token in this replica's own environment, else auth off."""
+        token = os.environ.get(token_env)
+        return cls(digest or (token_digest(token) if token else None))
+
+    @property
+    def enabled(self) -> bool:
+        return self.digest is not None
+
+    def check(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        """Raise the documented 401 unless auth is off or the credentials carry the token."""
+        if self.digest is None:
+            return
+        if credentials is None:
+            message = "missing bearer token: send 'Authorization: Bearer TOKEN'"
+            raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": self.CHALLENGE})
+        if not hmac.compare_digest(token_digest(credentials.credentials), self.digest):
+            challenge = f'{self.CHALLENGE}, error="invalid_token"'
+            raise ApiError(401, "unauthorized", "invalid bearer token", {"WWW-Authenticate": challenge})
+
+
+class RequestReader:
+    """Reads a classify body under one replica's limits: media type, size, then the pydantic model."""
+
+    def __init__(self, serving: ServingConfig) -> None:
+        self.model = classify_request_model(serving.max_texts_per_request, serving.max_chars)
+        self.max_bytes = serving.max_texts_per_request * serving.max_chars * 4 + 65_536
+
+    async def read(self, request: Request) -> ClassifyRequest:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json" and not content_type.endswith("+json"):
+            message = f"send a JSON body with 'Content-Type: application/json' (got {content_type or 'none'!r})"
+            raise ApiError(415, "unsupported_media_type", message)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise ApiError(413, "body_too_large", f"request body of {declared} bytes exceeds {self.max_bytes} bytes")
+        body = await request.body()
+        if len(body) > self.max_bytes:
+            raise ApiError(413, "body_too_large", f"request body of {len(body)} bytes exceeds {self.max_bytes} bytes")
+        if not body.strip():
+            raise ApiError(400, "malformed_json", 'empty request body: send {"texts": [...]} or {"text": "..."}')
+        try:
+            return self.model.model_validate_json(body)
+        except ValidationError as error:
+            raise RequestValidationError(error.errors(include_url=False)) from None
 
 
 def read_training_summary(model_dir: str | Path) -> dict[str, Any] | None:
@@ -191,94 +308,131 @@ def check_model_dir(reference: str | Path) -> str:
     return str(path.resolve())
 
 
-class StudentModel:
-    """Tokenizer and classifier of one model directory; ``predict`` is batched and thread-confined."""
+def load_predictor(model_dir: str, serving: ServingConfig) -> "Predictor":
+    """The replica's predictor: ``serving.device``, reduced precision on GPU, torch threads = CPUs."""
+    import torch
 
-    #: On CPU, texts of one batch are sorted by length and split so that padding wastes at most
-    #: this fraction of the tokens (CPU cost grows with padded tokens); on GPU one forward pass.
-    CPU_PADDING_SLACK = 1.25
+    from llkd_ray.predictor import Predictor, resolve_device
 
-    def __init__(self, model_dir: str, serving: ServingConfig):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as transformers_logging
+    device = resolve_device(serving.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(serving.num_cpus)))
+    return Predictor.load(model_dir, device=device, half_on_gpu=True, max_length=serving.max_length)
 
-        transformers_logging.disable_progress_bar()
-        want_cuda = serving.device == "cuda" or (serving.device == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise RuntimeError("serving.device is 'cuda' but this replica sees no GPU")
-        self.device = torch.device("cuda" if want_cuda else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(serving.num_cpus)))
-        dtype = torch.float32
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        self.model = (
-            AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=False, dtype=dtype)
-            .to(self.device)
-            .eval()
-        )
-        config = self.model.config
-        self.labels = [config.id2label[i] for i in range(config.num_labels)]
-        # The tokenizer's and the position embeddings' limits (HF writes a huge number for "none").
-        limits = [
-            n
-            for n in (
-                getattr(self.tokenizer, "model_max_length", None),
-                getattr(config, "max_position_embeddings", None),
-                serving.max_length,
+
+def describe_model(predictor: "Predictor", model_dir: str) -> dict[str, Any]:
+    """The ``model`` block of every answer: name, architecture, labels count, length limit, device."""
+    config = predictor.model.config
+    return {
+        "name": Path(model_dir).name,
+        "architecture": (config.architectures or [type(predictor.model).__name__])[0],
+        "model_type": config.model_type,
+        "num_labels": len(predictor.labels),
+        "max_length": predictor.max_length,
+        "device": predictor.device.type,
+        "dtype": str(predictor.model.dtype).removeprefix("torch."),
+    }
+
+
+class ModelHost:
+    """A replica's predictor on its one model thread: the load first, then every batch, in order
+    (so forward passes never compete, and a request sent while loading waits for the model)."""
+
+    def __init__(self, model_dir: str, serving: ServingConfig) -> None:
+        self.model_dir, self.serving = model_dir, serving
+        self.predictor: Predictor | None = None
+        self.info: dict[str, Any] = {}
+        self.num_parameters = 0
+        self.load_error: str | None = None
+        self.training_summary: dict[str, Any] | None = None
+        self.batches, self.forward_seconds = 0, 0.0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llkd-model")
+        self._thread.submit(self._load, float(os.environ.get(LOAD_DELAY_ENV) or 0))
+
+    def _load(self, delay_s: float) -> None:
+        started = time.perf_counter()
+        try:
+            time.sleep(delay_s)
+            self.training_summary = read_training_summary(self.model_dir)
+            predictor = load_predictor(self.model_dir, self.serving)
+            self.info = describe_model(predictor, self.model_dir)
+            self.num_parameters = sum(p.numel() for p in predictor.model.parameters())
+            self.predictor = predictor
+            logger.info(
+                "llkd: loaded %s (%s labels, %s) in %.1fs",
+                self.model_dir,
+                len(predictor.labels),
+                predictor.device,
+                time.perf_counter() - started,
             )
-            if n and n < 1_000_000
-        ]
-        self.max_length = min(limits, default=512)
-        self.info = {
-            "name": Path(model_dir).name,
-            "architecture": (config.architectures or [type(self.model).__name__])[0],
-            "model_type": config.model_type,
-            "num_labels": len(self.labels),
-            "max_length": self.max_length,
-            "device": self.device.type,
-            "dtype": str(dtype).removeprefix("torch."),
-        }
-        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        except Exception as error:
+            self.load_error = f"{type(error).__name__}: {error}"
+            logger.exception("llkd: loading %s failed", self.model_dir)
 
-    def _chunks(self, lengths: list[int]) -> list[list[int]]:
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        if self.device.type != "cpu":
-            return [order]
-        chunks: list[list[int]] = []
-        current: list[int] = []
-        tokens = 0
-        for index in order:  # ascending length: the newest text is the longest of its chunk
-            length = lengths[index]
-            if current and (len(current) + 1) * length > self.CPU_PADDING_SLACK * (tokens + length):
-                chunks.append(current)
-                current, tokens = [], 0
-            current.append(index)
-            tokens += length
-        return [*chunks, current] if current else chunks
+    def ready(self) -> "Predictor":
+        """The predictor, or the documented 503 while it loads or when loading failed."""
+        if self.predictor is None:
+            if self.load_error:
+                raise ApiError(503, "model_unavailable", f"model failed to load: {self.load_error}")
+            raise ApiError(503, "loading", "the model is still loading; retry shortly", {"Retry-After": "1"})
+        return self.predictor
 
-    def predict(self, texts: list[str]) -> list[tuple[list[float], bool]]:
-        """Class probabilities (in label order) and a truncation flag for each text."""
-        import torch
+    def _forward(self, texts: list[str]) -> tuple["torch.Tensor", list[bool]]:
+        predictor = self.ready()  # on the model thread, after the load: loading is over
+        started = time.perf_counter()
+        result = predictor.probabilities(texts)
+        self.batches += 1
+        self.forward_seconds += time.perf_counter() - started
+        return result
 
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        if encoded.encodings is not None:
-            truncated = [bool(e.overflowing) for e in encoded.encodings]
-        else:  # a slow tokenizer: count the tokens without truncation
-            full = self.tokenizer(texts, truncation=False)["input_ids"]
-            truncated = [len(ids) > self.max_length for ids in full]
-        features = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        lengths = [len(ids) for ids in features["input_ids"]]
-        probabilities: list[list[float]] = [[] for _ in texts]
-        with torch.inference_mode():
-            for chunk in self._chunks(lengths):
-                batch = self.tokenizer.pad({k: [v[i] for i in chunk] for k, v in features.items()}, return_tensors="pt")
-                logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits
-                for index, row in zip(chunk, torch.softmax(logits.float(), dim=-1).cpu().tolist(), strict=True):
-                    probabilities[index] = row
-        return list(zip(probabilities, truncated, strict=True))
+    async def probabilities(self, texts: list[str]) -> tuple["torch.Tensor", list[bool]]:
+        """Probabilities and truncation flags of ``texts``, computed on the model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._forward, texts)
+
+
+class Usage:
+    """What a replica classified: the counters ``/v1/model`` shows and the Prometheus counters."""
+
+    def __init__(self) -> None:
+        self.requests = self.texts = self.truncated = 0
+        self._texts = Counter("llkd_texts_classified", description="Texts classified by the student.")
+        self._truncated = Counter("llkd_texts_truncated", description="Texts cut to the model's max length.")
+
+    def record(self, predictions: list[dict[str, Any]]) -> int:
+        """Count one answered request; returns how many of its texts were truncated."""
+        cut = sum(1 for p in predictions if p["truncated"])
+        self.requests += 1
+        self.texts += len(predictions)
+        self.truncated += cut
+        self._texts.inc(len(predictions))
+        if cut:
+            self._truncated.inc(cut)
+        return cut
+
+
+# --------------------------------------------------------------------------- dependencies
+
+_bearer = HTTPBearer(auto_error=False, description="The token in the variable named by serving.auth_token_env.")
+
+
+async def _replica() -> Any:
+    """The :class:`Classifier` instance serving this request (Serve's class-based view)."""
+    return serve.get_replica_context().servable_object
+
+
+async def authorized(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    replica: Annotated[Any, Depends(_replica)],
+) -> None:
+    """The bearer check; it reads headers only, so it runs before anything reads the body."""
+    replica.auth.check(credentials)
+
+
+async def classify_body(
+    request: Request, _auth: Annotated[None, Depends(authorized)], replica: Annotated[Any, Depends(_replica)]
+) -> ClassifyRequest:
+    """The validated classify body, read only once the client is authorized."""
+    return await replica.reader.read(request)
 
 
 # --------------------------------------------------------------------------- the deployment
@@ -287,169 +441,73 @@ class StudentModel:
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class Classifier:
-    """One replica: loads the model on its model thread, answers while Serve batches its texts."""
+    """One replica: routes and batching over the parts above."""
 
-    def __init__(
-        self, model_dir: str, serving: dict[str, Any], auth_digest: str | None = None, load_delay_s: float = 0.0
-    ):
+    def __init__(self, model_dir: str, serving: dict[str, Any], auth_digest: str | None = None) -> None:
         self.serving = ServingConfig.model_validate(serving)
-        self.model_dir = model_dir
-        token = os.environ.get(self.serving.auth_token_env)
-        self._auth_digest = auth_digest or (token_digest(token) if token else None)
+        self.auth = BearerAuth.for_replica(auth_digest, self.serving.auth_token_env)
+        self.reader = RequestReader(self.serving)
+        self.usage = Usage()
         self._predict_batch.set_max_batch_size(self.serving.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.serving.batch_wait_timeout_s)
-        self.model: StudentModel | None = None
-        self.load_error: str | None = None
-        self.training_summary: dict[str, Any] | None = None
-        self.stats = {"requests": 0, "texts": 0, "truncated": 0, "batches": 0, "forward_seconds": 0.0}
-        self._texts_counter = Counter("llkd_texts_classified", description="Texts classified by the student.")
-        self._truncated_counter = Counter("llkd_texts_truncated", description="Texts cut to the model's max length.")
-        # Every model call runs on this one thread, in order: the load first, then the batches.
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llkd-model")
-        self._model_thread.submit(self._load, load_delay_s)
+        self.host = ModelHost(model_dir, self.serving)
         self.replica = serve.get_replica_context().replica_id.unique_id
-
-    def _load(self, delay_s: float) -> None:
-        started = time.perf_counter()
-        try:
-            if delay_s:
-                time.sleep(delay_s)  # test-only: makes "loading" observable
-            self.training_summary = read_training_summary(self.model_dir)
-            self.model = StudentModel(self.model_dir, self.serving)
-            logger.info(
-                "llkd: loaded %s (%s labels, %s) in %.1fs",
-                self.model_dir,
-                len(self.model.labels),
-                self.model.device,
-                time.perf_counter() - started,
-            )
-        except Exception as error:
-            self.load_error = f"{type(error).__name__}: {error}"
-            logger.exception("llkd: loading %s failed", self.model_dir)
 
     def check_health(self) -> None:
         """Serve replaces a replica whose model failed to load."""
-        if self.load_error:
-            raise RuntimeError(f"model failed to load: {self.load_error}")
-
-    # -- model calls (on the model thread)
-
-    def _forward(self, texts: list[str]) -> list[tuple[list[float], bool]]:
-        if self.model is None:
-            raise ApiError(503, "model_unavailable", f"model failed to load: {self.load_error}")
-        started = time.perf_counter()
-        results = self.model.predict(texts)
-        self.stats["batches"] += 1
-        self.stats["forward_seconds"] += time.perf_counter() - started
-        return results
-
-    async def _on_model_thread(self, texts: list[str]) -> list[tuple[list[float], bool]]:
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._forward, texts)
+        if self.host.load_error:
+            raise RuntimeError(f"model failed to load: {self.host.load_error}")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _predict_batch(self, texts: list[str]) -> list[tuple[list[float], bool, int]]:
-        results = await self._on_model_thread(texts)
-        return [(probabilities, truncated, len(texts)) for probabilities, truncated in results]
+    async def _predict_batch(self, texts: list[str]) -> list[tuple["torch.Tensor", bool, int]]:
+        probabilities, truncated = await self.host.probabilities(texts)
+        return [(row, cut, len(texts)) for row, cut in zip(probabilities, truncated, strict=True)]
 
-    async def _predict(self, texts: list[str]) -> list[tuple[list[float], bool, int]]:
-        if self.serving.batching:
-            return list(await asyncio.gather(*(self._predict_batch(text) for text in texts)))
-        return [(p, t, len(texts)) for p, t in await self._on_model_thread(texts)]
+    async def _predict(self, texts: list[str]) -> tuple["torch.Tensor", list[bool], list[int]]:
+        """Probabilities, truncation flags and the forward pass's size of each text, in order."""
+        import torch
 
-    # -- request checks
-
-    def _authorize(self, request: Request) -> None:
-        if self._auth_digest is None:
-            return
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
-            raise ApiError(
-                401,
-                "unauthorized",
-                "missing bearer token: send 'Authorization: Bearer TOKEN'",
-                {"WWW-Authenticate": 'Bearer realm="llkd"'},
-            )
-        if not hmac.compare_digest(token_digest(presented.strip()), self._auth_digest):
-            raise ApiError(
-                401,
-                "unauthorized",
-                "invalid bearer token",
-                {"WWW-Authenticate": 'Bearer realm="llkd", error="invalid_token"'},
-            )
-
-    def _ready_model(self) -> StudentModel:
-        if self.model is None:
-            if self.load_error:
-                raise ApiError(503, "model_unavailable", f"model failed to load: {self.load_error}")
-            raise ApiError(503, "loading", "the model is still loading; retry shortly", {"Retry-After": "1"})
-        return self.model
-
-    async def _read_request(self, request: Request) -> ClassifyRequest:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json" and not content_type.endswith("+json"):
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                f"send a JSON body with 'Content-Type: application/json' (got {content_type or 'none'!r})",
-            )
-        limit = self.serving.max_texts_per_request * self.serving.max_chars * 4 + 65_536
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, "body_too_large", f"request body of {declared} bytes exceeds {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise ApiError(413, "body_too_large", f"request body of {len(body)} bytes exceeds {limit} bytes")
-        if not body.strip():
-            raise ApiError(400, "malformed_json", 'empty request body: send {"texts": [...]} or {"text": "..."}')
-        try:
-            parsed = ClassifyRequest.model_validate_json(body)
-        except ValidationError as error:
-            raise RequestValidationError(error.errors(include_url=False)) from None
-        texts = parsed.inputs
-        if len(texts) > self.serving.max_texts_per_request:
-            raise ApiError(
-                422,
-                "too_many_texts",
-                f"texts: {len(texts)} texts given, at most {self.serving.max_texts_per_request} per request",
-            )
-        for index, text in enumerate(texts):
-            if len(text) > self.serving.max_chars:
-                field = f"texts[{index}]" if parsed.texts is not None else "text"
-                raise ApiError(
-                    422, "text_too_long", f"{field}: {len(text)} characters, at most {self.serving.max_chars} allowed"
-                )
-        return parsed
+        if not self.serving.batching:
+            probabilities, truncated = await self.host.probabilities(texts)
+            return probabilities, truncated, [len(texts)] * len(texts)
+        results = await asyncio.gather(*(self._predict_batch(text) for text in texts))
+        return torch.stack([row for row, _, _ in results]), [cut for _, cut, _ in results], [n for *_, n in results]
 
     # -- routes
 
     @api.get("/healthz")
     def healthz(self):
         """200 once the model is loaded; 503 while it loads or when loading failed (no token needed)."""
-        if self.model is not None:
-            return JSONResponse({"status": "ok", "model": self.model.info["name"]})
-        if self.load_error:
-            return JSONResponse({"status": "error", "error": self.load_error}, status_code=503)
+        if self.host.predictor is not None:
+            return JSONResponse({"status": "ok", "model": self.host.info["name"]})
+        if self.host.load_error:
+            return JSONResponse({"status": "error", "error": self.host.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
 
     @api.get("/v1/model")
-    def model_info(self, request: Request):
+    def model_info(self, _auth: Annotated[None, Depends(authorized)]):
         """Labels, model metadata, serving settings and the training summary (when present)."""
-        self._authorize(request)
-        model = self._ready_model()
-        stats = dict(self.stats)
-        stats["mean_batch_size"] = round(stats["texts"] / stats["batches"], 2) if stats["batches"] else None
+        predictor, host, usage = self.host.ready(), self.host, self.usage
+        stats = {
+            "requests": usage.requests,
+            "texts": usage.texts,
+            "truncated": usage.truncated,
+            "batches": host.batches,
+            "forward_seconds": host.forward_seconds,
+            "mean_batch_size": round(usage.texts / host.batches, 2) if host.batches else None,
+        }
         serving = self.serving.model_dump(
             include={"max_batch_size", "batch_wait_timeout_s", "batching", "max_texts_per_request", "max_chars"}
         )
         return {
-            **model.info,
-            "labels": model.labels,
-            "num_parameters": model.num_parameters,
+            **host.info,
+            "labels": predictor.labels,
+            "num_parameters": host.num_parameters,
             "replica": self.replica,
-            "auth": self._auth_digest is not None,
+            "auth": self.auth.enabled,
             "serving": serving,
             "stats": stats,
-            "training_summary": self.training_summary,
+            "training_summary": host.training_summary,
         }
 
     @api.post(
@@ -461,41 +519,19 @@ class Classifier:
             }
         },
     )
-    async def classify(self, request: Request):
+    async def classify(self, body: Annotated[ClassifyRequest, Depends(classify_body)]):
         """Classify ``texts`` (or one ``text``); predictions come back in request order."""
         started = time.perf_counter()
-        self._authorize(request)
-        parsed = await self._read_request(request)
-        texts = parsed.inputs
-        results = await self._predict(texts)  # waits for the model when it is still loading
-        model = self._ready_model()
-        top_k = min(parsed.top_k or len(model.labels), len(model.labels))
-        predictions = []
-        for probabilities, truncated, _ in results:
-            ranked = sorted(zip(model.labels, probabilities, strict=True), key=lambda pair: -pair[1])
-            predictions.append(
-                {
-                    "label": ranked[0][0],
-                    "score": ranked[0][1],
-                    "scores": dict(ranked[:top_k]),
-                    "truncated": truncated,
-                }
-            )
-        n_truncated = sum(1 for p in predictions if p["truncated"])
-        self.stats["requests"] += 1
-        self.stats["texts"] += len(texts)
-        self.stats["truncated"] += n_truncated
-        self._texts_counter.inc(len(texts))
-        if n_truncated:
-            self._truncated_counter.inc(n_truncated)
+        probabilities, truncated, sizes = await self._predict(body.inputs)  # waits while the model loads
+        predictions = self.host.ready().postprocess(probabilities, truncated, top_k=body.top_k)
         logger.info(
             "classify texts=%d truncated=%d batch_sizes=%s latency_ms=%.1f",
-            len(texts),
-            n_truncated,
-            sorted({size for _, _, size in results}),
+            len(predictions),
+            self.usage.record(predictions),
+            sorted(set(sizes)),
             1000 * (time.perf_counter() - started),
         )
-        return {"model": model.info, "predictions": predictions}
+        return {"model": self.host.info, "predictions": predictions}
 
 
 # --------------------------------------------------------------------------- building the app
@@ -512,8 +548,6 @@ class ServeArgs(BaseModel):
     """Pipeline config YAML whose ``serving`` section applies."""
     serving: dict[str, Any] = Field(default_factory=dict)
     """``serving`` keys set on top of the config (or of the defaults)."""
-    load_delay_s: Annotated[float, Field(ge=0)] = 0.0
-    """Test-only: sleep this long before loading the model, to observe ``/healthz`` while loading."""
 
 
 def _format_errors(error: ValidationError, section: str) -> str:
@@ -586,13 +620,20 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
         parsed = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     except ValidationError as error:
         raise ConfigError(f"invalid application args: {_format_errors(error, '')}") from None
-    model_dir = check_model_dir(parsed.model)
-    serving = load_serving_config(parsed.config, updates=parsed.serving)
+    return _application(check_model_dir(parsed.model), load_serving_config(parsed.config, updates=parsed.serving))
+
+
+def _application(
+    model_dir: str, serving: ServingConfig, replica_env: dict[str, str] | None = None
+) -> serve.Application:
+    """The bound deployment; ``replica_env`` (tests only, e.g. :data:`LOAD_DELAY_ENV`) goes into the
+    replicas' ``runtime_env``."""
     token = os.environ.get(serving.auth_token_env)
-    deployment = Classifier.options(**deployment_options(serving, _cluster_gpus()))
-    return deployment.bind(
-        model_dir, serving.model_dump(mode="json"), token_digest(token) if token else None, parsed.load_delay_s
-    )
+    options = deployment_options(serving, _cluster_gpus())
+    if replica_env:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(replica_env)}
+    digest = token_digest(token) if token else None
+    return Classifier.options(**options).bind(model_dir, serving.model_dump(mode="json"), digest)
 
 
 # --------------------------------------------------------------------------- llkd serve
@@ -604,32 +645,68 @@ def _local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def wait_until_ready(url: str, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Poll ``GET url/healthz`` until it answers 200; raise LlkdError when loading failed or timed out."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            try:
-                body = json.loads(error.read())
-            except ValueError:
-                body = {}
-            if body.get("status") == "error":
-                raise LlkdError(f"the model failed to load: {body.get('error')}") from None
-            last = f"HTTP {error.code} {body or ''}".strip()
-        except (OSError, ValueError) as error:
-            last = str(error)
-        time.sleep(0.5)
-    raise LlkdError(f"{url}/healthz not ready after {timeout_s:.0f}s (last: {last})")
-
-
 #: Statuses a client should retry ``/v1/classify`` on (it has no side effects): a replica that died
 #: mid-request (500 from the proxy), Serve's request timeout (408) or back-pressure (429/503, with
 #: Retry-After), no replica available (503), a gateway in front (502/504).
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """The server's ``Retry-After`` in seconds (a number or an HTTP date), None when absent."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The client retry policy of docs/serving.md: connection errors and :data:`RETRY_STATUSES`,
+    exponential backoff from ``first_delay_s`` doubling up to ``max_delay_s`` (or the server's
+    ``Retry-After``, capped the same), at most ``attempts`` tries; other statuses are final."""
+
+    attempts: int = 8
+    first_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+    statuses: frozenset[int] = RETRY_STATUSES
+    sleep: Callable[[float], None] = time.sleep
+
+    def delay_s(self, attempt: int, response: httpx.Response | None = None) -> float:
+        """How long to wait after the failed try number ``attempt`` (0-based)."""
+        asked = retry_after_s(response) if response is not None else None
+        return min(self.first_delay_s * 2**attempt if asked is None else asked, self.max_delay_s)
+
+    def send(self, client: httpx.Client, request: httpx.Request) -> httpx.Response:
+        """``request`` until it gets a final answer (returned, whatever its status) or the tries
+        run out (LlkdError naming the last failure)."""
+        last = ""
+        for attempt in range(self.attempts):
+            response = None
+            try:
+                response = client.send(request)
+                if response.status_code not in self.statuses:
+                    return response
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.TransportError as error:  # refused, reset, timed out, truncated body
+                last = f"{type(error).__name__}: {error}"
+            if attempt + 1 < self.attempts:
+                self.sleep(self.delay_s(attempt, response))
+        raise LlkdError(f"{request.method} {request.url} failed after {self.attempts} attempts (last: {last})")
+
+
+def _client(timeout_s: float) -> httpx.Client:
+    """An httpx client whose transport also retries a failed connect once, at once (httpx's own)."""
+    return httpx.Client(timeout=timeout_s, transport=httpx.HTTPTransport(retries=1))
 
 
 def classify(
@@ -641,41 +718,48 @@ def classify(
     attempts: int = 8,
     timeout_s: float = 60.0,
 ) -> dict[str, Any]:
-    """Client for ``POST url/v1/classify`` with the retry policy of docs/serving.md.
+    """Client for ``POST url/v1/classify`` with the retry policy of docs/serving.md (:class:`RetryPolicy`).
 
-    Retries connection errors and :data:`RETRY_STATUSES` with exponential backoff (0.2 s doubling,
-    at most 5 s, or the server's ``Retry-After``) up to ``attempts`` times; a 4xx is final and
-    raises :class:`LlkdError` with the server's message.
+    A final 4xx raises :class:`LlkdError` with the server's message.
     """
     payload: dict[str, Any] = {"texts": list(texts)}
     if top_k is not None:
         payload["top_k"] = top_k
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    body = json.dumps(payload).encode()
-    last = ""
-    for attempt in range(attempts):
-        delay = min(0.2 * 2**attempt, 5.0)
-        request = urllib.request.Request(f"{url}/v1/classify", data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            text = error.read().decode(errors="replace")
-            if error.code not in RETRY_STATUSES:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    text = json.loads(text)["error"]["message"]
-                raise LlkdError(f"classify failed with HTTP {error.code}: {text}") from None
-            last = f"HTTP {error.code}: {text[:200]}"
-            retry_after = error.headers.get("Retry-After", "")
-            if retry_after.isdigit():
-                delay = min(float(retry_after), 5.0)
-        except (OSError, ValueError) as error:  # refused, reset, timed out, truncated body
-            last = f"{type(error).__name__}: {error}"
-        if attempt + 1 < attempts:
-            time.sleep(delay)
-    raise LlkdError(f"classify failed after {attempts} attempts (last: {last})")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with _client(timeout_s) as client:
+        request = client.build_request("POST", f"{url}/v1/classify", json=payload, headers=headers)
+        response = RetryPolicy(attempts=attempts).send(client, request)
+    if response.is_success:
+        return response.json()
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text
+    raise LlkdError(f"classify failed with HTTP {response.status_code}: {message}")
+
+
+def wait_until_ready(url: str, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Poll ``GET url/healthz`` until it answers 200; raise LlkdError when loading failed or timed out."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with _client(5.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                response = client.get(f"{url}/healthz")
+            except httpx.TransportError as error:
+                last = f"{type(error).__name__}: {error}"
+            else:
+                if response.is_success:
+                    return response.json()
+                try:
+                    body = response.json()
+                except ValueError:
+                    body = {}
+                if isinstance(body, dict) and body.get("status") == "error":
+                    raise LlkdError(f"the model failed to load: {body.get('error')}")
+                last = f"HTTP {response.status_code} {body or ''}".strip()
+            time.sleep(0.5)
+    raise LlkdError(f"{url}/healthz not ready after {timeout_s:.0f}s (last: {last})")
 
 
 def _interrupt_on_signals() -> dict[int, Any]:

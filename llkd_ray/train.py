@@ -57,6 +57,7 @@ from llkd_ray.artifacts import MANIFEST, label_files, read_json, resolve
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.errors import ConfigError, LlkdError
+from llkd_ray.predictor import Predictor, inference, save_classifier
 from llkd_ray.selection import Selection, Selector, normalized_entropy, scoring_sample, selection_loss
 
 logger = logging.getLogger(__name__)
@@ -352,17 +353,16 @@ def score_candidates(model: torch.nn.Module, batch: Batch, ctx: StepContext, chu
     """The student's information need ``u_i`` for every candidate, and the tokens scored.
 
     Inference mode: no dropout, no graph (about a third of a training pass's FLOPs per token).
+    The rows keep their order (chunks of ``chunk`` rows, padded per chunk, as the FLOPs rule and the
+    equivalence over workers assume), so this is not :class:`~llkd_ray.predictor.Predictor`'s
+    length-sorted batching; the eval-mode/inference-mode switch is the same.
     """
-    module = _unwrap(model)
-    was_training = module.training
-    module.eval()
     needs, tokens = [], 0
-    with torch.inference_mode(), ctx.autocast():
+    with inference(_unwrap(model)) as module, ctx.autocast():
         for start in range(0, len(batch.texts), chunk):
             encoded = ctx.encode(batch.texts[start : start + chunk])
             tokens += _tokens(encoded)
             needs.append(normalized_entropy(module(**encoded).logits))
-    module.train(was_training)
     return (torch.cat(needs) if needs else torch.zeros(0)), tokens
 
 
@@ -1023,12 +1023,12 @@ class StudentTrainingRecipe:
 
     def evaluate(self) -> None:
         """Every worker predicts its share of the gold set; rank 0 records the metrics on the curve."""
-        from llkd_ray.evaluate import classification_metrics, predict_indices
+        from llkd_ray.evaluate import classification_metrics
 
         gold, state = self.gold or {}, self.state
         texts = gold["texts"][self.rank :: self.world]
-        model = _unwrap(self.model)
-        predicted = predict_indices(model, self.tokenizer, texts, max_length=self.ctx.max_length, device=self.device)
+        predictor = Predictor(_unwrap(self.model), self.tokenizer, max_length=self.ctx.max_length, batch_size=64)
+        predicted = predictor.predict_indices(texts)
         self.model.train()
         if self.plan.eval_points:
             state.next_eval = math.floor(self.progress() * self.plan.eval_points + 1e-9) + 1
@@ -1077,9 +1077,8 @@ class StudentTrainingRecipe:
 
     def save_checkpoint(self, directory: Path, final: bool = False) -> None:
         """The student, the training state and the metrics so far; the selections when ``final``."""
-        student = directory / "student"
-        _unwrap(self.model).save_pretrained(student)
-        self.tokenizer.save_pretrained(student)
+        # The training length goes with the student, so serving and pipelines truncate as training did.
+        save_classifier(_unwrap(self.model), self.tokenizer, directory / "student", self.ctx.max_length)
         payload = {
             "state": asdict(self.state),
             "compute": asdict(self.compute),

@@ -41,14 +41,15 @@ def test_format_metrics_is_a_readable_table():
 
 
 def test_predict_labels_from_a_directory_returns_label_names(tiny_classifier_dir):
-    from llkd_ray.evaluate import load_classifier, predict_labels
+    from llkd_ray.evaluate import predict_labels
+    from llkd_ray.predictor import Predictor
 
     texts = ["short", "a much longer text about a film that goes on and on", "ok"]
     labels = predict_labels(tiny_classifier_dir, texts)
     assert len(labels) == 3 and set(labels) <= set(SST2_LABELS)
     # the same with a loaded model, batches of one (sorting by length must not reorder the output)
-    model, tokenizer = load_classifier(tiny_classifier_dir)
-    assert predict_labels(model, texts, tokenizer=tokenizer, batch_size=1) == labels
+    loaded = Predictor.load(tiny_classifier_dir)
+    assert predict_labels(loaded.model, texts, tokenizer=loaded.tokenizer, batch_size=1) == labels
 
 
 def test_llkd_eval_json_and_table(ray_local, tiny_classifier_dir, tmp_path, capsys):

@@ -19,11 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from test_predictor import LONG_TEXT, TRAINING_LENGTH, save_student
 
 from llkd_ray.config import ServingConfig
 from llkd_ray.errors import ConfigError, LlkdError
 from llkd_ray.serve import (
+    LOAD_DELAY_ENV,
+    RetryPolicy,
     ServeArgs,
+    _application,
     build_app,
     check_model_dir,
     classify,
@@ -55,11 +59,17 @@ def _sst2_texts(n: int) -> list[str]:
     return [json.loads(line)["text"] for line in lines]
 
 
-def _deploy(name: str, model_dir: Path, route: str, *, load_delay_s: float = 0.0, **serving) -> None:
+def _deploy(name: str, model_dir: Path, route: str, *, replica_env: dict[str, str] | None = None, **serving) -> None:
+    """Deploy through the public builder; test-only replica settings (``replica_env``) go in the
+    replicas' runtime_env through the builder's private half."""
     from ray import serve
 
-    args = ServeArgs(model=str(model_dir), serving={"num_cpus": TEST_CPUS, **serving}, load_delay_s=load_delay_s)
-    serve.run(build_app(args), name=name, route_prefix=route)
+    args = ServeArgs(model=str(model_dir), serving={"num_cpus": TEST_CPUS, **serving})
+    if replica_env:
+        app = _application(check_model_dir(model_dir), load_serving_config(updates=args.serving), replica_env)
+    else:
+        app = build_app(args)
+    serve.run(app, name=name, route_prefix=route)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +158,37 @@ def test_long_text_is_truncated_and_flagged(client):
     response = client.post("/v1/classify", json={"texts": ["short", long_text, exact]})
     assert response.status_code == 200, response.text
     assert [p["truncated"] for p in response.json()["predictions"]] == [False, True, False]
+
+
+def test_a_long_text_gets_the_same_probabilities_from_serve_eval_and_a_pipeline(
+    client, server, tmp_path, tiny_classifier_dir
+):
+    """The train/serve skew: a student saved as training saves it is cut at its training length
+    by the Serve API, ``llkd eval``'s predictor and ``transformers.pipeline`` alike."""
+    from ray import serve
+    from transformers import pipeline
+
+    from llkd_ray.predictor import Predictor
+
+    student = save_student(tiny_classifier_dir, tmp_path / "train" / "student")
+    _deploy("skew", student, "/skew")
+    try:
+        wait_until_ready(f"{server}/skew", 120)
+        response = client.post("/skew/v1/classify", json={"texts": [LONG_TEXT]})
+        assert response.status_code == 200, response.text
+        body = response.json()
+    finally:
+        serve.delete("skew")
+    assert body["model"]["max_length"] == TRAINING_LENGTH
+    (served,) = body["predictions"]
+    assert served["truncated"] is True
+    (evaluated,) = Predictor.load(student)([LONG_TEXT])
+    classifier = pipeline("text-classification", model=str(student), device="cpu", truncation=True, top_k=None)
+    (ranked,) = classifier([LONG_TEXT])
+    piped = {p["label"]: p["score"] for p in ranked}
+    assert served["label"] == evaluated["label"]
+    assert served["scores"] == pytest.approx(evaluated["scores"], abs=1e-5)
+    assert served["scores"] == pytest.approx(piped, abs=1e-5)
 
 
 def test_model_info(client):
@@ -293,7 +334,7 @@ def test_no_auth_when_the_token_variable_is_unset(client):
 def test_healthz_is_503_until_the_model_is_loaded(client, server, tiny_classifier_dir):
     from ray import serve
 
-    _deploy("slow", tiny_classifier_dir, "/slow", load_delay_s=4.0)
+    _deploy("slow", tiny_classifier_dir, "/slow", replica_env={LOAD_DELAY_ENV: "4"})
     try:
         loading = client.get("/slow/healthz")
         assert loading.status_code == 503
@@ -366,6 +407,43 @@ def test_killed_replica_is_replaced_and_clients_recover_with_retries(client, ser
             assert predictions[0]["scores"] == pytest.approx(expected[0]["scores"], abs=1e-5)
     finally:
         serve.delete("victim")
+
+
+# --------------------------------------------------------------------------- the client's retry policy
+
+
+def _scripted(*answers: httpx.Response | Exception) -> httpx.Client:
+    """A client whose server answers ``answers`` in turn (an exception is raised as the transport's)."""
+    queue = list(answers)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = queue.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+def test_retry_policy_backs_off_honours_retry_after_and_stops_at_a_final_answer():
+    slept: list[float] = []
+    policy = RetryPolicy(sleep=slept.append)
+    request = httpx.Request("POST", "http://llkd.test/v1/classify", json={"texts": ["a"]})
+    client = _scripted(
+        httpx.Response(503, headers={"Retry-After": "3"}),
+        httpx.Response(429),
+        httpx.ConnectError("refused"),
+        httpx.Response(503, headers={"Retry-After": "60"}),
+        httpx.Response(200, json={"predictions": []}),
+    )
+    assert policy.send(client, request).status_code == 200
+    assert slept == [3.0, 0.2 * 2, 0.2 * 4, 5.0]  # Retry-After, doubling backoff, capped at 5 s
+    slept.clear()
+    assert policy.send(_scripted(httpx.Response(422, json={})), request).status_code == 422  # final: no retry
+    assert slept == []
+    with pytest.raises(LlkdError, match=r"after 3 attempts \(last: HTTP 500"):
+        RetryPolicy(attempts=3, sleep=slept.append).send(_scripted(*[httpx.Response(500)] * 3), request)
+    assert slept == [0.2, 0.4]
 
 
 # --------------------------------------------------------------------------- building the app

@@ -168,6 +168,9 @@ def test_llkd_train_two_workers_writes_a_loadable_student_and_metrics(ray_local,
     classifier = pipeline("text-classification", model=str(out / "student"), device="cpu")
     predictions = classifier(["a wonderful film", "a boring mess"])
     assert {p["label"] for p in predictions} <= set(SST2_LABELS)
+    # the student carries its training length (demo config: 64), not the base tokenizer's 128
+    assert classifier.tokenizer.model_max_length == 64
+    assert json.loads((out / "student" / "config.json").read_text())["llkd_max_length"] == 64
 
     records = _records(out / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
