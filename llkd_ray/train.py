@@ -1177,8 +1177,6 @@ def train_student(
     by default, another reference, or None. Returns the training summary (also written to
     ``output/training_summary.json``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
     from llkd_ray.models import resolve_model_path
@@ -1186,7 +1184,6 @@ def train_student(
 
     wall_started = time.perf_counter()
     config = _prepared_config(config, strategy, workers, max_steps, budget)
-    training = config.training
     pool = validate_labels_dir(labels, config.task.label_names)
     student_path = resolve_model_path(config.student.model)
     pool_tokens = estimate_pool_tokens(pool, AutoTokenizer.from_pretrained(student_path), config.student.max_length)
@@ -1196,6 +1193,32 @@ def train_student(
 
     ensure_ray(config)
     gold = _gold_payload(config, eval_data)
+    state, compute = _fit(config, plan, pool, output, student_path, gold, fault_injection)
+    summary = _training_summary(config, plan, pool, pool_tokens, state, compute)
+    summary |= {
+        "labels": str(labels),
+        "student": str(output / "student"),
+        "gold": gold["reference"] if gold else None,
+        "wall_time_s": round(time.perf_counter() - wall_started, 3),
+    }
+    (output / "training_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
+
+
+def _fit(
+    config: PipelineConfig,
+    plan: TrainingPlan,
+    pool: LabeledPool,
+    output: Path,
+    student_path: str,
+    gold: dict[str, Any] | None,
+    fault_injection: FaultInjection | None,
+) -> tuple[TrainState, ComputeMeter]:
+    """Run the Ray Train job; copy the final student and records into ``output``; return its state."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    training = config.training
     dataset = build_dataset(pool, plan, training.seed)
     storage = training.storage_path or str(output / "ray")
     run_name = f"llkd-train-{config.selection.strategy}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -1237,25 +1260,35 @@ def train_student(
             if (final / name).is_file():
                 shutil.copyfile(final / name, output / name)
         saved = torch.load(final / STATE_FILE, weights_only=False)
-    state, compute = TrainState(**saved["state"]), ComputeMeter(**saved["compute"])
     if training.storage_path is None:  # the checkpoints served their purpose
         shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
         with contextlib.suppress(OSError):
             Path(storage).rmdir()
+    return TrainState(**saved["state"]), ComputeMeter(**saved["compute"])
 
+
+def _training_summary(
+    config: PipelineConfig,
+    plan: TrainingPlan,
+    pool: LabeledPool,
+    pool_tokens: int,
+    state: TrainState,
+    compute: ComputeMeter,
+) -> dict[str, Any]:
+    """What ``training_summary.json`` records of a finished run (paths and wall time added by the caller)."""
+    training = config.training
     unit = all_pass_flops(compute.parameters, pool_tokens) if pool_tokens else None
     spent = compute.flops / (unit * plan.budget) if unit and plan.budget else None
     if plan.budget and spent is not None and spent < 1.0 - 1e-9:
         logger.warning(
             "training stopped at its step cap (%d steps) with %.0f%% of the budget spent", state.step, 100 * spent
         )
-    wall = time.perf_counter() - wall_started
     seconds = state.train_seconds
-    summary = {
+    return {
         "strategy": config.selection.strategy,
         "config_hash": config.section_hash("task", "selection", "student", "training"),
-        "labels": str(labels),
-        "student": str(output / "student"),
+        "labels": None,
+        "student": None,
         "student_model": config.student.model,
         "workers": training.workers,
         "batch_size": training.batch_size,
@@ -1273,10 +1306,10 @@ def train_student(
         "final_loss": state.last_loss,
         "final_metrics": state.last_eval,
         "curve": state.curve,
-        "gold": gold["reference"] if gold else None,
+        "gold": None,
         "attempts": state.attempt + 1,
         "resumed_from_steps": state.resumed_from,
-        "wall_time_s": round(wall, 3),
+        "wall_time_s": None,
         "train_loop_s": round(seconds, 3),
         "scoring_s": round(compute.scoring_s, 3),
         "training_s": round(compute.training_s, 3),
@@ -1285,5 +1318,3 @@ def train_student(
         "samples_per_s": state.candidates_seen / seconds if seconds else None,
         "trained_samples_per_s": compute.trained_samples / seconds if seconds else None,
     }
-    (output / "training_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    return summary
