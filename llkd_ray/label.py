@@ -785,10 +785,10 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
 
 def read_labels(output: str | Path):
     """The labeled rows of an output directory as a Ray Dataset (``rejected/`` and ``_*`` left out)."""
-    import ray.data
+    from llkd_ray.compat import read_parquet
 
     store = OutputStore(output)
     paths = [store.path(name) for name in store.parts()]
     if not paths:
         raise ConfigError(f"no labeled parts in {output}")
-    return ray.data.read_parquet(paths, filesystem=store.fs)
+    return read_parquet(paths, filesystem=store.fs)
