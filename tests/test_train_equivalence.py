@@ -14,6 +14,9 @@ import torch
 from conftest import SST2_LABELS, build_tiny_classifier
 from train_fixtures import review_batch
 
+#: Three spawned interpreters (torch, transformers and a gloo process group each): slow to start.
+pytestmark = pytest.mark.heavy
+
 #: (strategy, loss, weighting, candidates M): each scenario is one optimizer step from the same start.
 SCENARIOS = [
     ("llkd", "hard", "confidence_uncertainty", 1),
