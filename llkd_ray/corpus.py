@@ -8,6 +8,7 @@ gold labels). Every input row gets a stable ``id`` and a verdict: rows that cann
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -290,6 +291,14 @@ def probe_columns(paths: list[str], fmt: Format, raw: ray.data.Dataset) -> list[
     Read straight from the files (no Ray Data execution, which would read the corpus's first
     block a second time); falls back to Ray Data when the files do not say (odd JSON).
     """
+    try:
+        return _probe_files(paths, fmt)
+    except _ProbeUndecided:
+        return _first_columns(raw)
+
+
+def _probe_files(paths: list[str], fmt: Format) -> list[str] | None:
+    """:func:`probe_columns` without Ray: raises ``_ProbeUndecided`` when the files do not say."""
     if fmt == "text":
         return ["text"]
     try:
@@ -298,8 +307,23 @@ def probe_columns(paths: list[str], fmt: Format, raw: ray.data.Dataset) -> list[
             if columns is not None:
                 return columns
         return None
-    except (_ProbeUndecided, OSError, pa.ArrowException):
-        return _first_columns(raw)
+    except (OSError, pa.ArrowException):
+        raise _ProbeUndecided from None
+
+
+def _check_text_column(columns: list[str] | None, text_column: str, reference: str) -> None:
+    if columns is not None and text_column not in columns:
+        raise DataError(f"text column {text_column!r} not found in {reference}; columns found: {', '.join(columns)}")
+
+
+def check_input(data: DataConfig, *, reference: str | None = None) -> None:
+    """The checks :func:`read_corpus` starts with, without Ray (commands run them before starting it):
+    the input exists, its format is known, the text column is there (when the files tell)."""
+    reference = reference or data.input
+    paths = resolve_paths(reference)
+    fmt = data.format if data.format != "auto" else detect_format(paths)
+    with contextlib.suppress(_ProbeUndecided):  # then read_corpus asks Ray Data
+        _check_text_column(_probe_files(paths, fmt), data.text_column, reference)
 
 
 def read_corpus(data: DataConfig, *, reference: str | None = None, limit: int | None = None) -> Corpus:
@@ -316,10 +340,7 @@ def read_corpus(data: DataConfig, *, reference: str | None = None, limit: int | 
     if limit:
         raw = raw.limit(limit)
     columns = probe_columns(paths, fmt, raw)
-    if columns is not None and data.text_column not in columns:
-        raise DataError(
-            f"text column {data.text_column!r} not found in {reference}; columns found: {', '.join(columns)}"
-        )
+    _check_text_column(columns, data.text_column, reference)
     classified = raw.map_batches(
         classify_rows,
         batch_format="pandas",

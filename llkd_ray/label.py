@@ -810,9 +810,9 @@ def _run_record(labelled: _LabelPass, totals: dict[str, Any], wall: float) -> di
 
 def read_labels(output: str | Path):
     """The labeled rows of an output directory as a Ray Dataset (``rejected/`` and ``_*`` left out)."""
-    import ray.data
+    from llkd_ray.compat import read_parquet
 
     filesystem, paths = label_files(output)
     if not paths:
         raise ConfigError(f"no labeled parts in {output}")
-    return ray.data.read_parquet(paths, filesystem=filesystem)
+    return read_parquet(paths, filesystem=filesystem)

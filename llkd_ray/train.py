@@ -1143,9 +1143,9 @@ def _gold_payload(config: PipelineConfig, eval_data: str | None) -> dict[str, An
 
 def build_dataset(pool: LabeledPool, plan: TrainingPlan, seed: int):
     """The labeled Ray Dataset (lazy): ``plan.passes`` copies of the pool, each in its own block order."""
-    import ray.data
+    from llkd_ray.compat import read_parquet
 
-    base = ray.data.read_parquet(pool.files, columns=LABEL_COLUMNS)
+    base = read_parquet(pool.files, columns=LABEL_COLUMNS)
     copies = [base.randomize_block_order(seed=seed + p) for p in range(plan.passes)]
     return copies[0].union(*copies[1:]) if len(copies) > 1 else copies[0]
 

@@ -56,6 +56,13 @@ def session_processes(session: int) -> list[int]:
     return found
 
 
+def freeze_session(session: int) -> None:
+    """SIGSTOP every process of a session: it stops where it is (``kill_session`` still ends it)."""
+    for pid in session_processes(session):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+
+
 def kill_session(session: int, timeout: float = 60) -> None:
     """SIGKILL every process of a session and wait until none is left.
 

@@ -44,6 +44,7 @@ def test_data_inspect_builtin() -> None:
     assert sorted(stats["label_distribution"]) == ["negative", "positive"]
 
 
+@pytest.mark.heavy  # a second Ray started in a subprocess (test_corpus checks the reasons in process)
 def test_data_inspect_reports_rejected_rows(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{"text": ""}\n{"text": 42}\n{"label": "x"}\n')

@@ -54,8 +54,15 @@ def test_pipeline_job_submitted_to_a_local_head(tmp_path):
 
     evaluation = json.loads((output / "eval.json").read_text())
     for who in ("teacher", "student"):
-        assert 0.0 <= evaluation[who]["accuracy"] <= 1.0
-        assert 0.0 <= evaluation[who]["macro_f1"] <= 1.0
+        metrics = evaluation[who]
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+        assert 0.0 <= metrics["macro_f1"] <= 1.0
+        # the same numbers computed another way: from the confusion matrix and the per-class report
+        matrix = metrics["confusion"]["matrix"]
+        assert sum(map(sum, matrix)) == metrics["n"] == evaluation["gold_rows"]
+        assert metrics["accuracy"] == pytest.approx(sum(row[i] for i, row in enumerate(matrix)) / metrics["n"])
+        per_class = [c["f1"] for c in metrics["per_class"].values()]
+        assert metrics["macro_f1"] == pytest.approx(sum(per_class) / len(per_class))
     assert evaluation["teacher"]["accuracy"] > 0.6, "the real embedding teacher labels SST-2 well above chance"
     assert (output / "report" / "index.html").is_file()
     assert list((output / "report").glob("*.png"))

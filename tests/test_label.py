@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from scenarios import kill_session
+from scenarios import freeze_session, kill_session
 
 from llkd_ray.artifacts import MANIFEST, REJECTED_DIR
 from llkd_ray.cli import main
@@ -79,6 +79,7 @@ def check_label_rows(frame: pd.DataFrame, names: list[str]) -> None:
 # --------------------------------------------------------------------------- the demo teacher, end to end
 
 
+@pytest.mark.heavy  # four label runs of 400 rows (the fast lane labels in test_label_single_pass)
 def test_llkd_label_demo_400_rows_then_resume_then_refuse_other_config(ray_local, tmp_path, capsys):
     out = tmp_path / "labels"
     assert main(["label", "--config", DEMO, "--limit", "400", "--output", str(out)]) == 0
@@ -303,10 +304,11 @@ def _wait_for_parts(directory: Path, count: int, process: subprocess.Popen | Non
             return found
         if process is not None and process.poll() is not None:
             raise AssertionError(f"the labeling job ended (rc {process.returncode}) before {count} parts")
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"fewer than {count} parts after {timeout} s")
 
 
+@pytest.mark.heavy  # a second Ray in a subprocess, killed, then a resume: 1500 rows labelled
 def test_resume_after_the_job_is_killed_labels_every_id_exactly_once(ray_local, tmp_path):
     settings = ["data.limit=1500", "teacher.embedding.batch_size=50", "teacher.block_rows=50"]
     config_path = write_config(tmp_path / "config.yaml", *settings)
@@ -323,6 +325,8 @@ def test_resume_after_the_job_is_killed_labels_every_id_exactly_once(ray_local, 
     )
     try:
         _wait_for_parts(out, 3, job, timeout=240)
+        # Freeze the whole job the moment 3 parts are there, so it cannot finish before the kill.
+        freeze_session(job.pid)
     finally:
         kill_session(job.pid)  # the job, the local Ray it started and that Ray's workers
         job.wait(timeout=60)
@@ -350,6 +354,7 @@ def teacher_actors() -> dict[str, dict]:
     return {k: v for k, v in actors().items() if v["ActorClassName"].endswith("(MapBatches(TeacherActor))")}
 
 
+@pytest.mark.heavy  # 1000 rows and a teacher actor restart
 def test_a_teacher_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_local, tmp_path):
     # One actor (the layout the hf backend uses by default), so that the kill hits the only one.
     overrides = ["data.limit=1000", "teacher.embedding.batch_size=50", "teacher.block_rows=50"]
@@ -376,6 +381,7 @@ def test_a_teacher_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_loc
 # --------------------------------------------------------------------------- autoscaling
 
 
+@pytest.mark.heavy  # 2000 rows, a second teacher actor started
 def test_autoscaled_pool_grows_to_two_actors_under_backlog(ray_local, tmp_path):
     config = load_config(
         DEMO,

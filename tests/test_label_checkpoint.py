@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
 
+@pytest.mark.heavy  # a label run, for a property of Ray Data
 def test_ray_data_checkpointing_does_not_apply_to_the_label_pipeline(ray_local, tmp_path):
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -102,3 +103,25 @@ def test_explicit_pool_settings_are_kept(ray_local):
     # Two actors may share the node: "auto" threads then split its CPUs between them.
     shared = plan_actor_pool(load_config(DEMO, ["teacher.embedding.concurrency=2"]).teacher.embedding)
     assert shared.threads is None and shared.actors_per_node == 2
+
+
+def _footer_readers() -> int:
+    from ray._private.state import actors  # the GCS's view, dead actors included
+
+    return sum(1 for actor in actors().values() if actor["ActorClassName"] == "FooterReader")
+
+
+def test_reading_label_parts_starts_one_footer_reader_not_thirty_two(ray_local, tmp_path):
+    """Ray Data lists Parquet files on a pool of FooterReader actors, 32 by default, each a Python
+    worker started and killed per read: the raylet's "N PYTHON worker processes" warnings of the demo."""
+    from llkd_ray import compat
+
+    files = []
+    for part in range(3):
+        files.append(str(tmp_path / f"part-{part}.parquet"))
+        pq.write_table(pd.DataFrame({"id": [f"{part}-{i}" for i in range(5)]}).pipe(pa.Table.from_pandas), files[-1])
+    before = _footer_readers()
+    assert len(compat.read_parquet(files).take_all()) == 15
+    assert _footer_readers() - before == 1  # the one that reads the footers of these 3 files
+    assert compat.FOOTER_ACTORS_ENV not in os.environ  # set for the read only
+    assert [compat.footer_actors(n) for n in (1, 100, 101, 5000)] == [1, 1, 2, 32]

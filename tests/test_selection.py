@@ -194,7 +194,8 @@ class ThreadAllReduce:
 
     def __init__(self, world: int) -> None:
         self.world = world
-        self.barrier = threading.Barrier(world)
+        # A timeout: a shard that never arrives breaks the barrier (BrokenBarrierError) instead of hanging.
+        self.barrier = threading.Barrier(world, timeout=30)
         self.slots: list[torch.Tensor | None] = [None] * world
 
     def for_rank(self, rank: int):
@@ -211,8 +212,16 @@ class ThreadAllReduce:
 def _run_shards(strategy: str, shards: list[tuple[torch.Tensor, ...]], steps: int, capacity=None):
     reduce = ThreadAllReduce(len(shards))
     outputs: list[list] = [[] for _ in shards]
+    errors: list[BaseException] = []
 
     def worker(rank: int) -> None:
+        try:
+            run(rank)
+        except BaseException as error:  # re-raised in the test's thread below
+            errors.append(error)
+            reduce.barrier.abort()  # the other shards stop waiting at once
+
+    def run(rank: int) -> None:
         selector = Selector(
             3,
             strategy=strategy,
@@ -230,7 +239,10 @@ def _run_shards(strategy: str, shards: list[tuple[torch.Tensor, ...]], steps: in
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=30)
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a shard is still running after 60 s"
+    if errors:
+        raise errors[0]
     return outputs
 
 

@@ -228,6 +228,7 @@ def test_vllm_rows_become_label_rows_and_errors_are_rejections():
 # --------------------------------------------------------------------------- the embedding teacher
 
 
+@pytest.mark.heavy  # MiniLM over the 872 gold texts
 def test_embedding_teacher_is_a_real_teacher_on_sst2_gold(minilm_path):
     """Zero-shot MiniLM on the whole SST-2 gold set: measured 0.709 accuracy, and its confidence
     is informative (the more confident half is more accurate)."""

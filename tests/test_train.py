@@ -178,8 +178,11 @@ def test_llkd_train_two_workers_writes_a_loadable_student_and_metrics(ray_local,
     for record in steps:
         assert set(record["teacher_thresholds"]) == set(SST2_LABELS) == set(record["student_thresholds"])
         assert 0.0 <= record["selected_fraction"] <= 1.0
+        assert record["selected_fraction"] == pytest.approx(record["selected"] / record["candidates"])
         assert record["candidates"] == 16  # candidates_per_step 1 (the demo config): one global batch
-        assert 0.0 <= record["data_usage"]["pool_fraction"] <= 1.0
+        usage = record["data_usage"]
+        assert 0.0 <= usage["pool_fraction"] <= 1.0 and usage["pool_rows"] == len(workspace["pool"])
+        assert usage["pool_fraction"] == pytest.approx(usage["pool_rows_selected"] / usage["pool_rows"])
     evals = [r for r in records if r.get("kind") == "eval"]
     assert evals and evals[-1]["step"] == 6 and set(evals[-1]["per_class_f1"]) == set(SST2_LABELS)
 

@@ -16,6 +16,9 @@ from train_fixtures import review_batch
 
 from llkd_ray.testing import build_tiny_classifier
 
+#: Three spawned interpreters (torch, transformers and a gloo process group each): slow to start.
+pytestmark = pytest.mark.heavy
+
 #: (strategy, loss, weighting, candidates M): each scenario is one optimizer step from the same start.
 SCENARIOS = [
     ("llkd", "hard", "confidence_uncertainty", 1),
