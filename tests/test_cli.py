@@ -36,6 +36,7 @@ def test_config_validate_names_a_misspelt_key(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.heavy  # `llkd data inspect` in a subprocess that starts its own Ray: ~16 s
 def test_data_inspect_builtin() -> None:
     result = llkd("data", "inspect", "builtin:sst2/test", "--json")
     assert result.returncode == 0, result.stderr

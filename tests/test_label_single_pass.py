@@ -45,6 +45,7 @@ def counted_reads(monkeypatch, tmp_path):
     return log
 
 
+@pytest.mark.heavy  # two label runs (the first and a rerun) of the tiny corpus: ~25 s
 def test_accepted_and_rejected_rows_come_from_one_read(ray_local, tmp_path, counted_reads):
     rows = [{"text": f"a fine film, number {i}"} for i in range(40)]
     rows[3] = {"text": ""}
@@ -84,8 +85,10 @@ def test_default_pool_uses_every_cpu_of_the_node_and_says_so(ray_local, tmp_path
     assert (pool.min_size, pool.max_size, pool.threads, pool.actors_per_node, pool.num_cpus) == (2, 2, 1, 2, 0.5)
     result = label_corpus(config, tmp_path / "labels")
     run = result.manifest["run"]
-    assert sorted(run["threads_per_actor"].values()) == [1, 1] and run["cluster_cpus"] == 2
-    assert "2 actor(s) x 1 thread(s) on 2 CPUs" in result.summary()
+    # Every actor that scored ran one thread (on 60 rows one actor may do every block).
+    threads = list(run["threads_per_actor"].values())
+    assert set(threads) == {1} and 1 <= len(threads) <= 2 and run["cluster_cpus"] == 2
+    assert f"{len(threads)} actor(s) x 1 thread(s) on 2 CPUs" in result.summary()
     # The hf backend keeps one actor per node whose threads take the node's CPUs (one LLM copy).
     hf = plan_actor_pool(config.teacher.hf)
     assert (hf.min_size, hf.max_size, hf.threads, hf.actors_per_node, hf.num_cpus) == (1, 1, None, 1, 1.0)

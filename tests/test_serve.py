@@ -359,6 +359,16 @@ def _replica_actor_names(app: str) -> list[str]:
     ]
 
 
+def _wait_until(condition, timeout_s: float, what: str) -> None:
+    """Poll ``condition`` every 50 ms; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout_s} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.heavy  # a replica killed and restarted by Serve
 def test_killed_replica_is_replaced_and_clients_recover_with_retries(client, server, tiny_classifier_dir):
     import ray
     from ray import serve
@@ -382,7 +392,7 @@ def test_killed_replica_is_replaced_and_clients_recover_with_retries(client, ser
         workers = [threading.Thread(target=load) for _ in range(3)]
         for worker in workers:
             worker.start()
-        time.sleep(1.0)
+        _wait_until(lambda: len(results) >= 3, 60, "the clients' first answers")
         (name,) = _replica_actor_names("victim")
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         killed_at = len(results)
@@ -392,7 +402,8 @@ def test_killed_replica_is_replaced_and_clients_recover_with_retries(client, ser
             if info.status_code == 200 and info.json()["replica"] != before:
                 break
             time.sleep(0.5)
-        time.sleep(1.0)
+        replaced_at = len(results)
+        _wait_until(lambda: len(results) >= replaced_at + 3, 120, "answers from the new replica")
         stop.set()
         for worker in workers:
             worker.join(timeout=120)

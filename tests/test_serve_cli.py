@@ -15,6 +15,7 @@ from scenarios import free_port, kill_session
 from llkd_ray.serve import wait_until_ready
 
 
+@pytest.mark.heavy  # `llkd serve` in a subprocess: its own Ray and Serve start, then Ctrl-C
 def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(tiny_classifier_dir, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLKD_API_TOKEN")}
