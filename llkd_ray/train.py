@@ -1195,12 +1195,9 @@ def train_student(
     gold = _gold_payload(config, eval_data)
     state, compute = _fit(config, plan, pool, output, student_path, gold, fault_injection)
     summary = _training_summary(config, plan, pool, pool_tokens, state, compute)
-    summary |= {
-        "labels": str(labels),
-        "student": str(output / "student"),
-        "gold": gold["reference"] if gold else None,
-        "wall_time_s": round(time.perf_counter() - wall_started, 3),
-    }
+    summary["labels"], summary["student"] = str(labels), str(output / "student")
+    summary["gold"] = gold["reference"] if gold else None
+    summary["wall_time_s"] = round(time.perf_counter() - wall_started, 3)
     (output / "training_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 
@@ -1275,7 +1272,8 @@ def _training_summary(
     state: TrainState,
     compute: ComputeMeter,
 ) -> dict[str, Any]:
-    """What ``training_summary.json`` records of a finished run (paths and wall time added by the caller)."""
+    """What ``training_summary.json`` records of a finished run; the caller adds the paths, the
+    gold set and the wall time, which it alone knows."""
     training = config.training
     unit = all_pass_flops(compute.parameters, pool_tokens) if pool_tokens else None
     spent = compute.flops / (unit * plan.budget) if unit and plan.budget else None
@@ -1287,8 +1285,6 @@ def _training_summary(
     return {
         "strategy": config.selection.strategy,
         "config_hash": config.section_hash("task", "selection", "student", "training"),
-        "labels": None,
-        "student": None,
         "student_model": config.student.model,
         "workers": training.workers,
         "batch_size": training.batch_size,
@@ -1306,10 +1302,8 @@ def _training_summary(
         "final_loss": state.last_loss,
         "final_metrics": state.last_eval,
         "curve": state.curve,
-        "gold": None,
         "attempts": state.attempt + 1,
         "resumed_from_steps": state.resumed_from,
-        "wall_time_s": None,
         "train_loop_s": round(seconds, 3),
         "scoring_s": round(compute.scoring_s, 3),
         "training_s": round(compute.training_s, 3),
