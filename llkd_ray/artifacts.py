@@ -53,6 +53,8 @@ STAGES = ("label", "train", "evaluate", "report")
 MANIFEST = "_manifest.json"
 REJECTED_DIR = "rejected"
 PART_PREFIX = "part-"
+#: The training stage's summary, next to the student (``RUN/train/``); serving shows it.
+TRAINING_SUMMARY = "training_summary.json"
 
 Reference = str | Path
 
@@ -88,7 +90,7 @@ class RunLayout:
 
     @property
     def training_summary(self) -> Path:
-        return self.train / "training_summary.json"
+        return self.train / TRAINING_SUMMARY
 
     @property
     def selected_ids(self) -> Path:
@@ -239,6 +241,15 @@ def read_jsonl(path: Reference, *, strict: bool = False, what: str = "file") -> 
                 if strict:
                     raise DataError(f"{what} {path} line {number} is not JSON: {error.msg}") from None
     return records
+
+
+def training_summary_file(model_dir: Reference) -> Path | None:
+    """The training summary of a model directory: in it (an export) or next to it (``RUN/train/``)."""
+    model_dir = Path(model_dir)
+    for candidate in (model_dir / TRAINING_SUMMARY, model_dir.parent / TRAINING_SUMMARY):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def stable_hash(payload: Any) -> str:

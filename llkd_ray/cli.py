@@ -169,12 +169,39 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from llkd_ray.evaluate import evaluate_model, format_metrics
 
-    metrics = evaluate_model(args.model, args.data, text_column=args.text_column, label_column=args.label_column)
+    metrics = evaluate_model(
+        args.model, args.data, text_column=args.text_column, label_column=args.label_column, backend=args.backend
+    )
     if args.json:
         _print_json(metrics)
     else:
-        print(f"{args.model} on {args.data}")
+        print(f"{args.model} ({metrics['backend']}) on {args.data}")
         print(format_metrics(metrics))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from llkd_ray.export import export_onnx
+
+    gold = None
+    if args.gold:
+        from llkd_ray.corpus import read_gold
+        from llkd_ray.predictor import Predictor
+        from llkd_ray.runtime import init_ray
+
+        labels = Predictor.load(args.model, device="cpu").labels
+        init_ray()
+        table = read_gold(args.gold, labels, text_column=args.text_column, label_column=args.label_column)
+        gold = (args.gold, list(table["text"]), list(table["label"]))
+    result = export_onnx(
+        args.model,
+        args.output,
+        quantize=None if args.quantize == "none" else args.quantize,
+        gold=gold,
+        max_f1_drop=args.max_f1_drop,
+        overwrite=args.overwrite,
+    )
+    print(result.summary())
     return 0
 
 
@@ -268,7 +295,7 @@ def _add_inspection(commands: Commands) -> None:
 
 
 def _add_stages(commands: Commands) -> None:
-    """The stages one by one: ``llkd label``, ``llkd train``, ``llkd eval``."""
+    """The stages one by one: ``llkd label``, ``llkd train``, ``llkd eval``, ``llkd export``."""
     label = commands.add_parser("label", help="the teacher pseudo-labels a corpus into Parquet (resumable)")
     add_config_arguments(label)
     label.add_argument("--input", default=None, help="corpus reference (default: data.input of the config)")
@@ -302,8 +329,35 @@ def _add_stages(commands: Commands) -> None:
     evaluate.add_argument("--data", required=True, help="gold set (text, label): file, directory, builtin:NAME/SPLIT")
     evaluate.add_argument("--text-column", default="text")
     evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument(
+        "--backend", choices=("auto", "torch", "onnx"), default="auto", help="runtime (default: the directory's)"
+    )
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(handler=_eval)
+
+    from llkd_ray.export import DEFAULT_MAX_F1_DROP, FORMATS, QUANTIZATIONS
+
+    export = commands.add_parser(
+        "export", help="the student as an ONNX graph (fp32 or int8) for CPU serving, checked against torch"
+    )
+    export.add_argument("--model", required=True, help="torch sequence-classification directory (RUN/train/student)")
+    export.add_argument("--output", "-o", required=True, help="directory to write (llkd serve/eval take it as --model)")
+    export.add_argument("--format", choices=FORMATS, default="onnx", help="export format (default onnx)")
+    export.add_argument(
+        "--quantize", choices=(*QUANTIZATIONS, "none"), default="none", help="int8: dynamic int8 weights (default none)"
+    )
+    export.add_argument("--gold", default=None, metavar="REF", help="gold set to compare macro-F1 on (text, label)")
+    export.add_argument("--text-column", default="text")
+    export.add_argument("--label-column", default="label")
+    export.add_argument(
+        "--max-f1-drop",
+        type=float,
+        default=DEFAULT_MAX_F1_DROP,
+        metavar="POINTS",
+        help=f"fail when the export's macro-F1 on --gold is more points below torch's (default {DEFAULT_MAX_F1_DROP})",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    export.set_defaults(handler=_export)
 
 
 def _add_bench(commands: Commands) -> None:

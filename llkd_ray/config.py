@@ -340,11 +340,19 @@ class ServingConfig(_Section):
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: one GPU per replica when the cluster has GPUs and ``num_gpus`` is 0, else CPU."""
+    backend: Literal["auto", "torch", "onnx"] = "auto"
+    """Runtime of the forward pass: ``torch``, or ``onnx`` (ONNX Runtime on the replica's CPUs, a
+    directory written by ``llkd export``); ``auto`` reads it from the model directory."""
     auth_token_env: str = "LLKD_API_TOKEN"
     """Environment variable holding the bearer token; auth is off when it is unset."""
 
     @model_validator(mode="after")
-    def _replica_range(self) -> ServingConfig:
+    def _consistent(self) -> ServingConfig:
+        if self.backend == "onnx" and (self.device == "cuda" or self.num_gpus > 0):
+            raise ValueError(
+                "serving.backend onnx runs on CPUs (ONNX Runtime's CPU provider): "
+                "set serving.device to cpu or auto and serving.num_gpus to 0"
+            )
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"serving.min_replicas ({self.min_replicas}) exceeds serving.max_replicas ({self.max_replicas})"

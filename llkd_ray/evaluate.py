@@ -76,10 +76,10 @@ def predict_labels(
     trained at (recorded in its directory) exactly as ``llkd serve`` cuts them; ``max_length``
     can only lower that limit.
     """
-    from llkd_ray.predictor import Predictor
+    from llkd_ray.predictor import Predictor, load_predictor
 
     if isinstance(model, str | Path):
-        predictor = Predictor.load(model, max_length=max_length, batch_size=batch_size)
+        predictor = load_predictor(model, max_length=max_length, batch_size=batch_size)
     elif tokenizer is None:
         raise ValueError("predict_labels with a loaded model needs its tokenizer")
     else:
@@ -94,21 +94,24 @@ def evaluate_model(
     text_column: str = "text",
     label_column: str = "label",
     max_length: int | None = None,
+    backend: str = "auto",
 ) -> dict[str, Any]:
-    """Metrics of the classifier in ``model_dir`` on the gold set ``data`` (any corpus reference)."""
+    """Metrics of the classifier in ``model_dir`` on the gold set ``data`` (any corpus reference),
+    on the runtime its directory holds (``backend``: ``auto``, ``torch`` or ``onnx``)."""
     from llkd_ray.corpus import read_gold
     from llkd_ray.errors import LlkdError
-    from llkd_ray.predictor import Predictor
+    from llkd_ray.predictor import load_predictor
     from llkd_ray.runtime import init_ray
 
-    predictor = Predictor.load(model_dir, max_length=max_length, batch_size=_DEFAULT_BATCH)
+    predictor = load_predictor(model_dir, backend=backend, max_length=max_length, batch_size=_DEFAULT_BATCH)
     names = predictor.labels
     if not names or any(str(n).startswith("LABEL_") for n in names):
         raise LlkdError(f"model {model_dir} has no label names (id2label) to compare with the gold labels")
     init_ray()
     gold = read_gold(data, names, text_column=text_column, label_column=label_column)
     predicted = [names[i] for i in predictor.predict_indices(list(gold["text"]))]
-    return {"model": str(model_dir), "data": data, **classification_metrics(list(gold["label"]), predicted, names)}
+    metrics = classification_metrics(list(gold["label"]), predicted, names)
+    return {"model": str(model_dir), "backend": predictor.backend, "data": data, **metrics}
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

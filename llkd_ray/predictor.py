@@ -11,6 +11,11 @@ saves the student with) records it in the model directory — as the tokenizer's
 ``model_max_length``, which ``transformers.pipeline(..., truncation=True)`` honours, and as
 ``llkd_max_length`` in ``config.json`` — and :func:`length_limit` reads it back, so ``llkd serve``,
 ``llkd eval`` and a plain pipeline all cut a long text where training did.
+
+Two runtimes sit behind the same preprocess and postprocess: torch (:class:`Predictor`, a
+``transformers`` model directory) and ONNX Runtime (:class:`OnnxPredictor`, a directory written
+by ``llkd export``; see :mod:`llkd_ray.export`). :func:`load_predictor` picks one from the
+directory, or as asked.
 """
 
 from __future__ import annotations
@@ -30,6 +35,17 @@ _NO_LIMIT = 1_000_000
 #: The limit of a model that declares none (BERT's position embeddings).
 _DEFAULT_LIMIT = 512
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+#: The graph ``llkd export`` writes, and the weight files a torch model directory holds.
+ONNX_FILE = "model.onnx"
+#: Written by ``llkd export`` next to the graph: format, quantization, source, accuracy check.
+EXPORT_INFO = "llkd_export.json"
+TORCH_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+BACKENDS = ("torch", "onnx")
 
 
 def length_limit(tokenizer: Any, config: Any, cap: int | None = None) -> int:
@@ -53,13 +69,18 @@ def save_classifier(model: torch.nn.Module, tokenizer: Any, directory: str | Pat
     limit = length_limit(tokenizer, model.config, max_length)
     setattr(model.config, MAX_LENGTH_FIELD, limit)
     model.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory, limit)
+    return limit
+
+
+def save_tokenizer(tokenizer: Any, directory: str | Path, limit: int) -> None:
+    """Save ``tokenizer`` with ``model_max_length`` = ``limit`` (the caller's object is left as it was)."""
     previous = tokenizer.model_max_length
     tokenizer.model_max_length = limit
     try:
         tokenizer.save_pretrained(directory)
     finally:
-        tokenizer.model_max_length = previous  # the caller's tokenizer is left as it was
-    return limit
+        tokenizer.model_max_length = previous
 
 
 @contextlib.contextmanager
@@ -109,17 +130,48 @@ class Predictor:
     #: of the tokens (CPU cost grows with padded tokens); on GPU a chunk is only capped by size.
     CPU_PADDING_SLACK = 1.25
 
+    #: Which runtime runs the forward pass (``serving.backend``, ``/v1/model``).
+    backend = "torch"
+    #: ``tokenizer.pad``'s tensor type for this runtime.
+    tensor_type = "pt"
+
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Any, *, max_length: int | None = None, batch_size: int | None = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_length: int | None = None,
+        batch_size: int | None = None,
+        config: Any = None,
     ) -> None:
-        config = model.config
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.config = config = config if config is not None else model.config
         self.labels: list[str] = [config.id2label[i] for i in range(config.num_labels)]
         self.max_length = length_limit(tokenizer, config, max_length)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        """What runs: architecture, labels count, length limit, runtime, device and weight dtype."""
+        return {
+            "architecture": (self.config.architectures or [type(self.model).__name__])[0],
+            "model_type": self.config.model_type,
+            "num_labels": len(self.labels),
+            "max_length": self.max_length,
+            "backend": self.backend,
+            "device": self.device.type,
+            "dtype": self.dtype,
+        }
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
 
     @classmethod
     def load(
@@ -130,26 +182,28 @@ class Predictor:
         half_on_gpu: bool = False,
         max_length: int | None = None,
         batch_size: int | None = None,
+        **model_options: Any,
     ) -> Predictor:
-        """A predictor for a model directory (or ``builtin:``/hub reference); no remote code.
+        """A torch predictor for a model directory (or ``builtin:``/hub reference); no remote code.
 
         ``half_on_gpu`` runs a GPU model in bfloat16 (float16 where bf16 is unsupported), as
         serving does; evaluation keeps float32. ``max_length`` can only lower the saved limit.
+        ``model_options`` go to ``from_pretrained`` (the exporter asks for eager attention).
         """
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as transformers_logging
+        from transformers import AutoModelForSequenceClassification
 
         from llkd_ray.errors import LlkdError
         from llkd_ray.models import resolve_model_path
 
-        transformers_logging.disable_progress_bar()
         reference, target = resolve_model_path(str(model_dir)), resolve_device(device)
         dtype = torch.float32
         if half_on_gpu and target.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        tokenizer = _load_tokenizer(reference, model_dir)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(reference, trust_remote_code=False)
-            model = AutoModelForSequenceClassification.from_pretrained(reference, trust_remote_code=False, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                reference, trust_remote_code=False, dtype=dtype, **model_options
+            )
         except OSError as error:
             raise LlkdError(f"cannot load the model {model_dir}: {str(error).splitlines()[0]}") from None
         return cls(model.to(target).eval(), tokenizer, max_length=max_length, batch_size=batch_size)
@@ -202,15 +256,21 @@ class Predictor:
     def _forward(self, encoded: Encoded) -> torch.Tensor:
         """Probabilities for every text (float32 on the CPU), one forward pass per chunk."""
         probabilities = torch.zeros(len(encoded.truncated), len(self.labels))
-        device = self.device
-        with inference(self.model):
+        with self._running():
             for chunk in self._chunks(encoded.lengths):
                 batch = self.tokenizer.pad(
-                    {k: [v[i] for i in chunk] for k, v in encoded.features.items()}, return_tensors="pt"
+                    {k: [v[i] for i in chunk] for k, v in encoded.features.items()}, return_tensors=self.tensor_type
                 )
-                logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits
-                probabilities[chunk] = torch.softmax(logits.float(), dim=-1).cpu()
+                probabilities[chunk] = torch.softmax(self._logits(batch).float(), dim=-1).cpu()
         return probabilities
+
+    def _running(self) -> contextlib.AbstractContextManager[Any]:
+        return inference(self.model)
+
+    def _logits(self, batch: Any) -> torch.Tensor:
+        """The runtime's forward pass over one padded batch."""
+        device = self.device
+        return self.model(**{k: v.to(device) for k, v in batch.items()}).logits
 
     def postprocess(
         self, probabilities: torch.Tensor, truncated: Sequence[bool], *, top_k: int | None = None
@@ -226,3 +286,168 @@ class Predictor:
                 {"label": ranked[0][0], "score": ranked[0][1], "scores": dict(ranked[:k]), "truncated": bool(cut)}
             )
         return predictions
+
+
+def _load_tokenizer(reference: str, model_dir: str | Path) -> Any:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from llkd_ray.errors import LlkdError
+
+    transformers_logging.disable_progress_bar()
+    try:
+        return AutoTokenizer.from_pretrained(reference, trust_remote_code=False)
+    except OSError as error:
+        raise LlkdError(f"cannot load the tokenizer of {model_dir}: {str(error).splitlines()[0]}") from None
+
+
+class OnnxPredictor(Predictor):
+    """The same pipeline on ONNX Runtime's CPU provider: the graph ``llkd export`` wrote, fp32 or int8.
+
+    ``session`` is an ``onnxruntime.InferenceSession``, ``config`` the directory's ``config.json``
+    (labels, length limit) and ``export_info`` its ``llkd_export.json``.
+    """
+
+    backend = "onnx"
+    tensor_type = "np"
+
+    def __init__(
+        self,
+        session: Any,
+        tokenizer: Any,
+        config: Any,
+        *,
+        export_info: dict[str, Any] | None = None,
+        max_length: int | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__(session, tokenizer, max_length=max_length, batch_size=batch_size, config=config)
+        self.export_info = export_info or {}
+        self._inputs = [i.name for i in session.get_inputs()]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def num_parameters(self) -> int:
+        return int(self.export_info.get("num_parameters", 0))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.export_info.get("weights", "float32"))
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls,
+        model_dir: str | Path,
+        *,
+        threads: int | None = None,
+        max_length: int | None = None,
+        batch_size: int | None = None,
+    ) -> OnnxPredictor:
+        """A predictor for an exported directory; ``threads`` is ONNX Runtime's intra-op thread
+        count (default: its own, every physical core)."""
+        from transformers import AutoConfig
+
+        from llkd_ray.artifacts import read_json
+        from llkd_ray.errors import LlkdError
+
+        directory = Path(model_dir).expanduser()
+        session = onnx_session(directory / ONNX_FILE, threads=threads)
+        try:
+            config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        except (OSError, ValueError) as error:
+            raise LlkdError(f"cannot read {directory / 'config.json'}: {str(error).splitlines()[0]}") from None
+        return cls(
+            session,
+            _load_tokenizer(str(directory), model_dir),
+            config,
+            export_info=read_json(str(directory / EXPORT_INFO)),
+            max_length=max_length,
+            batch_size=batch_size,
+        )
+
+    def _running(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def _logits(self, batch: Any) -> torch.Tensor:
+        import numpy as np
+
+        feed = {name: np.asarray(batch[name], dtype=np.int64) for name in self._inputs}
+        return torch.from_numpy(self.model.run(None, feed)[0])
+
+
+def onnx_session(path: str | Path, *, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for ``path``; a missing, unreadable or invalid graph is an
+    :class:`~llkd_ray.errors.LlkdError` of one line."""
+    from llkd_ray.errors import LlkdError
+
+    try:
+        import onnxruntime
+    except ImportError:
+        raise LlkdError("the onnx backend needs ONNX Runtime: pip install 'llkd-ray[onnx]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise LlkdError(f"no ONNX model at {path} (write one with `llkd export --format onnx`)")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: its optimizer's notes are not the user's business
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise LlkdError(f"cannot load the ONNX model {path}: {first}") from None
+
+
+def detect_backend(model_dir: str | Path, backend: str = "auto") -> str:
+    """``torch`` or ``onnx`` for a model directory: ``backend`` when given (its files must be there),
+    else whichever weights the directory holds; both or neither is an error naming the choice."""
+    from llkd_ray.errors import LlkdError
+
+    directory = Path(model_dir).expanduser()
+    if not directory.is_dir():  # a hub id or builtin: reference is a torch model
+        return "torch" if backend == "auto" else backend
+    has_onnx = (directory / ONNX_FILE).is_file()
+    has_torch = any((directory / name).is_file() for name in TORCH_WEIGHTS)
+    if backend == "auto":
+        if has_onnx and has_torch:
+            raise LlkdError(
+                f"{model_dir} holds both torch weights and {ONNX_FILE}: choose one with "
+                "serving.backend (llkd serve) or --backend (llkd eval): torch or onnx"
+            )
+        if not (has_onnx or has_torch):
+            raise LlkdError(f"{model_dir} holds no model weights ({', '.join(TORCH_WEIGHTS[::2])} or {ONNX_FILE})")
+        return "onnx" if has_onnx else "torch"
+    if backend not in BACKENDS:
+        raise LlkdError(f"unknown backend {backend!r}: choose auto, {' or '.join(BACKENDS)}")
+    if backend == "onnx" and not has_onnx:
+        raise LlkdError(f"no ONNX model at {directory / ONNX_FILE} (write one with `llkd export --format onnx`)")
+    return backend
+
+
+def load_predictor(
+    model_dir: str | Path,
+    *,
+    backend: str = "auto",
+    device: str | torch.device = "auto",
+    half_on_gpu: bool = False,
+    threads: int | None = None,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+) -> Predictor:
+    """The predictor for a model directory on the runtime it was saved for (or ``backend``).
+
+    ``threads`` sets the CPU threads of either runtime (torch's for the whole process); ``device``
+    and ``half_on_gpu`` apply to torch (ONNX Runtime runs on the CPU here).
+    """
+    chosen = detect_backend(model_dir, backend)
+    if chosen == "onnx":
+        return OnnxPredictor.load(model_dir, threads=threads, max_length=max_length, batch_size=batch_size)
+    if threads and resolve_device(device).type == "cpu":
+        torch.set_num_threads(threads)
+    return Predictor.load(
+        model_dir, device=device, half_on_gpu=half_on_gpu, max_length=max_length, batch_size=batch_size
+    )

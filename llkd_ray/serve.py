@@ -61,6 +61,7 @@ from ray import serve
 from ray.serve.metrics import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llkd_ray.artifacts import training_summary_file
 from llkd_ray.config import PipelineConfig, ServingConfig, _apply_override, load_config
 from llkd_ray.errors import ConfigError, LlkdError
 
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
 
 APP_NAME = "llkd"
 DEPLOYMENT_NAME = "Classifier"
-TRAINING_SUMMARY = "training_summary.json"
 #: Test-only: a replica sleeps this many seconds before loading its model, so that "loading" can be
 #: observed. Read from the replica's own environment (tests set it in the replicas' runtime_env).
 LOAD_DELAY_ENV = "LLKD_SERVE_TEST_LOAD_DELAY_S"
@@ -278,18 +278,23 @@ class RequestReader:
 
 def read_training_summary(model_dir: str | Path) -> dict[str, Any] | None:
     """``training_summary.json`` from the model directory itself or its parent, when present."""
-    model_dir = Path(model_dir)
-    for candidate in (model_dir / TRAINING_SUMMARY, model_dir.parent / TRAINING_SUMMARY):
-        if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except (OSError, ValueError) as error:
-                return {"error": f"unreadable {candidate.name}: {error}"}
-    return None
+    candidate = training_summary_file(model_dir)
+    if candidate is None:
+        return None
+    try:
+        return json.loads(candidate.read_text())
+    except (OSError, ValueError) as error:
+        return {"error": f"unreadable {candidate.name}: {error}"}
 
 
-def check_model_dir(reference: str | Path) -> str:
-    """Return the absolute path of a local sequence-classification model dir, or raise LlkdError."""
+def check_model_dir(reference: str | Path, backend: str = "auto") -> str:
+    """Return the absolute path of a local sequence-classification model dir, or raise LlkdError.
+
+    The weights of ``backend`` must be there (``auto``: the directory's own, torch or ONNX), and an
+    ONNX graph must load, so that a bad file is one line here and not a failing replica later.
+    """
+    from llkd_ray.predictor import ONNX_FILE, detect_backend, onnx_session
+
     path = Path(reference).expanduser()
     if not path.is_dir():
         raise LlkdError(f"model directory not found: {reference}")
@@ -305,33 +310,30 @@ def check_model_dir(reference: str | Path) -> str:
             f"model directory {reference} has no id2label with at least 2 labels in config.json: "
             "serve a sequence-classification model saved with its labels"
         )
+    if detect_backend(path, backend) == "onnx":
+        onnx_session(path / ONNX_FILE, threads=1)
     return str(path.resolve())
 
 
-def load_predictor(model_dir: str, serving: ServingConfig) -> "Predictor":
-    """The replica's predictor: ``serving.device``, reduced precision on GPU, torch threads = CPUs."""
-    import torch
+def replica_predictor(model_dir: str, serving: ServingConfig) -> "Predictor":
+    """The replica's predictor: ``serving.backend`` and ``serving.device``, reduced precision on
+    GPU, the runtime's CPU threads = the replica's CPUs."""
+    from llkd_ray.predictor import load_predictor
 
-    from llkd_ray.predictor import Predictor, resolve_device
-
-    device = resolve_device(serving.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(serving.num_cpus)))
-    return Predictor.load(model_dir, device=device, half_on_gpu=True, max_length=serving.max_length)
+    return load_predictor(
+        model_dir,
+        backend=serving.backend,
+        device=serving.device,
+        half_on_gpu=True,
+        threads=max(1, int(serving.num_cpus)),
+        max_length=serving.max_length,
+    )
 
 
 def describe_model(predictor: "Predictor", model_dir: str) -> dict[str, Any]:
-    """The ``model`` block of every answer: name, architecture, labels count, length limit, device."""
-    config = predictor.model.config
-    return {
-        "name": Path(model_dir).name,
-        "architecture": (config.architectures or [type(predictor.model).__name__])[0],
-        "model_type": config.model_type,
-        "num_labels": len(predictor.labels),
-        "max_length": predictor.max_length,
-        "device": predictor.device.type,
-        "dtype": str(predictor.model.dtype).removeprefix("torch."),
-    }
+    """The ``model`` block of every answer: name, architecture, labels count, length limit, runtime,
+    device, weight dtype."""
+    return {"name": Path(model_dir).name, **predictor.describe()}
 
 
 class ModelHost:
@@ -354,9 +356,9 @@ class ModelHost:
         try:
             time.sleep(delay_s)
             self.training_summary = read_training_summary(self.model_dir)
-            predictor = load_predictor(self.model_dir, self.serving)
+            predictor = replica_predictor(self.model_dir, self.serving)
             self.info = describe_model(predictor, self.model_dir)
-            self.num_parameters = sum(p.numel() for p in predictor.model.parameters())
+            self.num_parameters = predictor.num_parameters
             self.predictor = predictor
             logger.info(
                 "llkd: loaded %s (%s labels, %s) in %.1fs",
@@ -452,6 +454,7 @@ class Classifier:
         self._predict_batch.set_batch_wait_timeout_s(self.serving.batch_wait_timeout_s)
         self.host = ModelHost(model_dir, self.serving)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self._in_flight = 0  # classify requests inside _predict
 
     def check_health(self) -> None:
         """Serve replaces a replica whose model failed to load."""
@@ -467,10 +470,17 @@ class Classifier:
         """Probabilities, truncation flags and the forward pass's size of each text, in order."""
         import torch
 
-        if not self.serving.batching:
-            probabilities, truncated = await self.host.probabilities(texts)
-            return probabilities, truncated, [len(texts)] * len(texts)
-        results = await asyncio.gather(*(self._predict_batch(text) for text in texts))
+        # A request that finds the replica idle runs at once: waiting batch_wait_timeout_s for company
+        # that is not coming would only add latency (at concurrency 1, 10 ms to a 4-20 ms forward).
+        alone = self._in_flight == 0 and len(texts) <= self.serving.max_batch_size
+        self._in_flight += 1
+        try:
+            if not self.serving.batching or alone:
+                probabilities, truncated = await self.host.probabilities(texts)
+                return probabilities, truncated, [len(texts)] * len(texts)
+            results = await asyncio.gather(*(self._predict_batch(text) for text in texts))
+        finally:
+            self._in_flight -= 1
         return torch.stack([row for row, _, _ in results]), [cut for _, cut, _ in results], [n for *_, n in results]
 
     # -- routes
@@ -594,7 +604,8 @@ def _updated(serving: ServingConfig, updates: dict[str, Any]) -> ServingConfig:
 def deployment_options(serving: ServingConfig, cluster_gpus: float = 0.0) -> dict[str, Any]:
     """Serve deployment options (replicas, autoscaling, resources) from ``serving``."""
     num_gpus = serving.num_gpus
-    if num_gpus == 0 and (serving.device == "cuda" or (serving.device == "auto" and cluster_gpus > 0)):
+    on_gpu = serving.device == "cuda" or (serving.device == "auto" and cluster_gpus > 0)
+    if num_gpus == 0 and on_gpu and serving.backend != "onnx":  # ONNX Runtime runs on the CPUs
         num_gpus = 1
     return {
         "autoscaling_config": {
@@ -620,14 +631,18 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
         parsed = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     except ValidationError as error:
         raise ConfigError(f"invalid application args: {_format_errors(error, '')}") from None
-    return _application(check_model_dir(parsed.model), load_serving_config(parsed.config, updates=parsed.serving))
+    serving = load_serving_config(parsed.config, updates=parsed.serving)
+    return _application(check_model_dir(parsed.model, serving.backend), serving)
 
 
 def _application(
     model_dir: str, serving: ServingConfig, replica_env: dict[str, str] | None = None
 ) -> serve.Application:
     """The bound deployment; ``replica_env`` (tests only, e.g. :data:`LOAD_DELAY_ENV`) goes into the
-    replicas' ``runtime_env``."""
+    replicas' ``runtime_env``. ``serving.backend: auto`` is resolved here, from the directory."""
+    from llkd_ray.predictor import detect_backend
+
+    serving = _updated(serving, {"backend": detect_backend(model_dir, serving.backend)})
     token = os.environ.get(serving.auth_token_env)
     options = deployment_options(serving, _cluster_gpus())
     if replica_env:
@@ -783,6 +798,19 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+#: Ray's switch for its HAProxy ingress (ray[serve] ships the binary on Linux); read when Ray starts.
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def _ingress() -> str:
+    if os.environ.get(HAPROXY_ENV) == "1":
+        return f"ingress: HAProxy ({HAPROXY_ENV}=1)"
+    return (
+        f"ingress: Serve's Python proxy; {HAPROXY_ENV}=1 in the environment before Ray starts selects Ray's "
+        "HAProxy ingress (about 2x the requests/s on CPU, docs/serving.md)"
+    )
+
+
 def run_server(
     model: str | Path,
     config: PipelineConfig | ServingConfig | str | Path | None = None,
@@ -805,7 +833,7 @@ def run_server(
         config = config.serving
     serving = config if isinstance(config, ServingConfig) else load_serving_config(config, overrides)
     serving = _updated(serving, {key: value for key, value in (("host", host), ("port", port)) if value is not None})
-    model_dir = check_model_dir(model)
+    model_dir = check_model_dir(model, serving.backend)
     remote = bool(os.environ.get("RAY_ADDRESS"))
     if not remote and not _port_free(serving.host, serving.port):
         raise LlkdError(f"port {serving.port} on {serving.host} is in use: pick another with --port")
@@ -828,6 +856,8 @@ def run_server(
             f"(POST /v1/classify, GET /v1/model, GET /healthz; bearer auth {auth}); Ctrl-C stops",
             flush=True,
         )
+        if not remote:
+            print(f"llkd serve: {_ingress()}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

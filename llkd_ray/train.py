@@ -53,7 +53,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from llkd_ray.artifacts import MANIFEST, label_files, read_json, resolve
+from llkd_ray.artifacts import MANIFEST, TRAINING_SUMMARY, label_files, read_json, resolve
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.errors import ConfigError, LlkdError
@@ -1198,7 +1198,7 @@ def train_student(
     summary["labels"], summary["student"] = str(labels), str(output / "student")
     summary["gold"] = gold["reference"] if gold else None
     summary["wall_time_s"] = round(time.perf_counter() - wall_started, 3)
-    (output / "training_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    (output / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 
 

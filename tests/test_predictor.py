@@ -9,35 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SST2_LABELS
-
-TRAINING_LENGTH = 64
-_WORDS = (
-    *("the", "film", "was", "a", "long", "slow", "and", "often", "dull"),
-    *("story", "but", "its", "actors", "give", "warm", "funny", "moments", "to"),
-)
-#: 400 words: several hundred tokens, far over the training length (and the tiny model's 128).
-LONG_TEXT = " ".join(_WORDS[(7 * i) % len(_WORDS)] for i in range(400))
-
-
-def save_student(source: str | Path, directory: Path, max_length: int = TRAINING_LENGTH) -> Path:
-    """``source`` saved as training saves its student (:func:`~llkd_ray.predictor.save_classifier`).
-
-    Its weights are drawn wider than a fresh initialisation's (std 0.02), whose answers hardly
-    depend on the text (0.5035 either way): here tokens 65-128 of a text move its probabilities.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from llkd_ray.predictor import save_classifier
-
-    model = AutoModelForSequenceClassification.from_pretrained(source)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0.0, 0.2, generator=generator)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    save_classifier(model, tokenizer, directory, max_length)
-    return directory
+from students import LONG_TEXT, TRAINING_LENGTH, WORDS, save_student
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +72,7 @@ def test_batching_by_length_keeps_the_order_and_the_numbers(student):
     from llkd_ray.predictor import Predictor
 
     predictor = Predictor.load(student, batch_size=2)
-    texts = [LONG_TEXT, "short", "a film", " ".join(_WORDS), "ok", LONG_TEXT[:300]]
+    texts = [LONG_TEXT, "short", "a film", " ".join(WORDS), "ok", LONG_TEXT[:300]]
     together, truncated = predictor.probabilities(texts)
     alone = torch.cat([predictor.probabilities([text])[0] for text in texts])
     assert torch.allclose(together, alone, atol=1e-5)

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from test_predictor import LONG_TEXT, TRAINING_LENGTH, save_student
+from students import LONG_TEXT, TRAINING_LENGTH, save_student
 
 from llkd_ray.config import ServingConfig
 from llkd_ray.errors import ConfigError, LlkdError
@@ -83,8 +83,17 @@ def served_model(tmp_path_factory, tiny_classifier_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, served_model, tiny_classifier_dir, monkeypatch_module):
-    """Serve on a free loopback port with the open app at / and the authenticated one at /secured."""
+def onnx_int8_model(tmp_path_factory, served_model) -> Path:
+    """The served student exported by ``llkd export --quantize int8``."""
+    from llkd_ray.export import export_onnx
+
+    return Path(export_onnx(served_model, tmp_path_factory.mktemp("export") / "int8", quantize="int8").output)
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, served_model, tiny_classifier_dir, onnx_int8_model, monkeypatch_module):
+    """Serve on a free loopback port with the open app at /, the authenticated one at /secured and
+    the int8 ONNX export of the open app's model at /onnx."""
     from ray import serve
 
     port = _free_port()
@@ -95,8 +104,9 @@ def server(ray_local, served_model, tiny_classifier_dir, monkeypatch_module):
         monkeypatch_module.setenv(TOKEN_ENV, TOKEN)
         _deploy("secured", tiny_classifier_dir, "/secured", auth_token_env=TOKEN_ENV)
         monkeypatch_module.delenv(TOKEN_ENV)
-        wait_until_ready(url, 180)
-        wait_until_ready(f"{url}/secured", 180)
+        _deploy("onnx", onnx_int8_model, "/onnx", **OPEN_SERVING)
+        for prefix in ("", "/secured", "/onnx"):
+            wait_until_ready(f"{url}{prefix}", 180)
         yield url
     finally:
         serve.shutdown()
@@ -189,6 +199,25 @@ def test_a_long_text_gets_the_same_probabilities_from_serve_eval_and_a_pipeline(
     assert served["label"] == evaluated["label"]
     assert served["scores"] == pytest.approx(evaluated["scores"], abs=1e-5)
     assert served["scores"] == pytest.approx(piped, abs=1e-5)
+
+
+def test_the_int8_onnx_export_serves_the_same_labels_with_the_same_api(client):
+    texts = ["a great film", "a dull mess", " ".join(["x"] * 149)]  # the last over the 128-token limit
+    torch_answer = client.post("/v1/classify", json={"texts": texts}).json()
+    response = client.post("/onnx/v1/classify", json={"texts": texts, "top_k": 1})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] | {"backend": "onnx", "dtype": "int8", "device": "cpu"} == body["model"]
+    assert body["model"]["max_length"] == torch_answer["model"]["max_length"]
+    assert [p["truncated"] for p in body["predictions"]] == [False, False, True]
+    assert {p["label"] for p in body["predictions"]} <= set(LABELS)
+    assert all(len(p["scores"]) == 1 for p in body["predictions"])
+    # validation is the same replica code: an empty text is the same 422
+    bad = client.post("/onnx/v1/classify", json={"texts": [""]})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
+    info = client.get("/onnx/v1/model").json()
+    assert info["labels"] == LABELS and info["backend"] == "onnx" and info["num_parameters"] > 0
+    assert info["training_summary"] == {"steps": 12, "strategy": "llkd"}  # copied by the export
 
 
 def test_model_info(client):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,10 +16,33 @@ from scenarios import free_port, kill_session
 from llkd_ray.serve import wait_until_ready
 
 
+def _wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text():
+        assert process.poll() is None, f"llkd serve exited with {process.returncode}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} after {timeout_s:.0f}s: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
 @pytest.mark.heavy  # `llkd serve` in a subprocess: its own Ray and Serve start, then Ctrl-C
-def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(tiny_classifier_dir, tmp_path):
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param("torch", id="torch-python-proxy"),
+        pytest.param("onnx-int8", id="onnx-int8-haproxy"),  # `llkd export`'s output behind Ray's HAProxy ingress
+    ],
+)
+def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(variant, tiny_classifier_dir, tmp_path):
+    from llkd_ray.serve import HAPROXY_ENV
+
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLKD_API_TOKEN")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLKD_API_TOKEN", HAPROXY_ENV)}
+    model = tiny_classifier_dir
+    if variant == "onnx-int8":
+        from llkd_ray.export import export_onnx
+
+        model = Path(export_onnx(tiny_classifier_dir, tmp_path / "int8", quantize="int8").output)
+        env[HAPROXY_ENV] = "1"
     log = tmp_path / "serve.log"
     command = [
         sys.executable,
@@ -26,7 +50,7 @@ def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(tiny_classifier_dir, tmp_p
         "llkd_ray.cli",
         "serve",
         "--model",
-        str(tiny_classifier_dir),
+        str(model),
         "--port",
         str(port),
         "--set",
@@ -38,11 +62,13 @@ def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(tiny_classifier_dir, tmp_p
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, 240)
+        _wait_for_line(log, "); Ctrl-C stops", process, 240)  # its own readiness line: it is serving
+        wait_until_ready(url, 30)
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/healthz").status_code == 200
             response = client.post("/v1/classify", json={"texts": ["a great film", "a dull mess"]})
             assert response.status_code == 200, response.text
+            assert response.json()["model"]["backend"] == variant.partition("-")[0]
             predictions = response.json()["predictions"]
             assert len(predictions) == 2
             for prediction in predictions:
@@ -59,6 +85,7 @@ def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(tiny_classifier_dir, tmp_p
         process.wait()
     output = log.read_text()
     assert f"at http://127.0.0.1:{port}" in output
+    assert ("ingress: HAProxy" in output) == (variant == "onnx-int8"), output[-3000:]
     assert "shutting down" in output
     with pytest.raises(httpx.TransportError):  # the proxy is gone with Serve
         httpx.get(f"{url}/healthz", timeout=5)
