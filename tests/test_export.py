@@ -73,6 +73,18 @@ def test_int8_export_predicts_the_same_label_set(student, exported):
     assert agree >= 0.8 * len(TEXTS)
 
 
+def test_int8_answers_do_not_depend_on_batch_company(exported):
+    """Dynamic int8 scales activations over a whole forward pass: the predictor runs one text per pass."""
+    import torch
+
+    from llkd_ray.predictor import load_predictor
+
+    int8 = load_predictor(exported["int8"], batch_size=32)
+    together = int8.probabilities(TEXTS)[0]
+    alone = torch.cat([int8.probabilities([text])[0] for text in TEXTS])
+    assert torch.equal(together, alone)
+
+
 def test_export_gold_check_reports_both_f1s_and_a_failed_check_writes_nothing(tmp_path, student):
     from llkd_ray.export import ExportError, export_onnx
 
