@@ -11,7 +11,9 @@ Decisions:
   exporter took 16 s, wrote external weights and ran slower here; ``optimum-onnx`` pins
   ``transformers<4.58`` (we run 5.x). Batch and sequence axes are dynamic.
 - **Dynamic int8** (``onnxruntime.quantization.quantize_dynamic``, per-channel int8 weights,
-  activations quantized at run time): no calibration set needed, so any student exports.
+  activations quantized at run time): no calibration set needed, so any student exports. Its
+  activation scales span a whole forward pass, so the predictor runs an int8 graph one text at a
+  time (:class:`~llkd_ray.predictor.OnnxPredictor`): an answer never depends on its batch.
 - **Checked, not assumed.** The fp32 graph must give torch's probabilities to
   :data:`FP32_TOLERANCE` on a few probe texts (one of them longer than the length limit), or the
   export fails. With a gold set both models are evaluated and the export fails when the exported

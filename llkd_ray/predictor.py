@@ -337,6 +337,10 @@ class OnnxPredictor(Predictor):
     def dtype(self) -> str:
         return str(self.export_info.get("weights", "float32"))
 
+    @property
+    def quantized(self) -> bool:
+        return self.export_info.get("quantize") is not None
+
     @classmethod
     def load(  # type: ignore[override]
         cls,
@@ -368,15 +372,12 @@ class OnnxPredictor(Predictor):
             batch_size=batch_size,
         )
 
-    @property
-    def quantized(self) -> bool:
-        return self.export_info.get("quantize") is not None
-
     def _chunks(self, lengths: list[int]) -> list[list[int]]:
         """One text per forward pass for a quantized graph: dynamic int8 computes each activation's
         scale over the whole batch (padding included), so a batched answer would depend on the texts
         it happened to share the batch with (SST-2 macro-F1 moved between 0.751 and 0.759 with the
-        batch size, docs/serving.md). On CPU one-text passes run at nearly the batched texts/s."""
+        batch size, docs/serving.md). On CPU one-text passes ran as fast as batched ones (350
+        against 265-330 texts/s)."""
         if self.quantized:
             return [[index] for index in range(len(lengths))]
         return super()._chunks(lengths)
