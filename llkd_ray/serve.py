@@ -72,9 +72,10 @@ if TYPE_CHECKING:
 
 APP_NAME = "llkd"
 DEPLOYMENT_NAME = "Classifier"
-#: Test-only: a replica sleeps this many seconds before loading its model, so that "loading" can be
-#: observed. Read from the replica's own environment (tests set it in the replicas' runtime_env).
-LOAD_DELAY_ENV = "LLKD_SERVE_TEST_LOAD_DELAY_S"
+#: Test-only: a replica waits until the file this names exists before loading its model, so that
+#: "loading" can be observed for as long as a test needs. Read from the replica's own environment
+#: (tests set it in the replicas' runtime_env).
+LOAD_GATE_ENV = "LLKD_SERVE_TEST_LOAD_GATE"
 
 logger = logging.getLogger("ray.serve")
 
@@ -349,12 +350,13 @@ class ModelHost:
         self.training_summary: dict[str, Any] | None = None
         self.batches, self.forward_seconds = 0, 0.0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llkd-model")
-        self._thread.submit(self._load, float(os.environ.get(LOAD_DELAY_ENV) or 0))
+        self._thread.submit(self._load, os.environ.get(LOAD_GATE_ENV))
 
-    def _load(self, delay_s: float) -> None:
+    def _load(self, gate: str | None) -> None:
         started = time.perf_counter()
         try:
-            time.sleep(delay_s)
+            while gate and not os.path.exists(gate):
+                time.sleep(0.05)
             self.training_summary = read_training_summary(self.model_dir)
             predictor = replica_predictor(self.model_dir, self.serving)
             self.info = describe_model(predictor, self.model_dir)
@@ -638,7 +640,7 @@ def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
 def _application(
     model_dir: str, serving: ServingConfig, replica_env: dict[str, str] | None = None
 ) -> serve.Application:
-    """The bound deployment; ``replica_env`` (tests only, e.g. :data:`LOAD_DELAY_ENV`) goes into the
+    """The bound deployment; ``replica_env`` (tests only, e.g. :data:`LOAD_GATE_ENV`) goes into the
     replicas' ``runtime_env``. ``serving.backend: auto`` is resolved here, from the directory."""
     from llkd_ray.predictor import detect_backend
 

@@ -24,7 +24,7 @@ from students import LONG_TEXT, TRAINING_LENGTH, save_student
 from llkd_ray.config import ServingConfig
 from llkd_ray.errors import ConfigError, LlkdError
 from llkd_ray.serve import (
-    LOAD_DELAY_ENV,
+    LOAD_GATE_ENV,
     RetryPolicy,
     ServeArgs,
     _application,
@@ -360,10 +360,11 @@ def test_no_auth_when_the_token_variable_is_unset(client):
 # --------------------------------------------------------------------------- lifecycle
 
 
-def test_healthz_is_503_until_the_model_is_loaded(client, server, tiny_classifier_dir):
+def test_healthz_is_503_until_the_model_is_loaded(client, server, tiny_classifier_dir, tmp_path):
     from ray import serve
 
-    _deploy("slow", tiny_classifier_dir, "/slow", replica_env={LOAD_DELAY_ENV: "4"})
+    gate = tmp_path / "load-now"  # the replica loads its model once this file exists
+    _deploy("slow", tiny_classifier_dir, "/slow", replica_env={LOAD_GATE_ENV: str(gate)})
     try:
         loading = client.get("/slow/healthz")
         assert loading.status_code == 503
@@ -371,7 +372,12 @@ def test_healthz_is_503_until_the_model_is_loaded(client, server, tiny_classifie
         assert loading.headers["retry-after"] == "1"
         assert client.get("/slow/v1/model").json()["error"]["code"] == "loading"
         # a classify request sent while loading waits for the model instead of failing
-        response = client.post("/slow/v1/classify", json={"texts": ["a great film"]})
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(client.post, "/slow/v1/classify", json={"texts": ["a great film"]})
+            time.sleep(0.5)  # a grace for the request to reach the replica; no assertion depends on it
+            assert not pending.done()
+            gate.touch()
+            response = pending.result(timeout=120)
         assert response.status_code == 200
         assert client.get("/slow/healthz").status_code == 200
     finally:
