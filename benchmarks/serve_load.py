@@ -68,17 +68,9 @@ def build_minilm_classifier(directory: Path, labels: list[str]) -> Path:
 
 def export_variants(model_dir: Path, scratch: Path, gold: str | None) -> dict[str, Path]:
     """The student and its two exports, with the exporter's accuracy check printed."""
-    from llkd_ray.export import export_onnx
+    from llkd_ray.export import export_onnx, read_gold_set
 
-    gold_set = None
-    if gold:
-        from llkd_ray.corpus import read_gold
-        from llkd_ray.predictor import Predictor
-        from llkd_ray.runtime import init_ray
-
-        init_ray()
-        table = read_gold(gold, Predictor.load(model_dir, device="cpu").labels)
-        gold_set = (gold, list(table["text"]), list(table["label"]))
+    gold_set = read_gold_set(model_dir, gold) if gold else None  # Ray is up (main)
     variants = {"torch fp32": model_dir}
     for quantize in (None, "int8"):
         result = export_onnx(model_dir, scratch / f"onnx-{quantize or 'fp32'}", quantize=quantize, gold=gold_set)

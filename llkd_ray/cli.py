@@ -181,18 +181,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from llkd_ray.export import export_onnx
+    from llkd_ray.export import export_onnx, read_gold_set
 
     gold = None
     if args.gold:
-        from llkd_ray.corpus import read_gold
-        from llkd_ray.predictor import Predictor
         from llkd_ray.runtime import init_ray
 
-        labels = Predictor.load(args.model, device="cpu").labels
         init_ray()
-        table = read_gold(args.gold, labels, text_column=args.text_column, label_column=args.label_column)
-        gold = (args.gold, list(table["text"]), list(table["label"]))
+        gold = read_gold_set(args.model, args.gold, text_column=args.text_column, label_column=args.label_column)
     result = export_onnx(
         args.model,
         args.output,

@@ -21,6 +21,11 @@ class DataError(LlkdError):
     """The corpus or gold set cannot be used as given."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def run_reporting_errors(handler: Callable[[T], int], args: T) -> int:
     """``handler(args)`` as a command runs it: a user error is one line on stderr and exit 2, Ctrl-C 130."""
     try:

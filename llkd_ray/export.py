@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llkd_ray.errors import LlkdError
+from llkd_ray.errors import LlkdError, first_line
 
 if TYPE_CHECKING:  # torch loads with the first export, not with `llkd --help`
     import torch
@@ -119,6 +119,21 @@ class ExportResult:
         else:
             lines.append("no gold set given (--gold REF): accuracy on real data was not checked")
         return "\n".join(lines)
+
+
+def read_gold_set(
+    model_dir: str | Path, reference: str, *, text_column: str = "text", label_column: str = "label"
+) -> tuple[str, list[str], list[str]]:
+    """``(reference, texts, labels)`` of a gold set for :func:`export_onnx`, its labels checked
+    against the model's ``id2label`` (read from ``config.json``; the model is not loaded). Needs Ray."""
+    from transformers import AutoConfig
+
+    from llkd_ray.corpus import read_gold
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    table = read_gold(reference, labels, text_column=text_column, label_column=label_column)
+    return reference, list(table["text"]), list(table["label"])
 
 
 def export_onnx(
@@ -247,8 +262,9 @@ def _export_graph(predictor: Predictor, path: Path) -> None:
                 dynamo=False,
             )
         except Exception as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ExportError(f"torch.onnx could not export {type(predictor.model).__name__}: {first}") from None
+            raise ExportError(
+                f"torch.onnx could not export {type(predictor.model).__name__}: {first_line(error)}"
+            ) from None
 
 
 def _session_probabilities(path: Path, predictor: Predictor, texts: Sequence[str]) -> torch.Tensor:

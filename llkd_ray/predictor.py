@@ -192,7 +192,7 @@ class Predictor:
         """
         from transformers import AutoModelForSequenceClassification
 
-        from llkd_ray.errors import LlkdError
+        from llkd_ray.errors import LlkdError, first_line
         from llkd_ray.models import resolve_model_path
 
         reference, target = resolve_model_path(str(model_dir)), resolve_device(device)
@@ -205,7 +205,7 @@ class Predictor:
                 reference, trust_remote_code=False, dtype=dtype, **model_options
             )
         except OSError as error:
-            raise LlkdError(f"cannot load the model {model_dir}: {str(error).splitlines()[0]}") from None
+            raise LlkdError(f"cannot load the model {model_dir}: {first_line(error)}") from None
         return cls(model.to(target).eval(), tokenizer, max_length=max_length, batch_size=batch_size)
 
     # ------------------------------------------------------------------ the pipeline
@@ -292,13 +292,13 @@ def _load_tokenizer(reference: str, model_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from llkd_ray.errors import LlkdError
+    from llkd_ray.errors import LlkdError, first_line
 
     transformers_logging.disable_progress_bar()
     try:
         return AutoTokenizer.from_pretrained(reference, trust_remote_code=False)
     except OSError as error:
-        raise LlkdError(f"cannot load the tokenizer of {model_dir}: {str(error).splitlines()[0]}") from None
+        raise LlkdError(f"cannot load the tokenizer of {model_dir}: {first_line(error)}") from None
 
 
 class OnnxPredictor(Predictor):
@@ -355,14 +355,14 @@ class OnnxPredictor(Predictor):
         from transformers import AutoConfig
 
         from llkd_ray.artifacts import read_json
-        from llkd_ray.errors import LlkdError
+        from llkd_ray.errors import LlkdError, first_line
 
         directory = Path(model_dir).expanduser()
         session = onnx_session(directory / ONNX_FILE, threads=threads)
         try:
             config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
         except (OSError, ValueError) as error:
-            raise LlkdError(f"cannot read {directory / 'config.json'}: {str(error).splitlines()[0]}") from None
+            raise LlkdError(f"cannot read {directory / 'config.json'}: {first_line(error)}") from None
         return cls(
             session,
             _load_tokenizer(str(directory), model_dir),
@@ -395,7 +395,7 @@ class OnnxPredictor(Predictor):
 def onnx_session(path: str | Path, *, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session for ``path``; a missing, unreadable or invalid graph is an
     :class:`~llkd_ray.errors.LlkdError` of one line."""
-    from llkd_ray.errors import LlkdError
+    from llkd_ray.errors import LlkdError, first_line
 
     try:
         import onnxruntime
@@ -412,8 +412,7 @@ def onnx_session(path: str | Path, *, threads: int | None = None) -> Any:
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise LlkdError(f"cannot load the ONNX model {path}: {first}") from None
+        raise LlkdError(f"cannot load the ONNX model {path}: {first_line(error)}") from None
 
 
 def detect_backend(model_dir: str | Path, backend: str = "auto") -> str:

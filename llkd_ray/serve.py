@@ -845,7 +845,7 @@ def run_server(
     try:
         serve.start(http_options={"host": serving.host, "port": serving.port})
         serve.run(
-            build_app(ServeArgs(model=model_dir, serving=serving.model_dump(mode="json"))),
+            _application(model_dir, serving),  # checked above: build_app would check (and open) it again
             name=APP_NAME,
             route_prefix="/",
             blocking=False,
