@@ -167,7 +167,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from llkd_ray.evaluate import evaluate_model, format_metrics
+    from llkd_ray.evaluate import evaluate_model
+    from llkd_ray.metrics import format_metrics
 
     metrics = evaluate_model(
         args.model, args.data, text_column=args.text_column, label_column=args.label_column, backend=args.backend

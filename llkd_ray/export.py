@@ -340,7 +340,7 @@ def _gold_check(
     gold: tuple[str, Sequence[str], Sequence[str]],
     max_f1_drop: float,
 ) -> GoldCheck:
-    from llkd_ray.evaluate import classification_metrics
+    from llkd_ray.metrics import classification_metrics
 
     name, texts, truth = gold
     names = torch_predictor.labels

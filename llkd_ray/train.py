@@ -1023,7 +1023,7 @@ class StudentTrainingRecipe:
 
     def evaluate(self) -> None:
         """Every worker predicts its share of the gold set; rank 0 records the metrics on the curve."""
-        from llkd_ray.evaluate import classification_metrics
+        from llkd_ray.metrics import classification_metrics
 
         gold, state = self.gold or {}, self.state
         texts = gold["texts"][self.rank :: self.world]

@@ -9,7 +9,7 @@ from conftest import SST2_LABELS
 
 
 def test_classification_metrics_hand_computed():
-    from llkd_ray.evaluate import classification_metrics
+    from llkd_ray.metrics import classification_metrics
 
     truth = ["a", "a", "a", "b", "b", "c"]
     predicted = ["a", "a", "b", "b", "a", "a"]
@@ -25,14 +25,14 @@ def test_classification_metrics_hand_computed():
 
 
 def test_classification_metrics_rejects_mismatched_lengths():
-    from llkd_ray.evaluate import classification_metrics
+    from llkd_ray.metrics import classification_metrics
 
     with pytest.raises(ValueError, match="2 gold labels but 1"):
         classification_metrics(["a", "b"], ["a"], ["a", "b"])
 
 
 def test_format_metrics_is_a_readable_table():
-    from llkd_ray.evaluate import classification_metrics, format_metrics
+    from llkd_ray.metrics import classification_metrics, format_metrics
 
     text = format_metrics(classification_metrics(["x", "y", "y"], ["x", "y", "x"], ["x", "y"]))
     assert "accuracy 0.6667" in text and "macro-F1 0.6667" in text

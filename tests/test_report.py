@@ -106,7 +106,7 @@ def write_training(directory: Path, ids: list[str], steps: int = 40) -> None:
 
 
 def write_eval(path: Path) -> None:
-    from llkd_ray.evaluate import classification_metrics
+    from llkd_ray.metrics import classification_metrics
 
     def metrics(confusion):
         """The real metrics of predictions with this confusion matrix (rows gold, columns predicted)."""
