@@ -68,7 +68,8 @@ def plain_loop(config, labels: Path, steps: int, threads: int) -> dict[str, Any]
 
     from llkd_ray.compute import ProgressSchedule
     from llkd_ray.models import resolve_model_path
-    from llkd_ray.train import build_optimizer, load_student, validate_labels_dir
+    from llkd_ray.train.data import validate_labels_dir
+    from llkd_ray.train.recipe import build_optimizer, load_student
 
     torch.set_num_threads(threads)
     pool = validate_labels_dir(labels, config.task.label_names)
@@ -106,7 +107,7 @@ def selection_cost(num_classes: int, batch: int = 32, rounds: int = 300) -> floa
     """Milliseconds for one step's information need + selection on 1 process (no all-reduce)."""
     import torch
 
-    from llkd_ray.selection import Selector, normalized_entropy
+    from llkd_ray.train.selection import Selector, normalized_entropy
 
     generator = torch.Generator().manual_seed(0)
     selector = Selector(num_classes)
@@ -120,7 +121,7 @@ def selection_cost(num_classes: int, batch: int = 32, rounds: int = 300) -> floa
 
 
 def ray_run(config, labels: Path, work: Path, name: str, **options) -> dict[str, Any]:
-    from llkd_ray.train import train_student
+    from llkd_ray.train.launch import train_student
 
     started = time.perf_counter()
     train_student(config, labels=labels, output=work / name, eval_data=None, **options)

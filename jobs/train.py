@@ -16,7 +16,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from llkd_ray.config import load_config
-    from llkd_ray.train import train_student
+    from llkd_ray.train.launch import train_student
 
     config = load_config(args.config, args.overrides)
     # train_student joins the job's cluster (RAY_ADDRESS) or starts a local Ray sized for its workers.

@@ -134,7 +134,7 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from llkd_ray.train import CONFIG_GOLD, format_flops, train_student
+    from llkd_ray.train.launch import CONFIG_GOLD, format_flops, train_student
 
     config = _load(args)
     eval_data = None if args.no_eval else (args.eval or CONFIG_GOLD)

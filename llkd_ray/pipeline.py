@@ -125,7 +125,7 @@ def label_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str
 
 
 def train_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
-    from llkd_ray.train import train_student
+    from llkd_ray.train.launch import train_student
 
     log(f"train: {config.selection.strategy} student on {config.training.workers} workers -> {layout.train}")
     train_student(config, labels=layout.labels, output=layout.train)

@@ -12,7 +12,8 @@ from train_fixtures import TEXTS, review_batch
 
 @pytest.fixture()
 def student(tiny_classifier_dir):
-    from llkd_ray.train import StepContext, load_student
+    from llkd_ray.train.recipe import load_student
+    from llkd_ray.train.step import StepContext
 
     model, tokenizer = load_student(str(tiny_classifier_dir), SST2_LABELS, seed=0)
     for module in model.modules():
@@ -23,7 +24,7 @@ def student(tiny_classifier_dir):
 
 
 def _selector(strategy: str = "llkd"):
-    from llkd_ray.selection import Selector
+    from llkd_ray.train.selection import Selector
 
     return Selector(2, strategy=strategy, momentum=0.9, seed=1)
 
@@ -46,7 +47,7 @@ def test_non_embedding_parameters_match_a_hand_count(student):
 
 def test_step_compute_matches_tokens_times_parameters(student):
     from llkd_ray.compute import ComputeMeter, non_embedding_parameters
-    from llkd_ray.train import train_step
+    from llkd_ray.train.step import train_step
 
     model, tokenizer, ctx = student
     batch = review_batch()
@@ -71,8 +72,8 @@ def test_step_compute_matches_tokens_times_parameters(student):
 
 
 def test_selected_only_backward_equals_the_weighted_full_batch_backward(student):
-    from llkd_ray.selection import normalized_entropy, selection_loss
-    from llkd_ray.train import train_step
+    from llkd_ray.train.selection import normalized_entropy, selection_loss
+    from llkd_ray.train.step import train_step
 
     model, _, ctx = student
     batch = review_batch()
@@ -95,7 +96,8 @@ def test_selected_only_backward_equals_the_weighted_full_batch_backward(student)
 
 @pytest.mark.parametrize("strategy", ["llkd", "all"])
 def test_micro_batches_give_the_one_batch_gradient(student, strategy):
-    from llkd_ray.train import scoring_mode, train_step
+    from llkd_ray.train.plan import scoring_mode
+    from llkd_ray.train.step import train_step
 
     model, _, ctx = student
     scoring = scoring_mode(strategy)
@@ -114,7 +116,7 @@ def test_micro_batches_give_the_one_batch_gradient(student, strategy):
 
 
 def test_gated_scoring_scores_the_teacher_gate_and_a_sample(student):
-    from llkd_ray.train import train_step
+    from llkd_ray.train.step import train_step
 
     model, tokenizer, ctx = student
     batch = review_batch()
@@ -166,7 +168,7 @@ def test_progress_schedule_warms_up_then_decays_to_zero():
 
 
 def test_fill_step_draws_until_the_kept_rows_fill_a_batch(student):
-    from llkd_ray.train import fill_step, train_step
+    from llkd_ray.train.step import fill_step, train_step
 
     model, _, ctx = student
     draws = []

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from llkd_ray.selection import STRATEGIES, Selector, normalized_entropy, selection_loss
+from llkd_ray.train.selection import STRATEGIES, Selector, normalized_entropy, selection_loss
 
 
 def t(values, dtype=torch.float32):
@@ -288,7 +288,7 @@ def test_teacher_gate_is_the_teacher_half_of_the_mask_select_then_applies():
 
 
 def test_unscored_rows_take_the_mean_of_their_class_sampled_rows():
-    from llkd_ray.selection import scoring_sample
+    from llkd_ray.train.selection import scoring_sample
 
     nan = math.nan
     u = torch.tensor([0.1, nan, 0.5, nan, 0.3, nan, nan])
@@ -331,7 +331,7 @@ def test_filling_is_the_same_on_two_shards_as_on_one():
 def test_estimated_levels_select_as_often_as_the_full_rule():
     """Simulated batches (6 skewed classes): filling the unscored rows keeps the selection rate of
     scoring every row; inverse-probability weights (the first design) inflated it by about 20%."""
-    from llkd_ray.selection import scoring_sample
+    from llkd_ray.train.selection import scoring_sample
 
     def selected_fraction(rate: float | None) -> float:
         generator = torch.Generator().manual_seed(0)

@@ -58,7 +58,7 @@ def test_missing_labels_dir_fails_before_training(tmp_path, capsys):
 
 def test_empty_labels_dir_fails(tmp_path):
     from llkd_ray.errors import LlkdError
-    from llkd_ray.train import validate_labels_dir
+    from llkd_ray.train.data import validate_labels_dir
 
     (tmp_path / "labels").mkdir()
     with pytest.raises(LlkdError, match="empty"):
@@ -71,7 +71,7 @@ def test_empty_labels_dir_fails(tmp_path):
 
 def test_label_set_differing_from_the_config_fails(tmp_path):
     from llkd_ray.errors import LlkdError
-    from llkd_ray.train import validate_labels_dir
+    from llkd_ray.train.data import validate_labels_dir
 
     write_labels_dir(tmp_path / "labels", ["a", "b", "c"], ["ABBR", "DESC"], parts=1)
     with pytest.raises(LlkdError, match=r"labeled with labels \['ABBR', 'DESC'\].*task.labels are \['negative'"):
@@ -86,7 +86,7 @@ def test_labels_without_the_trainer_columns_fail(tmp_path):
     import pyarrow as pa
 
     from llkd_ray.errors import LlkdError
-    from llkd_ray.train import validate_labels_dir
+    from llkd_ray.train.data import validate_labels_dir
 
     (tmp_path / "labels").mkdir()
     pq.write_table(pa.table({"id": ["1"], "text": ["x"]}), tmp_path / "labels" / "part-0.parquet")
@@ -95,7 +95,7 @@ def test_labels_without_the_trainer_columns_fail(tmp_path):
 
 
 def test_valid_labels_dir_counts_rows_from_footers(workspace):
-    from llkd_ray.train import validate_labels_dir
+    from llkd_ray.train.data import validate_labels_dir
 
     pool = validate_labels_dir(workspace["labels"], SST2_LABELS)
     assert pool.rows == 160 and len(pool.files) == 2
@@ -103,7 +103,7 @@ def test_valid_labels_dir_counts_rows_from_footers(workspace):
 
 def test_plan_sizes():
     from llkd_ray.config import load_config
-    from llkd_ray.train import TrainingPlan
+    from llkd_ray.train.plan import TrainingPlan
 
     settings = ["training.batch_size=32", "training.workers=2", "training.epochs=2", "selection.candidates_per_step=4"]
     config = load_config(CONFIG, settings)
@@ -205,7 +205,8 @@ def test_llkd_train_two_workers_writes_a_loadable_student_and_metrics(ray_local,
 @pytest.mark.heavy
 def test_a_lost_worker_restores_the_latest_checkpoint_and_finishes(ray_local, workspace):
     from llkd_ray.config import load_config
-    from llkd_ray.train import FaultInjection, train_student
+    from llkd_ray.train.launch import train_student
+    from llkd_ray.train.recipe import FaultInjection
 
     # A checkpoint counts once Ray Train's controller has taken its report (it polls about every
     # 2 s); ray.train.report blocks until the previous report was taken, so with a report every

@@ -1,7 +1,7 @@
 """Across-shards equivalence with a real process group: 2 gloo workers with local batches b1, b2
 against 1 worker with b1 + b2 — the same thresholds, masks, weights, and parameters after the step.
 
-Both sides run ``llkd_ray.train.train_step`` (the function the Ray Train workers run), the
+Both sides run ``llkd_ray.train.step.train_step`` (the function the Ray Train workers run), the
 2-worker side under DistributedDataParallel, on a tiny random BERT without dropout.
 """
 
@@ -32,8 +32,10 @@ def run_worker(rank: int, world: int, model_dir: str, store: str, out: str) -> N
     """One optimizer step per scenario on this worker's rows; results to ``out``."""
     import torch.distributed as dist
 
-    from llkd_ray.selection import Selector
-    from llkd_ray.train import StepContext, build_optimizer, load_student, scoring_mode, train_step
+    from llkd_ray.train.plan import scoring_mode
+    from llkd_ray.train.recipe import build_optimizer, load_student
+    from llkd_ray.train.selection import Selector
+    from llkd_ray.train.step import StepContext, train_step
 
     torch.set_num_threads(1)
     if world > 1:

@@ -75,8 +75,8 @@ LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
 
 
 def review_batch(rows: list[int] | None = None):
-    """A :class:`llkd_ray.train.Batch` of those rows (all eight by default)."""
-    from llkd_ray.train import Batch
+    """A :class:`llkd_ray.train.data.Batch` of those rows (all eight by default)."""
+    from llkd_ray.train.data import Batch
 
     rows = list(range(len(TEXTS))) if rows is None else rows
     probs = [[1 - c, c] if y == 1 else [c, 1 - c] for c, y in zip(CONFIDENCE, LABELS, strict=True)]

@@ -1,0 +1,239 @@
+"""The driver: ``train_student`` checks the labels, plans the run, launches Ray Train and writes the results.
+
+It builds the Ray Dataset (lazily, from the Parquet parts), the ``TorchTrainer`` (``ScalingConfig``,
+``RunConfig`` with ``FailureConfig`` and ``CheckpointConfig``) whose workers run
+``train_loop_per_worker`` (a :class:`~llkd_ray.train.recipe.StudentTrainingRecipe` each), runs it,
+and writes ``OUTPUT/student/``, ``OUTPUT/metrics.jsonl``, ``OUTPUT/selected_ids.parquet`` and
+``OUTPUT/training_summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from llkd_ray.artifacts import TRAINING_SUMMARY
+from llkd_ray.compute import ComputeMeter, all_pass_flops
+from llkd_ray.config import PipelineConfig, validate_config
+from llkd_ray.errors import ConfigError
+from llkd_ray.train.checkpoint import SELECTED_IDS, TrainState, read_state
+from llkd_ray.train.data import LabeledPool, build_dataset, estimate_pool_tokens, validate_labels_dir
+from llkd_ray.train.plan import TrainingPlan
+from llkd_ray.train.recipe import FaultInjection, StudentTrainingRecipe
+
+logger = logging.getLogger(__name__)
+
+#: Placeholder for "evaluate on ``config.data.gold``" in :func:`train_student`.
+CONFIG_GOLD = "config"
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function: build the recipe and run it."""
+    recipe = StudentTrainingRecipe.from_loop_config(loop_config)
+    recipe.setup()
+    recipe.train()
+
+
+def _prepared_config(
+    config: PipelineConfig, strategy: str | None, workers: int | None, max_steps: int | None, budget: float | None
+) -> PipelineConfig:
+    if max_steps is not None and budget is not None:
+        raise ConfigError("give a step budget (max_steps) or a compute budget (budget), not both")
+    raw = config.model_dump(mode="json")
+    if strategy is not None:
+        raw["selection"]["strategy"] = strategy
+    if workers is not None:
+        raw["training"]["workers"] = workers
+    if max_steps is not None:
+        raw["training"]["max_steps"] = max_steps
+        raw["training"]["budget"] = None
+    if budget is not None:
+        raw["training"]["budget"] = budget
+        raw["training"]["max_steps"] = None
+    return validate_config(raw, "(train options)")
+
+
+def _gold_payload(config: PipelineConfig, eval_data: str | None) -> dict[str, Any] | None:
+    reference = config.data.gold if eval_data == CONFIG_GOLD else eval_data
+    if not reference:
+        return None
+    from llkd_ray.corpus import read_gold
+
+    frame = read_gold(reference, config.task.label_names)
+    return {
+        "reference": reference,
+        "texts": [str(t) for t in frame["text"]],
+        "labels": [str(label) for label in frame["label"]],
+        "label_names": config.task.label_names,
+    }
+
+
+def format_flops(flops: float) -> str:
+    """``1.23 PFLOP``-style, for summary lines."""
+    for scale, unit in ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:.3g} FLOP"
+
+
+def train_student(
+    config: PipelineConfig,
+    labels: str | Path,
+    output: str | Path,
+    *,
+    strategy: str | None = None,
+    workers: int | None = None,
+    max_steps: int | None = None,
+    budget: float | None = None,
+    eval_data: str | None = CONFIG_GOLD,
+    fault_injection: FaultInjection | None = None,
+) -> dict[str, Any]:
+    """Train a student on the labels in ``labels``; write it and its records to ``output``.
+
+    ``strategy``, ``workers``, ``max_steps`` and ``budget`` (compute, in passes of ``all``) override
+    the config. ``eval_data`` is the gold set evaluated during training: the config's ``data.gold``
+    by default, another reference, or None. Returns the training summary (also written to
+    ``output/training_summary.json``).
+    """
+    from transformers import AutoTokenizer
+
+    from llkd_ray.models import resolve_model_path
+    from llkd_ray.runtime import ensure_ray
+
+    wall_started = time.perf_counter()
+    config = _prepared_config(config, strategy, workers, max_steps, budget)
+    pool = validate_labels_dir(labels, config.task.label_names)
+    student_path = resolve_model_path(config.student.model)
+    pool_tokens = estimate_pool_tokens(pool, AutoTokenizer.from_pretrained(student_path), config.student.max_length)
+    plan = TrainingPlan.build(config, pool.rows, pool_tokens)
+    output = Path(output).expanduser().resolve()
+    output.mkdir(parents=True, exist_ok=True)
+
+    ensure_ray(config)
+    gold = _gold_payload(config, eval_data)
+    state, compute = _fit(config, plan, pool, output, student_path, gold, fault_injection)
+    summary = _training_summary(config, plan, pool, pool_tokens, state, compute)
+    summary["labels"], summary["student"] = str(labels), str(output / "student")
+    summary["gold"] = gold["reference"] if gold else None
+    summary["wall_time_s"] = round(time.perf_counter() - wall_started, 3)
+    (output / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
+
+
+def _fit(
+    config: PipelineConfig,
+    plan: TrainingPlan,
+    pool: LabeledPool,
+    output: Path,
+    student_path: str,
+    gold: dict[str, Any] | None,
+    fault_injection: FaultInjection | None,
+) -> tuple[TrainState, ComputeMeter]:
+    """Run the Ray Train job; copy the final student and records into ``output``; return its state."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    training = config.training
+    dataset = build_dataset(pool, plan, training.seed)
+    storage = training.storage_path or str(output / "ray")
+    run_name = f"llkd-train-{config.selection.strategy}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "plan": asdict(plan),
+            "output": str(output),
+            "student_path": student_path,
+            "gold": gold,
+            "fault": asdict(fault_injection) if fault_injection else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=training.workers,
+            use_gpu=training.use_gpu,
+            resources_per_worker={"CPU": training.cpus_per_worker} | ({"GPU": 1} if training.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a final checkpoint")
+
+    with result.checkpoint.as_directory() as final:
+        final = Path(final)
+        student_dir = output / "student"
+        shutil.rmtree(student_dir, ignore_errors=True)
+        shutil.copytree(final / "student", student_dir)
+        for name in ("metrics.jsonl", SELECTED_IDS):
+            if (final / name).is_file():
+                shutil.copyfile(final / name, output / name)
+        saved = read_state(final)
+    if training.storage_path is None:  # the checkpoints served their purpose
+        shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path(storage).rmdir()
+    return TrainState(**saved["state"]), ComputeMeter(**saved["compute"])
+
+
+def _training_summary(
+    config: PipelineConfig,
+    plan: TrainingPlan,
+    pool: LabeledPool,
+    pool_tokens: int,
+    state: TrainState,
+    compute: ComputeMeter,
+) -> dict[str, Any]:
+    """What ``training_summary.json`` records of a finished run; the caller adds the paths, the
+    gold set and the wall time, which it alone knows."""
+    training = config.training
+    unit = all_pass_flops(compute.parameters, pool_tokens) if pool_tokens else None
+    spent = compute.flops / (unit * plan.budget) if unit and plan.budget else None
+    if plan.budget and spent is not None and spent < 1.0 - 1e-9:
+        logger.warning(
+            "training stopped at its step cap (%d steps) with %.0f%% of the budget spent", state.step, 100 * spent
+        )
+    seconds = state.train_seconds
+    return {
+        "strategy": config.selection.strategy,
+        "config_hash": config.section_hash("task", "selection", "student", "training"),
+        "student_model": config.student.model,
+        "workers": training.workers,
+        "batch_size": training.batch_size,
+        "candidates_per_step": plan.candidates_per_step,
+        "steps": state.step,
+        "epochs": state.step / plan.steps_per_epoch,
+        "budget": plan.budget,
+        "budget_spent": spent,
+        "pool_rows": pool.rows,
+        "pool_tokens": pool_tokens,
+        "student_parameters": compute.parameters,
+        "all_pass_flops": unit,
+        "compute": compute.record(unit),
+        "data_usage": state.data_usage(pool.rows),
+        "final_loss": state.last_loss,
+        "final_metrics": state.last_eval,
+        "curve": state.curve,
+        "attempts": state.attempt + 1,
+        "resumed_from_steps": state.resumed_from,
+        "train_loop_s": round(seconds, 3),
+        "scoring_s": round(compute.scoring_s, 3),
+        "training_s": round(compute.training_s, 3),
+        "selection_s": round(compute.selection_s, 3),
+        "selection_share": compute.selection_s / seconds if seconds else None,
+        "samples_per_s": state.candidates_seen / seconds if seconds else None,
+        "trained_samples_per_s": compute.trained_samples / seconds if seconds else None,
+    }

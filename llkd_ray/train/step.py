@@ -1,0 +1,311 @@
+"""One training step on one worker, in plain torch: score, select, weight, back-propagate.
+
+``train_step`` is a step over one draw of candidates: the information need ``u_i`` in inference
+mode (``score_candidates``, only the rows the strategy's :data:`~llkd_ray.train.plan.Scoring` needs),
+the selection (:mod:`llkd_ray.train.selection`, all-reduced across shards), the weighted loss and
+the backward pass on the kept rows (``backward_weighted``). ``fill_step`` is adaptive M: draws until
+the kept rows fill a batch. Neither takes the optimizer step. The Ray Train workers run exactly
+these functions, and so does the equivalence test, in a 2-process gloo group: this module
+imports no Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llkd_ray.compute import StepCompute
+from llkd_ray.predictor import inference
+from llkd_ray.train.data import Batch
+from llkd_ray.train.plan import Scoring
+from llkd_ray.train.selection import Selection, Selector, normalized_entropy, scoring_sample, selection_loss
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the model and the rows."""
+
+    tokenizer: Any
+    max_length: int
+    device: torch.device
+    world_size: int = 1
+    soft_loss: bool = False
+    autocast_dtype: torch.dtype | None = None
+    scaler: Any = None
+    """A ``torch.amp.GradScaler`` for fp16, else None."""
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in encoded.items()}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class StepResult:
+    selection: Selection
+    loss: float
+    """This worker's loss term (its share of the global ``L``; the sum over workers is ``L``)."""
+    selected_ids: list[str]
+    compute: StepCompute
+    """This worker's tokens, samples and seconds in the step (the optimizer step not included)."""
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (the model itself when unwrapped)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _tokens(encoded: dict[str, torch.Tensor]) -> int:
+    """Real tokens of a tokenised batch (padding excluded): what the FLOPs rule counts."""
+    mask = encoded.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(encoded["input_ids"].numel())
+
+
+def score_candidates(model: torch.nn.Module, batch: Batch, ctx: StepContext, chunk: int) -> tuple[torch.Tensor, int]:
+    """The student's information need ``u_i`` for every candidate, and the tokens scored.
+
+    Inference mode: no dropout, no graph (about a third of a training pass's FLOPs per token).
+    The rows keep their order (chunks of ``chunk`` rows, padded per chunk, as the FLOPs rule and the
+    equivalence over workers assume), so this is not :class:`~llkd_ray.predictor.Predictor`'s
+    length-sorted batching; the eval-mode/inference-mode switch is the same.
+    """
+    needs, tokens = [], 0
+    with inference(unwrap_model(model)) as module, ctx.autocast():
+        for start in range(0, len(batch.texts), chunk):
+            encoded = ctx.encode(batch.texts[start : start + chunk])
+            tokens += _tokens(encoded)
+            needs.append(normalized_entropy(module(**encoded).logits))
+    return (torch.cat(needs) if needs else torch.zeros(0)), tokens
+
+
+def _micro_batches(rows: int, parts: int) -> list[torch.Tensor]:
+    """Row indices in at most ``parts`` contiguous chunks (never an empty one)."""
+    return [chunk for chunk in torch.arange(rows).chunk(max(1, min(parts, rows))) if len(chunk)]
+
+
+def backward_weighted(
+    model: torch.nn.Module,
+    rows: Batch,
+    weights: torch.Tensor,
+    normaliser: float,
+    ctx: StepContext,
+    micro_batches: int = 1,
+) -> tuple[float, int, torch.Tensor]:
+    """Forward and backward ``rows`` with the spec's weighted loss, in micro-batches.
+
+    Gradients accumulate over the micro-batches; under DDP only the last one all-reduces them.
+    Each micro-batch's loss already carries the step's global normaliser, so their sum is the
+    step's loss. Returns this worker's loss term, the tokens trained and the logits (detached).
+    """
+    loss_total, tokens, logits_out = 0.0, 0, []
+    chunks = _micro_batches(len(rows), micro_batches)
+    for number, index in enumerate(chunks):
+        part = rows.take(index) if len(chunks) > 1 else rows
+        last = number == len(chunks) - 1
+        sync = model.no_sync() if not last and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+        with sync or contextlib.nullcontext():
+            encoded = ctx.encode(part.texts)
+            tokens += _tokens(encoded)
+            with ctx.autocast():
+                logits = model(**encoded).logits
+            loss = selection_loss(
+                logits,
+                weights[index].to(ctx.device) if len(chunks) > 1 else weights.to(ctx.device),
+                normaliser,
+                labels=part.labels.to(ctx.device),
+                teacher_probs=part.probs.to(ctx.device) if ctx.soft_loss else None,
+                world_size=ctx.world_size,
+            )
+            (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
+        loss_total += float(loss.detach())
+        logits_out.append(logits.detach())
+    return loss_total / ctx.world_size, tokens, torch.cat(logits_out)
+
+
+def train_step(
+    model: torch.nn.Module,
+    candidates: Batch,
+    selector: Selector,
+    ctx: StepContext,
+    *,
+    capacity: int | None = None,
+    micro_batches: int = 1,
+    scoring: Scoring = "full",
+    sample_rate: float = 1.0,
+) -> StepResult:
+    """Select, weight and back-propagate one optimizer step's rows on this worker (no optimizer step).
+
+    Selecting strategies (``scoring`` other than ``train``): the candidates are scored in inference
+    mode as ``scoring`` says, the selector chooses among all of them at once — one selection per
+    optimizer step, whatever the gradient accumulation — and only the kept rows (at most
+    ``capacity``) go through forward and backward, in ``micro_batches``. ``train`` (``all``): every
+    row trains, weight 1, and the information need for the thresholds' record comes from the
+    training forward pass itself.
+    """
+    model.train()
+    compute = StepCompute()
+    if scoring != "train":
+        selection, rows, weights = _score_and_select(
+            model, candidates, selector, ctx, capacity, compute, scoring=scoring, sample_rate=sample_rate
+        )
+        kept = len(rows)
+        if not kept:
+            # Nothing kept here: one row with weight 0 keeps this worker in DDP's gradient all-reduce.
+            rows, weights = candidates.take(torch.tensor([0])), torch.zeros(1)
+        clock = time.perf_counter()
+        loss, compute.training_tokens, _ = backward_weighted(
+            model, rows, weights, selection.normaliser, ctx, micro_batches
+        )
+        compute.training_s = time.perf_counter() - clock
+        compute.trained_samples = kept
+    else:
+        clock = time.perf_counter()
+        weights = torch.ones(len(candidates))
+        normaliser = max(1.0, float(len(candidates) * ctx.world_size))  # equal shards: the global batch
+        loss, compute.training_tokens, logits = backward_weighted(
+            model, candidates, weights, normaliser, ctx, micro_batches
+        )
+        compute.training_s = time.perf_counter() - clock
+        compute.trained_samples = len(candidates)
+        clock = time.perf_counter()
+        selection = selector.select(candidates.confidence, candidates.labels, normalized_entropy(logits))
+        compute.selection_s = time.perf_counter() - clock
+    mask = selection.mask.cpu().tolist()
+    return StepResult(
+        selection=selection,
+        loss=loss,
+        selected_ids=[i for i, keep in zip(candidates.ids, mask, strict=True) if keep],
+        compute=compute,
+    )
+
+
+def _score_and_select(
+    model: torch.nn.Module,
+    candidates: Batch,
+    selector: Selector,
+    ctx: StepContext,
+    capacity: int | None,
+    compute: StepCompute,
+    *,
+    scoring: Scoring = "full",
+    sample_rate: float = 1.0,
+) -> tuple[Selection, Batch, torch.Tensor]:
+    """Score the candidates in inference mode as ``scoring`` says and select; the kept rows and weights.
+
+    Unscored rows carry ``u = NaN``; with ``gated`` scoring, the rows outside the teacher gate
+    that the sample left out get their class's mean over the sampled ones (``fill_unscored``).
+    """
+    clock = time.perf_counter()
+    uncertainty = torch.full((len(candidates),), math.nan)
+    sampled = None
+    if scoring == "full":
+        to_score = torch.ones(len(candidates), dtype=torch.bool)
+    elif scoring == "gated":
+        gate = selector.teacher_gate(candidates.confidence, candidates.labels)
+        sampled = ~gate & scoring_sample(candidates.ids, sample_rate, selector.seed, selector.steps)
+        to_score = gate | sampled
+    else:
+        to_score = torch.zeros(len(candidates), dtype=torch.bool)
+    index = to_score.nonzero().squeeze(1)
+    if len(index):
+        scored = candidates.take(index) if len(index) < len(candidates) else candidates
+        needs, tokens = score_candidates(model, scored, ctx, chunk=max(capacity or 0, 32))
+        uncertainty[index] = needs
+        compute.scoring_tokens += tokens
+        compute.scored_samples += len(index)
+    compute.scoring_s += time.perf_counter() - clock
+    clock = time.perf_counter()
+    if sampled is not None:
+        uncertainty = selector.fill_unscored(uncertainty, candidates.labels, sampled)
+    selection = selector.select(candidates.confidence, candidates.labels, uncertainty, capacity=capacity)
+    compute.selection_s += time.perf_counter() - clock
+    keep = selection.mask.nonzero().squeeze(1).cpu()
+    return selection, candidates.take(keep), selection.weights[keep]
+
+
+def _merge(selections: list[Selection]) -> Selection:
+    """The selections of one step's draws as one: masks and weights concatenated, counts summed."""
+    if len(selections) == 1:
+        return selections[0]
+    selected = sum(s.selected for s in selections)
+    candidates = sum(s.candidates for s in selections)
+
+    def mean(attribute: str, counts: list[int]) -> float:
+        pairs = [(getattr(s, attribute), n) for s, n in zip(selections, counts, strict=True) if n]
+        total = sum(n for _, n in pairs)
+        return sum(v * n for v, n in pairs) / total if total else math.nan
+
+    return Selection(
+        mask=torch.cat([s.mask for s in selections]),
+        weights=torch.cat([s.weights for s in selections]),
+        normaliser=max(1.0, float(selected)),
+        teacher_thresholds=selections[-1].teacher_thresholds,
+        student_thresholds=selections[-1].student_thresholds,
+        candidates=candidates,
+        selected=selected,
+        confidence_selected=mean("confidence_selected", [s.selected for s in selections]),
+        confidence_rejected=mean("confidence_rejected", [s.candidates - s.selected for s in selections]),
+    )
+
+
+def fill_step(
+    model: torch.nn.Module,
+    draw: Callable[[], Batch],
+    selector: Selector,
+    ctx: StepContext,
+    *,
+    capacity: int,
+    target: int,
+    max_draws: int,
+    micro_batches: int = 1,
+    scoring: Scoring = "full",
+    sample_rate: float = 1.0,
+) -> StepResult:
+    """Adaptive M: draw one batch of candidates at a time until the kept rows fill a batch.
+
+    Each draw is scored and selected on its own (the thresholds advance per draw, as at M = 1);
+    the kept rows accumulate until ``target`` rows are kept over all workers (the global batch)
+    or ``max_draws`` draws were made, then they are back-propagated in one optimizer step with the
+    step's normaliser (the rows kept over all its draws). Every worker makes the same number of
+    draws: the stopping test reads the selector's global counts. ``capacity`` caps this worker's
+    kept rows (its share of the batch).
+    """
+    model.train()
+    compute = StepCompute()
+    selections, kept_rows, kept_weights, ids, kept = [], [], [], [], 0
+    for _ in range(max_draws):
+        candidates = draw()
+        selection, rows, weights = _score_and_select(
+            model, candidates, selector, ctx, capacity - kept, compute, scoring=scoring, sample_rate=sample_rate
+        )
+        selections.append(selection)
+        kept_rows.append(rows)
+        kept_weights.append(weights)
+        ids.extend(candidates.ids)
+        kept += len(rows)
+        if sum(s.selected for s in selections) >= target:
+            break
+    selection = _merge(selections)
+    rows = Batch.concat(kept_rows) if kept else Batch.concat([candidates.take(torch.tensor([0]))])
+    weights = torch.cat(kept_weights) if kept else torch.zeros(1)
+    clock = time.perf_counter()
+    loss, compute.training_tokens, _ = backward_weighted(model, rows, weights, selection.normaliser, ctx, micro_batches)
+    compute.training_s = time.perf_counter() - clock
+    compute.trained_samples = kept
+    mask = selection.mask.cpu().tolist()
+    return StepResult(
+        selection=selection,
+        loss=loss,
+        selected_ids=[i for i, keep in zip(ids, mask, strict=True) if keep],
+        compute=compute,
+    )
