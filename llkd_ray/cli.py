@@ -233,7 +233,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from llkd_ray.report import build_report
+    from llkd_ray.report.page import build_report
 
     print(build_report(args.run))
     return 0
