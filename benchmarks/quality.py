@@ -9,7 +9,7 @@ Writes results.json, results.md and quality.png into the output directory; see d
 
 import sys
 
-from llkd_ray.bench import main
+from llkd_ray.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

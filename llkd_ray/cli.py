@@ -206,7 +206,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from llkd_ray.bench import quality_main
+    from llkd_ray.bench.cli import quality_main
 
     return quality_main(args)
 
@@ -233,7 +233,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from llkd_ray.report import build_report
+    from llkd_ray.report.page import build_report
 
     print(build_report(args.run))
     return 0
@@ -363,7 +363,7 @@ def _add_bench(commands: Commands) -> None:
     quality = bench_commands.add_parser(
         "quality", help="LLKD against its baselines on a labeled data set: results.json, results.md, quality.png"
     )
-    from llkd_ray.bench import add_quality_arguments
+    from llkd_ray.bench.cli import add_quality_arguments
 
     add_quality_arguments(quality)
     quality.set_defaults(handler=_bench_quality)

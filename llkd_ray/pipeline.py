@@ -173,7 +173,7 @@ def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[
 
 
 def report_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
-    from llkd_ray.report import build_report
+    from llkd_ray.report.page import build_report
 
     index = build_report(layout.root)
     log(f"report: {index}")

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from llkd_ray import bench
+from llkd_ray.bench.data import prepare_data, read_label_specs
+from llkd_ray.bench.runs import reusable_runs
+from llkd_ray.bench.settings import BenchSettings, Variant, base_config, build_variants, parse_candidates, run_config
+from llkd_ray.bench.summary import plateau_check, summarize
+from llkd_ray.bench.tables import render_markdown, write_results
 from llkd_ray.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,44 +58,44 @@ def _rows(table: str) -> dict[str, str]:
 
 def _results(runs: list[dict]) -> dict:
     variants = list(dict.fromkeys(run["variant"] for run in runs))
-    settings = bench.BenchSettings(seeds=2)
+    settings = BenchSettings(seeds=2)
     return {
         "data": {"name": "toy", "pool_rows": 100, "pool_total": 1000, "gold_rows": 50, "labels": ["a", "b"]},
         "settings": vars(settings) | {"variants": variants},
         "teacher": {"accuracy": 0.70, "macro_f1": 0.69, "pool_accuracy": 0.71, "pool_mean_confidence": 0.8},
         "runs": runs,
-        "summary": (summary := bench.summarize(runs, variants, teacher_f1=0.69)),
-        "plateau": bench.plateau_check(summary),
+        "summary": (summary := summarize(runs, variants, teacher_f1=0.69)),
+        "plateau": plateau_check(summary),
     }
 
 
 def test_variants_compare_llkd_m_values_and_run_each_baseline_once() -> None:
-    variants = bench.build_variants(["llkd", "all", "random"], [1, 4])
+    variants = build_variants(["llkd", "all", "random"], [1, 4])
     assert [v.name for v in variants] == ["llkd (M=1)", "llkd (M=4)", "all", "random"]
     assert [v.candidates_per_step for v in variants] == [1, 4, 1, 1]
     assert len({v.slug for v in variants}) == 4
-    adaptive = bench.build_variants(["llkd"], bench.parse_candidates("4,fill8"))
+    adaptive = build_variants(["llkd"], parse_candidates("4,fill8"))
     assert [(v.name, v.slug, v.fill) for v in adaptive] == [
         ("llkd (M=4)", "llkd-m4", False),
         ("llkd (fill, M≤8)", "llkd-fill8", True),
     ]
     with pytest.raises(ConfigError, match="fillN"):
-        bench.parse_candidates("4,lots")
+        parse_candidates("4,lots")
     with pytest.raises(ConfigError, match="unknown strategy best"):
-        bench.build_variants(["best"], [1])
+        build_variants(["best"], [1])
     with pytest.raises(ConfigError, match="positive"):
-        bench.build_variants(["llkd"], [0])
+        build_variants(["llkd"], [0])
 
 
 def test_summary_is_mean_and_sample_std_over_seeds() -> None:
     runs = [_run("all", 0, 0.70, 0.72, 1.0), _run("all", 1, 0.74, 0.76, 1.0)]
-    entry = bench.summarize(runs, ["all", "missing"])
+    entry = summarize(runs, ["all", "missing"])
     assert list(entry) == ["all"]
     assert entry["all"]["seeds"] == 2
     assert entry["all"]["macro_f1_mean"] == pytest.approx(0.72)
     assert entry["all"]["macro_f1_std"] == pytest.approx(0.0282843, abs=1e-6)
     assert entry["all"]["data_usage_std"] == 0.0
-    single = bench.summarize(runs[:1], ["all"])["all"]
+    single = summarize(runs[:1], ["all"])["all"]
     assert single["macro_f1_std"] == 0.0
 
 
@@ -102,7 +106,7 @@ def test_curve_milestones_are_compute_fractions_of_all_full_budget() -> None:
         _run("llkd (M=1)", 0, 0, 0.7, 0.3, "llkd", curve=[0.70, 0.74, 0.75, 0.75]),
         _run("llkd (M=1)", 1, 0, 0.7, 0.3, "llkd", curve=[0.66, 0.72, 0.73, 0.74]),
     ]
-    summary = bench.summarize(runs, ["all", "llkd (M=1)"], teacher_f1=0.69)
+    summary = summarize(runs, ["all", "llkd (M=1)"], teacher_f1=0.69)
     llkd, everything = summary["llkd (M=1)"], summary["all"]
     assert llkd["macro_f1_mean"] == pytest.approx(0.745)  # the end of the run, not the best point
     assert llkd["best_macro_f1_mean"] == pytest.approx(0.745) and llkd["best_at_mean"] == pytest.approx(0.875)
@@ -111,13 +115,13 @@ def test_curve_milestones_are_compute_fractions_of_all_full_budget() -> None:
     assert llkd["to_teacher_reached"] == 2 and llkd["to_teacher_mean"] == pytest.approx((0.25 + 0.5) / 2)
     assert everything["to_all_best_reached"] == 1  # seed 0 never reaches 0.73
     assert [round(p["macro_f1"], 3) for p in everything["curve"]] == [0.61, 0.69, 0.73, 0.72]
-    plateau = bench.plateau_check(summary)  # last two points 0.73 -> 0.72, seed std at the end 0.014
+    plateau = plateau_check(summary)  # last two points 0.73 -> 0.72, seed std at the end 0.014
     assert plateau["held"] and plateau["peaked_before_end"]
-    single = bench.summarize(runs[:1], ["all"])
-    assert bench.plateau_check(single)["held"] is None  # one seed: no std to judge by
-    rising = bench.summarize([_run("all", s, 0, 0.7, 1.0, curve=[0.5, 0.6 + s / 100]) for s in range(2)], ["all"])
-    assert not bench.plateau_check(rising)["held"]  # +0.105 against a seed std of 0.007
-    table = bench.render_markdown(_results(runs))
+    single = summarize(runs[:1], ["all"])
+    assert plateau_check(single)["held"] is None  # one seed: no std to judge by
+    rising = summarize([_run("all", s, 0, 0.7, 1.0, curve=[0.5, 0.6 + s / 100]) for s in range(2)], ["all"])
+    assert not plateau_check(rising)["held"]  # +0.105 against a seed std of 0.007
+    table = render_markdown(_results(runs))
     rows = _rows(table)
     assert "62.5% ± 17.7" in rows["llkd (M=1)"] and "(1/2 seeds)" in rows["all"]
     assert "held." in table
@@ -130,7 +134,7 @@ def test_markdown_table_bolds_the_best_and_has_the_teacher_row() -> None:
         _run("all", 0, 0.70, 0.81, 1.0),
         _run("all", 1, 0.72, 0.83, 1.0),
     ]
-    table = bench.render_markdown(_results(runs))
+    table = render_markdown(_results(runs))
     rows = _rows(table)
     assert "**0.810 ± 0.014**" in rows["llkd (M=4)"]  # best macro-F1
     assert "**0.820 ± 0.014**" in rows["all"]  # best accuracy
@@ -141,7 +145,7 @@ def test_markdown_table_bolds_the_best_and_has_the_teacher_row() -> None:
 
 
 def test_teacher_is_bold_when_it_beats_every_student() -> None:
-    table = bench.render_markdown(_results([_run("all", 0, 0.60, 0.61, 1.0)]))
+    table = render_markdown(_results([_run("all", 0, 0.60, 0.61, 1.0)]))
     teacher = next(line for line in table.splitlines() if line.startswith("| *teacher"))
     assert "**0.690**" in teacher and "**0.700**" in teacher
 
@@ -149,7 +153,7 @@ def test_teacher_is_bold_when_it_beats_every_student() -> None:
 def test_write_results_writes_json_markdown_and_png(tmp_path: Path) -> None:
     runs = [_run("llkd (M=1)", s, 0.7 + s / 100, 0.7, 0.2, "llkd") for s in range(2)]
     runs += [_run("random", s, 0.65, 0.66, 0.2, "random") for s in range(2)]
-    paths = bench.write_results(_results(runs), tmp_path)
+    paths = write_results(_results(runs), tmp_path)
     assert json.loads(paths["json"].read_text())["summary"]["random"]["seeds"] == 2
     assert paths["md"].read_text().startswith("# Quality benchmark: toy")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -168,7 +172,7 @@ def test_write_results_writes_json_markdown_and_png(tmp_path: Path) -> None:
 def test_label_descriptions_in_every_shape(tmp_path: Path, content: str) -> None:
     path = tmp_path / "labels.yaml"
     path.write_text(content)
-    specs = bench.read_label_specs(path)
+    specs = read_label_specs(path)
     assert [(s.name, s.description) for s in specs] == [("neg", "a bad review"), ("pos", "a good review")]
 
 
@@ -176,12 +180,12 @@ def test_bad_label_descriptions_name_the_problem(tmp_path: Path) -> None:
     path = tmp_path / "labels.yaml"
     path.write_text("just a string\n")
     with pytest.raises(DataError, match="expected a mapping"):
-        bench.read_label_specs(path)
+        read_label_specs(path)
     path.write_text("only: one label\n")
     with pytest.raises(DataError, match="labels"):
-        bench.read_label_specs(path)
+        read_label_specs(path)
     with pytest.raises(DataError, match="not found"):
-        bench.read_label_specs(tmp_path / "absent.yaml")
+        read_label_specs(tmp_path / "absent.yaml")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -194,7 +198,7 @@ def test_custom_pool_and_gold_are_sampled_with_ids(tmp_path: Path) -> None:
     gold = _write_jsonl(tmp_path / "gold.jsonl", [{"text": f"gold {i}", "label": "pos"} for i in range(10)])
     labels = tmp_path / "labels.yaml"
     labels.write_text("neg: a bad review\npos: a good review\n")
-    data = bench.prepare_data(
+    data = prepare_data(
         dataset=None, pool=str(pool), gold=str(gold), labels_file=str(labels),
         pool_size=20, gold_size=None, sample_seed=0, directory=tmp_path / "work",
     )  # fmt: skip
@@ -203,7 +207,7 @@ def test_custom_pool_and_gold_are_sampled_with_ids(tmp_path: Path) -> None:
     assert len({row["id"] for row in written}) == 20 and all(row["text"].startswith("text ") for row in written)
     assert data.pool_has_labels and set(data.pool_labels.values()) == {"neg"}
     assert set(data.gold_labels.values()) == {"pos"}
-    again = bench.prepare_data(
+    again = prepare_data(
         dataset=None, pool=str(pool), gold=str(gold), labels_file=str(labels),
         pool_size=20, gold_size=None, sample_seed=0, directory=tmp_path / "again",
     )  # fmt: skip
@@ -216,14 +220,14 @@ def test_gold_label_outside_the_label_set_fails(tmp_path: Path) -> None:
     labels = tmp_path / "labels.yaml"
     labels.write_text("neg: a bad review\npos: a good review\n")
     with pytest.raises(DataError, match="'maybe' is not one of neg, pos"):
-        bench.prepare_data(
+        prepare_data(
             dataset=None, pool=str(pool), gold=str(gold), labels_file=str(labels),
             pool_size=None, gold_size=None, sample_seed=0, directory=tmp_path / "work",
         )  # fmt: skip
 
 
 def test_builtin_dataset_uses_the_shipped_label_descriptions(tmp_path: Path) -> None:
-    data = bench.prepare_data(
+    data = prepare_data(
         dataset="builtin:trec", pool=None, gold=None, labels_file=None,
         pool_size=100, gold_size=50, sample_seed=0, directory=tmp_path,
     )  # fmt: skip
@@ -232,14 +236,14 @@ def test_builtin_dataset_uses_the_shipped_label_descriptions(tmp_path: Path) -> 
 
 
 def test_run_configs_share_everything_but_strategy_m_and_seed(tmp_path: Path) -> None:
-    data = bench.prepare_data(
+    data = prepare_data(
         dataset="builtin:sst2", pool=None, gold=None, labels_file=None,
         pool_size=10, gold_size=10, sample_seed=0, directory=tmp_path,
     )  # fmt: skip
-    settings = bench.BenchSettings(steps=7, overrides=["selection.weighting=none"])
-    base = bench.base_config(data, settings)
-    one = bench.run_config(base, bench.Variant("llkd", 4), seed=2)
-    two = bench.run_config(base, bench.Variant("random"), seed=0)
+    settings = BenchSettings(steps=7, overrides=["selection.weighting=none"])
+    base = base_config(data, settings)
+    one = run_config(base, Variant("llkd", 4), seed=2)
+    two = run_config(base, Variant("random"), seed=0)
     assert (one.selection.strategy, one.selection.candidates_per_step, one.training.seed) == ("llkd", 4, 2)
     assert (two.selection.strategy, two.selection.candidates_per_step, two.training.seed) == ("random", 1, 0)
     for config in (one, two):
@@ -258,19 +262,19 @@ def test_cli_rejects_incomplete_custom_data_in_one_line(tmp_path: Path) -> None:
 
 
 def test_reuse_takes_runs_of_the_same_settings_only(tmp_path: Path) -> None:
-    data = bench.prepare_data(
+    data = prepare_data(
         dataset="builtin:sst2", pool=None, gold=None, labels_file=None,
         pool_size=10, gold_size=10, sample_seed=0, directory=tmp_path,
     )  # fmt: skip
-    settings = bench.BenchSettings(seeds=2)
+    settings = BenchSettings(seeds=2)
     earlier = {
         "data": {"name": "sst2", "pool_rows": 10, "gold_rows": 10},
-        "settings": vars(bench.BenchSettings(seeds=2, cpus_per_worker=7.0)) | {"variants": ["all"]},
+        "settings": vars(BenchSettings(seeds=2, cpus_per_worker=7.0)) | {"variants": ["all"]},
         "runs": [_run("all", 0, 0.7, 0.7, 1.0), _run("all", 1, 0.72, 0.7, 1.0)],
     }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(earlier))
-    reused = bench.reusable_runs([path], data, settings)
+    reused = reusable_runs([path], data, settings)
     assert sorted(reused) == [("all", 0), ("all", 1)] and reused[("all", 1)]["macro_f1"] == 0.72
     with pytest.raises(ConfigError, match=r"other settings \(budget\)"):
-        bench.reusable_runs([path], data, bench.BenchSettings(seeds=2, budget=2.0))
+        reusable_runs([path], data, BenchSettings(seeds=2, budget=2.0))

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llkd_ray.report import PLOTS, build_report
+from llkd_ray.report.page import build_report
+from llkd_ray.report.plots import PLOTS
 
 LABELS = ["negative", "positive"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -167,7 +168,7 @@ def test_full_report_has_every_plot_and_the_numbers(run_dir):
 
 
 def test_confidence_split_uses_selected_ids_and_hidden_gold(run_dir):
-    from llkd_ray.report import load_run
+    from llkd_ray.report.run_data import load_run
 
     run = load_run(run_dir)
     assert run.labels is not None and len(run.labels) == 120, "rejected/ rows are not labeled rows"
@@ -177,7 +178,7 @@ def test_confidence_split_uses_selected_ids_and_hidden_gold(run_dir):
 
 
 def test_steps_recorded_again_after_a_restore_count_once(run_dir):
-    from llkd_ray.report import load_run
+    from llkd_ray.report.run_data import load_run
 
     metrics = run_dir / "train" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -1,93 +1,21 @@
-"""The run report: ``llkd report RUN`` writes ``RUN/report/index.html`` and its PNG plots.
+"""The report's PNG plots: one function per plot, each drawn from a :class:`RunData`, and ``PLOTS``.
 
-It reads what the stages left in the run directory (the layout of :class:`llkd_ray.artifacts.RunLayout`):
-
-- ``train/metrics.jsonl`` — per-step loss, selected fraction, per-class teacher and student
-  thresholds, cumulative data usage; gold-set evaluations during training;
-- ``train/selected_ids.parquet`` — ids of the pool rows the student trained on at least once;
-- ``labels/`` — the teacher's pseudo-labels and confidences (and hidden gold labels when the pool
-  had them);
-- ``eval.json`` — teacher and student metrics and confusion matrices on the gold set;
-- ``_stages/*.json`` — wall time per stage.
-
-Every plot is drawn only from data that is there; a missing input gives a note in the page, not
-a failure. Plots use matplotlib's Agg backend (no display needed). The page is static HTML with
-no scripts and no external resources.
+A plot function returns ``None`` (and draws nothing) when its inputs are not in the run.
+matplotlib's Agg backend is imported when a plot is drawn (no display needed).
 """
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llkd_ray.artifacts import STAGES, RunLayout, percent, read_json, read_jsonl, read_label_rows, write_text
-from llkd_ray.errors import LlkdError
+from llkd_ray.report.run_data import RunData
 
 _TEACHER_COLOR = "#d95f02"
 _STUDENT_COLOR = "#1b9e77"
 _OTHER_COLOR = "#7570b3"
-
-
-# --------------------------------------------------------------------------- reading a run
-
-
-@dataclass
-class RunData:
-    root: Path
-    steps: list[dict[str, Any]]
-    gold_evals: list[dict[str, Any]]
-    evaluation: dict[str, Any]
-    summary: dict[str, Any]
-    stages: dict[str, dict[str, Any]]
-    labels: Any  # pandas.DataFrame | None
-    selected_ids: set[str] | None
-    label_names: list[str]
-
-
-def load_run(run_dir: str | Path) -> RunData:
-    layout = RunLayout(Path(run_dir))
-    if not layout.root.is_dir():
-        raise LlkdError(f"run directory not found: {layout.root}")
-    records = read_jsonl(layout.metrics)
-    steps = _last_per_step(r for r in records if r.get("kind", "step") == "step")
-    gold_evals = _last_per_step(r for r in records if r.get("kind") == "eval")
-    evaluation = read_json(layout.eval_json) or {}
-    summary = read_json(layout.training_summary) or {}
-    stages = {p.stem: read_json(p) or {} for p in sorted(layout.stages.glob("*.json"))}
-    labels = None
-    if layout.labels.is_dir():
-        try:
-            labels = read_label_rows(layout.labels)
-        except LlkdError:
-            labels = None
-    selected_ids = None
-    if layout.selected_ids.is_file():
-        import pyarrow.parquet as pq
-
-        selected_ids = {str(v) for v in pq.read_table(layout.selected_ids, columns=["id"]).column("id").to_pylist()}
-    names = evaluation.get("labels") or _label_names_from_config(layout.config) or []
-    return RunData(layout.root, steps, gold_evals, evaluation, summary, stages, labels, selected_ids, names)
-
-
-def _last_per_step(records) -> list[dict[str, Any]]:
-    """One record per step, the latest: a training attempt restored from a checkpoint re-records
-    the steps after it."""
-    latest = {record.get("step"): record for record in records}
-    return [latest[step] for step in sorted(latest, key=lambda step: (step is None, step or 0))]
-
-
-def _label_names_from_config(path: Path) -> list[str] | None:
-    import yaml
-
-    try:
-        raw = yaml.safe_load(path.read_text())
-        return [label["name"] for label in raw["task"]["labels"]]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return None
 
 
 # --------------------------------------------------------------------------- series helpers
@@ -436,150 +364,3 @@ PLOTS = (
         plot_label_distribution,
     ),
 )
-
-
-# --------------------------------------------------------------------------- the page
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if isinstance(value, bool) or value is None:
-        return "n/a" if value is None else str(value)
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-    return html.escape(str(value))
-
-
-def _summary_html(run: RunData) -> str:
-    evaluation = run.evaluation
-    parts = []
-    if evaluation:
-        rows = "".join(
-            f"<tr><th>{who}</th><td>{_fmt(evaluation.get(who, {}).get('accuracy'))}</td>"
-            f"<td>{_fmt(evaluation.get(who, {}).get('macro_f1'))}</td></tr>"
-            for who in ("teacher", "student")
-        )
-        parts.append(
-            f"<h2>Gold set</h2><p>{html.escape(str(evaluation.get('gold', '')))} "
-            f"({_fmt(evaluation.get('gold_rows'))} rows)</p>"
-            f"<table><tr><th></th><th>accuracy</th><th>macro-F1</th></tr>{rows}</table>"
-        )
-        per_class = _per_class_table(evaluation, run.label_names)
-        if per_class:
-            parts.append(per_class)
-    usage = evaluation.get("data_usage") or run.summary.get("data_usage")
-    facts = []
-    if isinstance(usage, dict):
-        facts.append(("pool rows selected at least once", percent(usage.get("pool_fraction"))))
-        facts.append(("selected sample-steps / all", percent(usage.get("sample_step_fraction"))))
-    elif isinstance(usage, int | float):
-        facts.append(("data usage", percent(usage)))
-    if run.labels is not None:
-        facts.append(("labeled pool rows", str(len(run.labels))))
-        if "confidence" in run.labels:
-            facts.append(("mean teacher confidence", _fmt(float(run.labels["confidence"].mean()))))
-        if "gold_label" in run.labels and run.labels["gold_label"].notna().any():
-            known = run.labels["gold_label"].notna()
-            agree = (run.labels["pseudo_label"].astype(str) == run.labels["gold_label"].astype(str))[known].mean()
-            facts.append(("teacher accuracy on the pool (hidden labels)", _fmt(float(agree))))
-    for key, title in (("strategy", "selection strategy"), ("steps", "training steps")):
-        if key in run.summary:
-            facts.append((title, _fmt(run.summary[key])))
-    compute = run.summary.get("compute")
-    if isinstance(compute, dict) and compute.get("flops"):
-        facts.append(("compute spent (FLOPs)", f"{compute['flops']:.3g}"))
-        if compute.get("all_passes") is not None:
-            facts.append(("compute in passes of `all` over the pool", _fmt(compute["all_passes"], 2)))
-        facts.append(("scoring share of compute", percent(compute["scoring_flops"] / compute["flops"])))
-    if run.steps and "steps" not in run.summary:
-        facts.append(("training steps", str(len(run.steps))))
-    if facts:
-        parts.append(
-            "<h2>Training</h2><table>"
-            + "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in facts)
-            + "</table>"
-        )
-    if run.stages:
-        rows = "".join(
-            f"<tr><th>{html.escape(name)}</th><td>{html.escape(str(marker.get('status', '?')))}</td>"
-            f"<td>{_fmt(marker.get('wall_s'), 1)} s</td>"
-            f"<td><code>{html.escape(str(marker.get('hash', '')))}</code></td></tr>"
-            for name, marker in _ordered_stages(run.stages)
-            if not (name == "report" and marker.get("status") == "running")  # this page, being written
-        )
-        parts.append(
-            "<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>wall time</th>"
-            f"<th>config hash</th></tr>{rows}</table>"
-        )
-    return "\n".join(parts)
-
-
-def _ordered_stages(stages: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    order = {name: i for i, name in enumerate(STAGES)}
-    return sorted(stages.items(), key=lambda item: order.get(item[0], len(order)))
-
-
-def _per_class_table(evaluation: dict[str, Any], names: Sequence[str]) -> str:
-    teacher = evaluation.get("teacher", {}).get("per_class")
-    student = evaluation.get("student", {}).get("per_class")
-    if not (isinstance(teacher, dict) and isinstance(student, dict)):
-        return ""
-    rows = "".join(
-        f"<tr><th>{html.escape(name)}</th><td>{_fmt(_f1(teacher.get(name)))}</td>"
-        f"<td>{_fmt(_f1(student.get(name)))}</td></tr>"
-        for name in names
-    )
-    return f"<table><tr><th>F1 per class</th><th>teacher</th><th>student</th></tr>{rows}</table>"
-
-
-def _f1(entry: Any) -> Any:
-    return entry.get("f1") if isinstance(entry, dict) else entry
-
-
-_STYLE = """
-body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1100px;
-       color: #222; padding: 0 1rem; }
-h1 { font-size: 1.5rem; margin-bottom: 0.2rem; }
-h2 { font-size: 1.15rem; margin-top: 1.8rem; border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
-table { border-collapse: collapse; margin: 0.6rem 1.5rem 0.6rem 0; display: inline-table; vertical-align: top; }
-th, td { border: 1px solid #ddd; padding: 0.3rem 0.7rem; text-align: right; }
-th { background: #f6f6f6; text-align: left; }
-figure { margin: 1rem 0 2rem 0; }
-figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9rem; max-width: 900px; }
-.muted { color: #777; }
-"""
-
-
-def build_report(run_dir: str | Path) -> Path:
-    """Render ``RUN/report/index.html`` and its PNGs from the run directory; return the page's path."""
-    run = load_run(run_dir)
-    out = run.root / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    sections = []
-    missing = []
-    for filename, title, caption, plot in PLOTS:
-        target = out / filename
-        target.unlink(missing_ok=True)
-        if plot(run, target) is None:
-            missing.append(title)
-            continue
-        sections.append(
-            f'<h2>{html.escape(title)}</h2><figure><img src="{filename}" alt="{html.escape(title)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
-    if missing:
-        sections.append(
-            '<p class="muted">Not drawn (their inputs are not in this run yet): '
-            + html.escape(", ".join(missing))
-            + "</p>"
-        )
-    title = f"llkd run report — {run.root.resolve().name}"
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
-        f'<h1>{html.escape(title)}</h1><p class="muted">{html.escape(str(run.root.resolve()))}</p>'
-        f"{_summary_html(run)}\n{''.join(sections)}</body></html>\n"
-    )
-    index = out / "index.html"
-    write_text(index, page)
-    return index
