@@ -1,12 +1,13 @@
-"""Online serving of a student classifier on Ray Serve: batched, autoscaled, validated HTTP API.
+"""The Ray Serve deployment of a student classifier and the application builder ``serve`` runs.
 
 Three ways in, one deployment:
 
-* ``llkd serve --model DIR`` (:func:`run_server`) starts Serve on this machine (or joins the
-  cluster in ``RAY_ADDRESS``), waits until the model is loaded and blocks until interrupted;
-* ``serve run llkd_ray.serve:build_app model=DIR [config=C]`` builds the same application;
+* ``llkd serve --model DIR`` (:func:`llkd_ray.serve.server.run_server`) starts Serve on this
+  machine (or joins the cluster in ``RAY_ADDRESS``), waits until the model is loaded and blocks
+  until interrupted;
+* ``serve run llkd_ray.serve.app:build_app model=DIR [config=C]`` builds the same application;
 * ``serve deploy deploy/serve_config.yaml`` deploys it on a cluster (``import_path`` is
-  ``llkd_ray.serve:build_app``).
+  ``llkd_ray.serve.app:build_app``).
 
 The HTTP API (FastAPI ingress, see docs/serving.md):
 
@@ -15,62 +16,50 @@ The HTTP API (FastAPI ingress, see docs/serving.md):
 * ``GET /healthz`` 200 once the model is loaded, 503 before (never needs a token);
 * ``GET /v1/model`` labels, model metadata, the training summary when there is one.
 
-A replica is small parts wired by FastAPI dependencies: :class:`BearerAuth` (the optional token,
-through ``HTTPBearer``), :class:`RequestReader` (the body, validated by a pydantic model whose
-field constraints are the replica's limits), :class:`ModelHost` (the
-:class:`~llkd_ray.predictor.Predictor` on its one model thread), :class:`Usage` (counters) and
-:class:`Classifier` (routes and ``@serve.batch``: one text per batch item, so a batch is at most
-``serving.max_batch_size`` texts). Bad requests get a 4xx JSON error ``{"error": {"code",
-"message"}}`` naming the problem, never a 500.
+A replica is small parts wired by FastAPI dependencies: :class:`~llkd_ray.serve.api.BearerAuth`
+(the optional token, through ``HTTPBearer``), :class:`~llkd_ray.serve.api.RequestReader` (the
+body, validated by a pydantic model whose field constraints are the replica's limits; the request
+models and error bodies are :mod:`llkd_ray.serve.api`), :class:`ModelHost` (the
+:class:`~llkd_ray.serve.predictor.Predictor` on its one model thread), :class:`Usage` (counters)
+and :class:`Classifier` (routes and ``@serve.batch``: one text per batch item, so a batch is at
+most ``serving.max_batch_size`` texts).
 """
 
 import asyncio
-import email.utils
-import hashlib
-import hmac
 import json
 import logging
 import os
-import signal
-import socket
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-    create_model,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.metrics import Counter
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llkd_ray.artifacts import training_summary_file
-from llkd_ray.config import PipelineConfig, ServingConfig, _apply_override, load_config
+from llkd_ray.config import ServingConfig, _apply_override, load_config
 from llkd_ray.errors import ConfigError, LlkdError
+from llkd_ray.serve.api import (
+    ApiError,
+    BearerAuth,
+    ClassifyRequest,
+    RequestReader,
+    _location,
+    api,
+    token_digest,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from llkd_ray.predictor import Predictor
+    from llkd_ray.serve.predictor import Predictor
 
-APP_NAME = "llkd"
 DEPLOYMENT_NAME = "Classifier"
 #: Test-only: a replica waits until the file this names exists before loading its model, so that
 #: "loading" can be observed for as long as a test needs. Read from the replica's own environment
@@ -80,201 +69,7 @@ LOAD_GATE_ENV = "LLKD_SERVE_TEST_LOAD_GATE"
 logger = logging.getLogger("ray.serve")
 
 
-# --------------------------------------------------------------------------- request models
-
-Text = Annotated[StrictStr, Field(min_length=1)]
-
-
-class ClassifyRequest(BaseModel):
-    """Body of ``POST /v1/classify``: exactly one of ``texts`` and ``text``.
-
-    The limits (texts per request, characters per text) are those of the replica's serving
-    config, so each replica validates with :func:`classify_request_model`, a subclass with them
-    as field constraints.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    texts: Annotated[list[Text], Field(min_length=1)] | None = None
-    text: Text | None = None
-    top_k: Annotated[StrictInt, Field(ge=1)] | None = None
-    """Keep only the k most probable labels in ``scores`` (default: every label)."""
-
-    @model_validator(mode="after")
-    def _one_input(self) -> "ClassifyRequest":
-        if (self.texts is None) == (self.text is None):
-            raise ValueError("give exactly one of 'texts' (a list of strings) or 'text' (a string)")
-        return self
-
-    @property
-    def inputs(self) -> list[str]:
-        return self.texts if self.texts is not None else [self.text]  # type: ignore[list-item]
-
-
-def classify_request_model(max_texts: int, max_chars: int) -> type[ClassifyRequest]:
-    """:class:`ClassifyRequest` with a replica's limits as ``Field`` constraints."""
-    limited = Annotated[StrictStr, Field(min_length=1, max_length=max_chars)]
-    return create_model(
-        "LimitedClassifyRequest",
-        __base__=ClassifyRequest,
-        texts=(Annotated[list[limited], Field(min_length=1, max_length=max_texts)] | None, None),
-        text=(limited | None, None),
-    )
-
-
-class ApiError(Exception):
-    """A client error, answered as ``{"error": {"code", "message"}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-
-def _error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
-
-
-def _location(loc: Sequence[Any], whole: str = "body") -> str:
-    """``("body", "texts", 0)`` -> ``texts[0]``; an empty location names ``whole``."""
-    text = ""
-    for part in loc:
-        if part == "body" and not text:
-            continue
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or whole
-
-
-def _describe(errors: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    details = []
-    for item in errors:
-        message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
-        if item.get("type") == "extra_forbidden":
-            message = "unknown field (allowed: texts, text, top_k)"
-        details.append({"field": _location(item.get("loc", ())), "message": message})
-    return details
-
-
-#: Pydantic error types of the request limits (list and string ``max_length``): documented codes.
-_LIMIT_ERRORS = ("too_long", "string_too_long")
-
-
-def _limit_error(errors: Sequence[dict[str, Any]]) -> ApiError:
-    """The documented 422 for a request over the limits: too many texts first, then a long text."""
-    for item in errors:
-        if item["type"] == "too_long":
-            ctx = item.get("ctx", {})
-            given, most = ctx.get("actual_length"), ctx.get("max_length")
-            return ApiError(422, "too_many_texts", f"texts: {given} texts given, at most {most} per request")
-    item = errors[0]
-    most = item.get("ctx", {}).get("max_length")
-    message = f"{_location(item['loc'])}: {len(item['input'])} characters, at most {most} allowed"
-    return ApiError(422, "text_too_long", message)
-
-
-api = FastAPI(
-    title="llkd student classifier",
-    description="Text classification by a student distilled with LLKD, served on Ray Serve.",
-    version="1",
-)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-    return _error_response(error.status, error.code, error.message, error.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    """Pydantic's errors as the documented bodies: 400 malformed JSON, 422 with a code per problem."""
-    errors = list(error.errors())
-    malformed = [item for item in errors if item.get("type") == "json_invalid"]
-    if malformed:
-        reason = str(malformed[0].get("ctx", {}).get("error", "")) or "cannot parse"
-        return _error_response(400, "malformed_json", f"request body is not valid JSON: {reason}")
-    invalid = [item for item in errors if item.get("type") not in _LIMIT_ERRORS]
-    if not invalid:
-        return await _api_error(request, _limit_error(errors))
-    details = _describe(invalid)
-    message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-    return _error_response(422, "invalid_request", message, details=details)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-    return _error_response(error.status_code, code, str(error.detail), getattr(error, "headers", None))
-
-
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    return _error_response(500, "internal_error", "internal server error (see the replica log)")
-
-
 # --------------------------------------------------------------------------- the replica's parts
-
-
-def token_digest(token: str) -> str:
-    """SHA-256 of a bearer token: replicas compare digests, the token itself never leaves its env."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-class BearerAuth:
-    """The optional bearer token of a replica, held as its digest and compared in constant time."""
-
-    CHALLENGE = 'Bearer realm="llkd"'
-
-    def __init__(self, digest: str | None) -> None:
-        self.digest = digest
-
-    @classmethod
-    def for_replica(cls, digest: str | None, token_env: str) -> "BearerAuth":
-        """The builder's digest, else the token in this replica's own environment, else auth off."""
-        token = os.environ.get(token_env)
-        return cls(digest or (token_digest(token) if token else None))
-
-    @property
-    def enabled(self) -> bool:
-        return self.digest is not None
-
-    def check(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        """Raise the documented 401 unless auth is off or the credentials carry the token."""
-        if self.digest is None:
-            return
-        if credentials is None:
-            message = "missing bearer token: send 'Authorization: Bearer TOKEN'"
-            raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": self.CHALLENGE})
-        if not hmac.compare_digest(token_digest(credentials.credentials), self.digest):
-            challenge = f'{self.CHALLENGE}, error="invalid_token"'
-            raise ApiError(401, "unauthorized", "invalid bearer token", {"WWW-Authenticate": challenge})
-
-
-class RequestReader:
-    """Reads a classify body under one replica's limits: media type, size, then the pydantic model."""
-
-    def __init__(self, serving: ServingConfig) -> None:
-        self.model = classify_request_model(serving.max_texts_per_request, serving.max_chars)
-        self.max_bytes = serving.max_texts_per_request * serving.max_chars * 4 + 65_536
-
-    async def read(self, request: Request) -> ClassifyRequest:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json" and not content_type.endswith("+json"):
-            message = f"send a JSON body with 'Content-Type: application/json' (got {content_type or 'none'!r})"
-            raise ApiError(415, "unsupported_media_type", message)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            raise ApiError(413, "body_too_large", f"request body of {declared} bytes exceeds {self.max_bytes} bytes")
-        body = await request.body()
-        if len(body) > self.max_bytes:
-            raise ApiError(413, "body_too_large", f"request body of {len(body)} bytes exceeds {self.max_bytes} bytes")
-        if not body.strip():
-            raise ApiError(400, "malformed_json", 'empty request body: send {"texts": [...]} or {"text": "..."}')
-        try:
-            return self.model.model_validate_json(body)
-        except ValidationError as error:
-            raise RequestValidationError(error.errors(include_url=False)) from None
 
 
 def read_training_summary(model_dir: str | Path) -> dict[str, Any] | None:
@@ -294,7 +89,7 @@ def check_model_dir(reference: str | Path, backend: str = "auto") -> str:
     The weights of ``backend`` must be there (``auto``: the directory's own, torch or ONNX), and an
     ONNX graph must load, so that a bad file is one line here and not a failing replica later.
     """
-    from llkd_ray.predictor import ONNX_FILE, detect_backend, onnx_session
+    from llkd_ray.serve.predictor import ONNX_FILE, detect_backend, onnx_session
 
     path = Path(reference).expanduser()
     if not path.is_dir():
@@ -319,7 +114,7 @@ def check_model_dir(reference: str | Path, backend: str = "auto") -> str:
 def replica_predictor(model_dir: str, serving: ServingConfig) -> "Predictor":
     """The replica's predictor: ``serving.backend`` and ``serving.device``, reduced precision on
     GPU, the runtime's CPU threads = the replica's CPUs."""
-    from llkd_ray.predictor import load_predictor
+    from llkd_ray.serve.predictor import load_predictor
 
     return load_predictor(
         model_dir,
@@ -550,7 +345,7 @@ class Classifier:
 
 
 class ServeArgs(BaseModel):
-    """Arguments of :func:`build_app` (``serve run llkd_ray.serve:build_app model=DIR``)."""
+    """Arguments of :func:`build_app` (``serve run llkd_ray.serve.app:build_app model=DIR``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -628,7 +423,7 @@ def _cluster_gpus() -> float:
 
 
 def build_app(args: dict[str, Any] | ServeArgs) -> serve.Application:
-    """Serve application builder: ``serve run llkd_ray.serve:build_app model=DIR [config=C]``."""
+    """Serve application builder: ``serve run llkd_ray.serve.app:build_app model=DIR [config=C]``."""
     try:
         parsed = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     except ValidationError as error:
@@ -642,7 +437,7 @@ def _application(
 ) -> serve.Application:
     """The bound deployment; ``replica_env`` (tests only, e.g. :data:`LOAD_GATE_ENV`) goes into the
     replicas' ``runtime_env``. ``serving.backend: auto`` is resolved here, from the directory."""
-    from llkd_ray.predictor import detect_backend
+    from llkd_ray.serve.predictor import detect_backend
 
     serving = _updated(serving, {"backend": detect_backend(model_dir, serving.backend)})
     token = os.environ.get(serving.auth_token_env)
@@ -651,227 +446,3 @@ def _application(
         options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(replica_env)}
     digest = token_digest(token) if token else None
     return Classifier.options(**options).bind(model_dir, serving.model_dump(mode="json"), digest)
-
-
-# --------------------------------------------------------------------------- llkd serve
-
-
-def _local_url(host: str, port: int) -> str:
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-#: Statuses a client should retry ``/v1/classify`` on (it has no side effects): a replica that died
-#: mid-request (500 from the proxy), Serve's request timeout (408) or back-pressure (429/503, with
-#: Retry-After), no replica available (503), a gateway in front (502/504).
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-
-
-def retry_after_s(response: httpx.Response) -> float | None:
-    """The server's ``Retry-After`` in seconds (a number or an HTTP date), None when absent."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """The client retry policy of docs/serving.md: connection errors and :data:`RETRY_STATUSES`,
-    exponential backoff from ``first_delay_s`` doubling up to ``max_delay_s`` (or the server's
-    ``Retry-After``, capped the same), at most ``attempts`` tries; other statuses are final."""
-
-    attempts: int = 8
-    first_delay_s: float = 0.2
-    max_delay_s: float = 5.0
-    statuses: frozenset[int] = RETRY_STATUSES
-    sleep: Callable[[float], None] = time.sleep
-
-    def delay_s(self, attempt: int, response: httpx.Response | None = None) -> float:
-        """How long to wait after the failed try number ``attempt`` (0-based)."""
-        asked = retry_after_s(response) if response is not None else None
-        return min(self.first_delay_s * 2**attempt if asked is None else asked, self.max_delay_s)
-
-    def send(self, client: httpx.Client, request: httpx.Request) -> httpx.Response:
-        """``request`` until it gets a final answer (returned, whatever its status) or the tries
-        run out (LlkdError naming the last failure)."""
-        last = ""
-        for attempt in range(self.attempts):
-            response = None
-            try:
-                response = client.send(request)
-                if response.status_code not in self.statuses:
-                    return response
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
-            except httpx.TransportError as error:  # refused, reset, timed out, truncated body
-                last = f"{type(error).__name__}: {error}"
-            if attempt + 1 < self.attempts:
-                self.sleep(self.delay_s(attempt, response))
-        raise LlkdError(f"{request.method} {request.url} failed after {self.attempts} attempts (last: {last})")
-
-
-def _client(timeout_s: float) -> httpx.Client:
-    """An httpx client whose transport also retries a failed connect once, at once (httpx's own)."""
-    return httpx.Client(timeout=timeout_s, transport=httpx.HTTPTransport(retries=1))
-
-
-def classify(
-    url: str,
-    texts: Sequence[str],
-    *,
-    top_k: int | None = None,
-    token: str | None = None,
-    attempts: int = 8,
-    timeout_s: float = 60.0,
-) -> dict[str, Any]:
-    """Client for ``POST url/v1/classify`` with the retry policy of docs/serving.md (:class:`RetryPolicy`).
-
-    A final 4xx raises :class:`LlkdError` with the server's message.
-    """
-    payload: dict[str, Any] = {"texts": list(texts)}
-    if top_k is not None:
-        payload["top_k"] = top_k
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with _client(timeout_s) as client:
-        request = client.build_request("POST", f"{url}/v1/classify", json=payload, headers=headers)
-        response = RetryPolicy(attempts=attempts).send(client, request)
-    if response.is_success:
-        return response.json()
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text
-    raise LlkdError(f"classify failed with HTTP {response.status_code}: {message}")
-
-
-def wait_until_ready(url: str, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Poll ``GET url/healthz`` until it answers 200; raise LlkdError when loading failed or timed out."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    with _client(5.0) as client:
-        while time.monotonic() < deadline:
-            try:
-                response = client.get(f"{url}/healthz")
-            except httpx.TransportError as error:
-                last = f"{type(error).__name__}: {error}"
-            else:
-                if response.is_success:
-                    return response.json()
-                try:
-                    body = response.json()
-                except ValueError:
-                    body = {}
-                if isinstance(body, dict) and body.get("status") == "error":
-                    raise LlkdError(f"the model failed to load: {body.get('error')}")
-                last = f"HTTP {response.status_code} {body or ''}".strip()
-            time.sleep(0.5)
-    raise LlkdError(f"{url}/healthz not ready after {timeout_s:.0f}s (last: {last})")
-
-
-def _interrupt_on_signals() -> dict[int, Any]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt (even where a shell started us with SIGINT ignored)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-#: Ray's switch for its HAProxy ingress (ray[serve] ships the binary on Linux); read when Ray starts.
-HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
-
-
-def _ingress() -> str:
-    if os.environ.get(HAPROXY_ENV) == "1":
-        return f"ingress: HAProxy ({HAPROXY_ENV}=1)"
-    return (
-        f"ingress: Serve's Python proxy; {HAPROXY_ENV}=1 in the environment before Ray starts selects Ray's "
-        "HAProxy ingress (1.5-2x the requests/s here, docs/serving.md)"
-    )
-
-
-def run_server(
-    model: str | Path,
-    config: PipelineConfig | ServingConfig | str | Path | None = None,
-    *,
-    overrides: Sequence[str] = (),
-    host: str | None = None,
-    port: int | None = None,
-    ready_timeout_s: float = 600.0,
-) -> int:
-    """Serve ``model`` until interrupted (Ctrl-C or SIGTERM), then shut Serve down; returns 0.
-
-    Starts a local Ray unless ``RAY_ADDRESS`` names a cluster (or Ray is already initialised). On a
-    cluster only this application is deleted at the end; locally Serve is shut down.
-    """
-    import ray
-
-    from llkd_ray.runtime import init_ray
-
-    if isinstance(config, PipelineConfig):
-        config = config.serving
-    serving = config if isinstance(config, ServingConfig) else load_serving_config(config, overrides)
-    serving = _updated(serving, {key: value for key, value in (("host", host), ("port", port)) if value is not None})
-    model_dir = check_model_dir(model, serving.backend)
-    remote = bool(os.environ.get("RAY_ADDRESS"))
-    if not remote and not _port_free(serving.host, serving.port):
-        raise LlkdError(f"port {serving.port} on {serving.host} is in use: pick another with --port")
-    started_ray = not ray.is_initialized()
-    init_ray()
-    previous = _interrupt_on_signals()
-    try:
-        serve.start(http_options={"host": serving.host, "port": serving.port})
-        serve.run(
-            _application(model_dir, serving),  # checked above: build_app would check (and open) it again
-            name=APP_NAME,
-            route_prefix="/",
-            blocking=False,
-        )
-        url = _local_url(serving.host, serving.port)
-        wait_until_ready(url, ready_timeout_s)
-        auth = "on" if os.environ.get(serving.auth_token_env) else f"off (set {serving.auth_token_env} to enable)"
-        print(
-            f"llkd serve: {model_dir} at http://{serving.host}:{serving.port} "
-            f"(POST /v1/classify, GET /v1/model, GET /healthz; bearer auth {auth}); Ctrl-C stops",
-            flush=True,
-        )
-        if not remote:
-            print(f"llkd serve: {_ingress()}", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        print("llkd serve: shutting down", flush=True)
-        if remote:
-            serve.delete(APP_NAME)
-        else:
-            serve.shutdown()
-        if started_ray:
-            ray.shutdown()
-    return 0
