@@ -57,8 +57,8 @@ from llkd_ray.artifacts import MANIFEST, TRAINING_SUMMARY, label_files, read_jso
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.errors import ConfigError, LlkdError
-from llkd_ray.predictor import Predictor, inference, save_classifier
 from llkd_ray.selection import Selection, Selector, normalized_entropy, scoring_sample, selection_loss
+from llkd_ray.serve.predictor import Predictor, inference, save_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def score_candidates(model: torch.nn.Module, batch: Batch, ctx: StepContext, chu
 
     Inference mode: no dropout, no graph (about a third of a training pass's FLOPs per token).
     The rows keep their order (chunks of ``chunk`` rows, padded per chunk, as the FLOPs rule and the
-    equivalence over workers assume), so this is not :class:`~llkd_ray.predictor.Predictor`'s
+    equivalence over workers assume), so this is not :class:`~llkd_ray.serve.predictor.Predictor`'s
     length-sorted batching; the eval-mode/inference-mode switch is the same.
     """
     needs, tokens = [], 0
