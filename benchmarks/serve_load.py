@@ -56,7 +56,7 @@ def build_minilm_classifier(directory: Path, labels: list[str]) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from llkd_ray.models import resolve_model_path
-    from llkd_ray.predictor import save_classifier
+    from llkd_ray.serve.predictor import save_classifier
 
     source = resolve_model_path("builtin:minilm")
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -68,7 +68,7 @@ def build_minilm_classifier(directory: Path, labels: list[str]) -> Path:
 
 def export_variants(model_dir: Path, scratch: Path, gold: str | None) -> dict[str, Path]:
     """The student and its two exports, with the exporter's accuracy check printed."""
-    from llkd_ray.export import export_onnx, read_gold_set
+    from llkd_ray.serve.export import export_onnx, read_gold_set
 
     gold_set = read_gold_set(model_dir, gold) if gold else None  # Ray is up (main)
     variants = {"torch fp32": model_dir}
@@ -83,7 +83,7 @@ def bare_runtime(
     model_dir: Path, texts: list[str], batch_sizes: list[int], threads: int, max_seconds: float
 ) -> dict[int, dict[str, float]]:
     """One variant's predictor alone (tokenise + forward, as the replica runs it) per batch size."""
-    from llkd_ray.predictor import load_predictor
+    from llkd_ray.serve.predictor import load_predictor
 
     predictor = load_predictor(model_dir, device="cpu", threads=threads)
     predictor.probabilities(texts[:32])  # warm-up
@@ -167,7 +167,8 @@ def serve_levels(
     """One replica of ``variant`` through Serve at each concurrency level."""
     from ray import serve
 
-    from llkd_ray.serve import ServeArgs, build_app, wait_until_ready
+    from llkd_ray.serve.app import ServeArgs, build_app
+    from llkd_ray.serve.client import wait_until_ready
 
     serving = {
         "batching": batching,
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from llkd_ray.serve import HAPROXY_ENV
+    from llkd_ray.serve.server import HAPROXY_ENV
 
     os.environ[HAPROXY_ENV] = "1" if args.ingress == "haproxy" else "0"  # before Ray starts: its processes read it
     texts = _texts(872)

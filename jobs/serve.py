@@ -15,7 +15,7 @@ def main() -> int:
 
     from llkd_ray.config import load_config
     from llkd_ray.runtime import init_ray
-    from llkd_ray.serve import run_server
+    from llkd_ray.serve.server import run_server
 
     config = load_config(args.config, args.overrides)
     init_ray()

@@ -182,7 +182,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from llkd_ray.export import export_onnx, read_gold_set
+    from llkd_ray.serve.export import export_onnx, read_gold_set
 
     gold = None
     if args.gold:
@@ -243,7 +243,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llkd_ray.serve import run_server
+    from llkd_ray.serve.server import run_server
 
     return run_server(args.model, args.config, overrides=args.overrides, host=args.host, port=args.port)
 
@@ -332,7 +332,7 @@ def _add_stages(commands: Commands) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(handler=_eval)
 
-    from llkd_ray.export import DEFAULT_MAX_F1_DROP, FORMATS, QUANTIZATIONS
+    from llkd_ray.serve.export import DEFAULT_MAX_F1_DROP, FORMATS, QUANTIZATIONS
 
     export = commands.add_parser(
         "export", help="the student as an ONNX graph (fp32 or int8) for CPU serving, checked against torch"

@@ -181,7 +181,7 @@ def report_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[st
 
 
 def serve_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
-    from llkd_ray.serve import run_server
+    from llkd_ray.serve.server import run_server
 
     log(f"serve: {layout.student} on http://{config.serving.host}:{config.serving.port} (Ctrl-C stops)")
     run_server(layout.student, config)

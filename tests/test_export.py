@@ -27,14 +27,14 @@ def student(tmp_path_factory, tiny_classifier_dir) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, student) -> dict[str, Path]:
     """The student exported in fp32 and in int8."""
-    from llkd_ray.export import export_onnx
+    from llkd_ray.serve.export import export_onnx
 
     root = tmp_path_factory.mktemp("exports")
     return {q or "fp32": Path(export_onnx(student, root / (q or "fp32"), quantize=q).output) for q in (None, "int8")}
 
 
 def test_fp32_export_gives_torch_probabilities(student, exported):
-    from llkd_ray.predictor import OnnxPredictor, Predictor, load_predictor
+    from llkd_ray.serve.predictor import OnnxPredictor, Predictor, load_predictor
 
     onnx = load_predictor(exported["fp32"])  # chosen from the directory
     assert isinstance(onnx, OnnxPredictor)
@@ -61,7 +61,7 @@ def test_export_directory_holds_what_serving_needs(student, exported):
 
 
 def test_int8_export_predicts_the_same_label_set(student, exported):
-    from llkd_ray.predictor import Predictor, load_predictor
+    from llkd_ray.serve.predictor import Predictor, load_predictor
 
     int8 = load_predictor(exported["int8"], threads=1)
     assert int8.describe()["dtype"] == "int8" and int8.labels == SST2_LABELS
@@ -77,7 +77,7 @@ def test_int8_answers_do_not_depend_on_batch_company(exported):
     """Dynamic int8 scales activations over a whole forward pass: the predictor runs one text per pass."""
     import torch
 
-    from llkd_ray.predictor import load_predictor
+    from llkd_ray.serve.predictor import load_predictor
 
     int8 = load_predictor(exported["int8"], batch_size=32)
     together = int8.probabilities(TEXTS)[0]
@@ -86,7 +86,7 @@ def test_int8_answers_do_not_depend_on_batch_company(exported):
 
 
 def test_export_gold_check_reports_both_f1s_and_a_failed_check_writes_nothing(tmp_path, student):
-    from llkd_ray.export import ExportError, export_onnx
+    from llkd_ray.serve.export import ExportError, export_onnx
 
     gold = ("toy", TEXTS, [SST2_LABELS[i % 2] for i in range(len(TEXTS))])
     result = export_onnx(student, tmp_path / "ok", quantize="int8", gold=gold)
@@ -102,7 +102,7 @@ def test_export_gold_check_reports_both_f1s_and_a_failed_check_writes_nothing(tm
 
 
 def test_export_refuses_unsafe_outputs(tmp_path, student, exported):
-    from llkd_ray.export import ExportError, export_onnx
+    from llkd_ray.serve.export import ExportError, export_onnx
 
     occupied = tmp_path / "occupied"
     occupied.mkdir()
@@ -120,8 +120,8 @@ def test_export_refuses_unsafe_outputs(tmp_path, student, exported):
 
 def test_bad_or_missing_onnx_file_is_one_line(tmp_path, exported, capsys):
     from llkd_ray.cli import main
-    from llkd_ray.predictor import load_predictor
-    from llkd_ray.serve import check_model_dir
+    from llkd_ray.serve.app import check_model_dir
+    from llkd_ray.serve.predictor import load_predictor
 
     broken = tmp_path / "broken"
     shutil.copytree(exported["int8"], broken)
@@ -161,7 +161,7 @@ def test_llkd_export_command(tmp_path, student, capsys):
 
 def test_onnx_serving_settings():
     from llkd_ray.config import ServingConfig
-    from llkd_ray.serve import deployment_options, load_serving_config
+    from llkd_ray.serve.app import deployment_options, load_serving_config
 
     with pytest.raises(LlkdError, match="backend onnx runs on CPUs"):
         load_serving_config(updates={"backend": "onnx", "device": "cuda"})

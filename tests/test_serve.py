@@ -23,19 +23,17 @@ from students import LONG_TEXT, TRAINING_LENGTH, save_student
 
 from llkd_ray.config import ServingConfig
 from llkd_ray.errors import ConfigError, LlkdError
-from llkd_ray.serve import (
+from llkd_ray.serve.app import (
     LOAD_GATE_ENV,
-    RetryPolicy,
     ServeArgs,
     _application,
     build_app,
     check_model_dir,
-    classify,
     deployment_options,
     load_serving_config,
     read_training_summary,
-    wait_until_ready,
 )
+from llkd_ray.serve.client import RetryPolicy, classify, wait_until_ready
 
 LABELS = ["negative", "positive"]
 TOKEN = "s3cret-token-for-tests"
@@ -85,7 +83,7 @@ def served_model(tmp_path_factory, tiny_classifier_dir) -> Path:
 @pytest.fixture(scope="module")
 def onnx_int8_model(tmp_path_factory, served_model) -> Path:
     """The served student exported by ``llkd export --quantize int8``."""
-    from llkd_ray.export import export_onnx
+    from llkd_ray.serve.export import export_onnx
 
     return Path(export_onnx(served_model, tmp_path_factory.mktemp("export") / "int8", quantize="int8").output)
 
@@ -178,7 +176,7 @@ def test_a_long_text_gets_the_same_probabilities_from_serve_eval_and_a_pipeline(
     from ray import serve
     from transformers import pipeline
 
-    from llkd_ray.predictor import Predictor
+    from llkd_ray.serve.predictor import Predictor
 
     student = save_student(tiny_classifier_dir, tmp_path / "train" / "student")
     _deploy("skew", student, "/skew")
@@ -568,6 +566,6 @@ def test_cluster_serve_config_is_valid(tiny_classifier_dir):
     raw = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (application,) = schema.applications
-    assert application.import_path == "llkd_ray.serve:build_app"
+    assert application.import_path == "llkd_ray.serve.app:build_app"
     args = {**application.args, "model": str(tiny_classifier_dir)}
     assert type(build_app(args)).__name__ == "Application"

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from scenarios import free_port, kill_session
 
-from llkd_ray.serve import wait_until_ready
+from llkd_ray.serve.client import wait_until_ready
 
 
 def _wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout_s: float) -> None:
@@ -33,13 +33,13 @@ def _wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout_s: f
     ],
 )
 def test_llkd_serve_answers_then_shuts_down_on_ctrl_c(variant, tiny_classifier_dir, tmp_path):
-    from llkd_ray.serve import HAPROXY_ENV
+    from llkd_ray.serve.server import HAPROXY_ENV
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LLKD_API_TOKEN", HAPROXY_ENV)}
     model = tiny_classifier_dir
     if variant == "onnx-int8":
-        from llkd_ray.export import export_onnx
+        from llkd_ray.serve.export import export_onnx
 
         model = Path(export_onnx(tiny_classifier_dir, tmp_path / "int8", quantize="int8").output)
         env[HAPROXY_ENV] = "1"

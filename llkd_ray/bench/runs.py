@@ -37,7 +37,7 @@ def _label(config: PipelineConfig, output: Path) -> Path:
 
 def _train(config: PipelineConfig, labels: Path, output: Path) -> dict[str, Any]:
     """Train one student, evaluated on the gold set along its run; returns its training summary."""
-    from llkd_ray.train import train_student
+    from llkd_ray.train.launch import train_student
 
     return train_student(config, labels=labels, output=output, eval_data=config.data.gold)
 

@@ -28,7 +28,7 @@ import torch
 
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig
-from llkd_ray.predictor import Predictor, save_classifier
+from llkd_ray.serve.predictor import Predictor, save_classifier
 from llkd_ray.train.checkpoint import STATE_FILE, TrainState, read_state, write_selected_ids
 from llkd_ray.train.data import Batch, CandidateStream
 from llkd_ray.train.plan import TrainingPlan

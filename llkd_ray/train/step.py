@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from llkd_ray.compute import StepCompute
-from llkd_ray.predictor import inference
+from llkd_ray.serve.predictor import inference
 from llkd_ray.train.data import Batch
 from llkd_ray.train.plan import Scoring
 from llkd_ray.train.selection import Selection, Selector, normalized_entropy, scoring_sample, selection_loss
@@ -76,7 +76,7 @@ def score_candidates(model: torch.nn.Module, batch: Batch, ctx: StepContext, chu
 
     Inference mode: no dropout, no graph (about a third of a training pass's FLOPs per token).
     The rows keep their order (chunks of ``chunk`` rows, padded per chunk, as the FLOPs rule and the
-    equivalence over workers assume), so this is not :class:`~llkd_ray.predictor.Predictor`'s
+    equivalence over workers assume), so this is not :class:`~llkd_ray.serve.predictor.Predictor`'s
     length-sorted batching; the eval-mode/inference-mode switch is the same.
     """
     needs, tokens = [], 0

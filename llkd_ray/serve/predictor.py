@@ -14,7 +14,7 @@ saves the student with) records it in the model directory — as the tokenizer's
 
 Two runtimes sit behind the same preprocess and postprocess: torch (:class:`Predictor`, a
 ``transformers`` model directory) and ONNX Runtime (:class:`OnnxPredictor`, a directory written
-by ``llkd export``; see :mod:`llkd_ray.export`). :func:`load_predictor` picks one from the
+by ``llkd export``; see :mod:`llkd_ray.serve.export`). :func:`load_predictor` picks one from the
 directory, or as asked.
 """
 
