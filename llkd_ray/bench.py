@@ -673,7 +673,7 @@ def write_results(results: dict[str, Any], output: Path) -> dict[str, Path]:
 
 def _label(config: PipelineConfig, output: Path) -> Path:
     """The teacher labels ``config.data.input`` into ``output`` (Parquet); returns the directory."""
-    from llkd_ray.label import label_corpus
+    from llkd_ray.label.run import label_corpus
 
     label_corpus(config, output=output)
     return output
