@@ -126,7 +126,7 @@ def steady_rate(directory: Path) -> float | None:
 
 
 def run_stage(config, output: Path) -> dict[str, Any]:
-    from llkd_ray.label import label_corpus
+    from llkd_ray.label.run import label_corpus
 
     started = time.perf_counter()
     result = label_corpus(config, output, overwrite=True)
@@ -206,7 +206,8 @@ def plain_loop(config, threads: int) -> dict[str, Any]:
     """The same teacher in this process, ``threads`` torch threads, over the same blocks."""
     import torch
 
-    from llkd_ray.teachers import EmbeddingTeacher, check_teacher
+    from llkd_ray.label.teachers.check import check_teacher
+    from llkd_ray.label.teachers.embedding import EmbeddingTeacher
 
     torch.set_num_threads(threads)
     texts = [json.loads(line)["text"] for line in Path(config.data.input).read_text().splitlines()]
@@ -238,7 +239,8 @@ def cold_start_s(config, threads: int) -> float:
 
     code = (
         "import sys, torch; torch.set_num_threads(int(sys.argv[2]));"
-        "from llkd_ray.config import load_config; from llkd_ray.teachers import EmbeddingTeacher, check_teacher;"
+        "from llkd_ray.config import load_config; from llkd_ray.label.teachers.check import check_teacher;"
+        "from llkd_ray.label.teachers.embedding import EmbeddingTeacher;"
         "c = load_config(sys.argv[1]); EmbeddingTeacher(check_teacher(c.task, c.teacher))"
     )
     path = Path(tempfile.mkdtemp(prefix="llkd-cold-")) / "config.yaml"
@@ -387,7 +389,8 @@ def hf_scoring(work: Path, model: Path, rows: int, batch: int) -> dict[str, Any]
     import numpy as np
 
     from llkd_ray.config import load_config, validate_config
-    from llkd_ray.teachers import HFTeacher, check_teacher
+    from llkd_ray.label.teachers.check import check_teacher
+    from llkd_ray.label.teachers.hf import HFTeacher
     from llkd_ray.testing import reference_first_token, reference_sequence
 
     texts = case_texts("news", rows)

@@ -53,7 +53,7 @@ def _throughput(metrics_path: Path) -> dict[str, float]:
 
 def label_pool(config, rows: int, output: Path) -> Path:
     """The embedding teacher labels ``rows`` rows of SST-2 train (the real pipeline's first stage)."""
-    from llkd_ray.label import label_corpus
+    from llkd_ray.label.run import label_corpus
 
     labeled = config.model_copy(deep=True)
     labeled.data.limit = rows

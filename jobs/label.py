@@ -16,7 +16,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from llkd_ray.config import load_config
-    from llkd_ray.label import label_corpus
+    from llkd_ray.label.run import label_corpus
     from llkd_ray.runtime import init_ray
 
     overrides = list(args.overrides)

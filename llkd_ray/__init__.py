@@ -1,7 +1,11 @@
 """llkd-ray: distil an LLM teacher into a small, fast, served text classifier on Ray.
 
-Stages, one module each: :mod:`llkd_ray.label` (teacher pseudo-labels), :mod:`llkd_ray.train`
-(Ray Train; the LLKD rule in plain torch: :mod:`llkd_ray.train.selection`), :mod:`llkd_ray.serve` (Ray Serve).
+One subpackage per stage of the data flow: :mod:`llkd_ray.label` (teacher pseudo-labels, Ray
+Data), :mod:`llkd_ray.train` (the student, Ray Train; the LLKD rule in plain torch:
+:mod:`llkd_ray.train.selection`), :mod:`llkd_ray.serve` (the predictor, the ONNX export, Ray
+Serve). Foundations they share sit at the top (``config``, ``errors``, ``artifacts``, ``models``,
+``runtime``, ``compat``, ``corpus``, ``compute``, ``metrics``); ``evaluate``, ``pipeline``,
+:mod:`llkd_ray.report`, :mod:`llkd_ray.bench` and ``cli`` sit above the stages.
 """
 
 __version__ = "0.1.0"

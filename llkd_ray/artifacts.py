@@ -4,7 +4,7 @@
 - the **labels directory** (``llkd label``): its accepted rows are the top-level
   ``part-*.parquet`` files; ``rejected/``, ``_manifest.json`` and other ``_*``/``.*`` files are not
   rows. :func:`label_files` lists them; :func:`read_label_table` / :func:`read_label_rows` read
-  them (training, the pipeline, the report, the benchmark and ``label.read_labels`` all go through
+  them (training, the pipeline, the report, the benchmark and ``label.scan.read_labels`` all go through
   :func:`label_files`);
 - JSON and JSONL documents and :func:`atomic_output`, the one atomic writer (a temporary name in
   the same directory, then a rename: a reader sees all of a file or none of it);

@@ -114,7 +114,7 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from llkd_ray.label import label_corpus
+    from llkd_ray.label.run import label_corpus
     from llkd_ray.runtime import init_ray
 
     overrides = [*args.overrides, *([f"teacher.backend={args.teacher}"] if args.teacher else [])]

@@ -86,7 +86,7 @@ def teacher_gold_metrics(
     """
     from llkd_ray.artifacts import MANIFEST, read_label_rows
     from llkd_ray.errors import DataError
-    from llkd_ray.label import label_corpus
+    from llkd_ray.label.run import label_corpus
 
     if not (Path(output) / MANIFEST).is_file():
         label_corpus(gold_config, output=output)

@@ -117,7 +117,7 @@ def plan_stages(config: PipelineConfig, layout: RunLayout, *, force: str | None 
 
 
 def label_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
-    from llkd_ray.label import label_corpus
+    from llkd_ray.label.run import label_corpus
 
     log(f"label: teacher {config.teacher.backend} labels {config.data.input} -> {layout.labels}")
     label_corpus(config, output=layout.labels)

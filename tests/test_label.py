@@ -22,14 +22,9 @@ from llkd_ray.artifacts import MANIFEST, REJECTED_DIR
 from llkd_ray.cli import main
 from llkd_ray.config import load_config, validate_config
 from llkd_ray.errors import ConfigError
-from llkd_ray.label import (
-    JOB_FILE,
-    OutputStore,
-    commit_block,
-    label_corpus,
-    read_labels,
-    scan_output,
-)
+from llkd_ray.label.run import label_corpus
+from llkd_ray.label.scan import read_labels, scan_output
+from llkd_ray.label.store import JOB_FILE, OutputStore, commit_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -160,7 +155,8 @@ def messy_corpus(tmp_path) -> Path:
 
 
 def test_hf_teacher_labels_good_rows_rejects_bad_ones_flags_truncation(ray_local, tmp_path, tiny_llm_dir, messy_corpus):
-    from llkd_ray.teachers import HFTeacher, check_teacher
+    from llkd_ray.label.teachers.check import check_teacher
+    from llkd_ray.label.teachers.hf import HFTeacher
 
     config = load_config(
         DEMO,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from llkd_ray.config import load_config
-from llkd_ray.label import label_corpus
+from llkd_ray.label.run import label_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

@@ -15,7 +15,8 @@ import pytest
 import llkd_ray.corpus as corpus_module
 from llkd_ray.artifacts import REJECTED_DIR
 from llkd_ray.config import load_config
-from llkd_ray.label import label_corpus, plan_actor_pool
+from llkd_ray.label.pool import plan_actor_pool
+from llkd_ray.label.run import label_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

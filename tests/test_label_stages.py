@@ -8,8 +8,10 @@ import pytest
 
 from llkd_ray.config import TeacherConfig, load_config
 from llkd_ray.errors import ConfigError
-from llkd_ray.label import _SUMMARY_COLUMNS, CLASSIFIED_COLUMNS, LABEL_STAGES, Stage, check_stages
-from llkd_ray.teachers import BACKENDS, backend_spec, build_local_teacher, check_teacher
+from llkd_ray.label.stages import CLASSIFIED_COLUMNS, LABEL_STAGES, Stage, check_stages
+from llkd_ray.label.store import SUMMARY_COLUMNS
+from llkd_ray.label.teachers.check import check_teacher
+from llkd_ray.label.teachers.registry import BACKENDS, backend_spec, build_local_teacher
 
 DEMO = "configs/demo.yaml"
 
@@ -17,7 +19,7 @@ DEMO = "configs/demo.yaml"
 def test_the_declared_stages_fit_together_in_order():
     assert [s.name for s in LABEL_STAGES] == ["drop_committed", "commit_rejected", "repartition", "score_and_commit"]
     # Only counts come back to the driver: the last stage replaces the rows by per-part summaries.
-    assert check_stages(LABEL_STAGES, CLASSIFIED_COLUMNS) == _SUMMARY_COLUMNS
+    assert check_stages(LABEL_STAGES, CLASSIFIED_COLUMNS) == SUMMARY_COLUMNS
 
 
 def test_a_stage_missing_its_input_columns_is_refused_before_anything_runs():

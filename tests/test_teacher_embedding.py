@@ -10,7 +10,8 @@ import pytest
 
 from llkd_ray.config import load_config
 from llkd_ray.corpus import builtin_path
-from llkd_ray.teachers import EmbeddingTeacher, PlainSentenceEncoder, check_teacher, plain_sentence_encoder_spec
+from llkd_ray.label.teachers.check import check_teacher
+from llkd_ray.label.teachers.embedding import EmbeddingTeacher, PlainSentenceEncoder, plain_sentence_encoder_spec
 
 DEMO = "configs/demo.yaml"
 
@@ -38,7 +39,7 @@ def test_plain_encoder_matches_sentence_transformers_and_flags_truncation(minilm
 
 
 def test_teacher_gives_the_same_labels_with_either_encoder(monkeypatch):
-    import llkd_ray.teachers as teachers
+    import llkd_ray.label.teachers.embedding as embedding
 
     texts = mixed_texts()
     config = load_config(DEMO)
@@ -46,7 +47,7 @@ def test_teacher_gives_the_same_labels_with_either_encoder(monkeypatch):
     plain = EmbeddingTeacher(plan)
     assert plain.plain is not None and plain.model is None
     # A model the plain encoder does not reproduce is loaded by sentence-transformers itself.
-    monkeypatch.setattr(teachers, "plain_sentence_encoder_spec", lambda path: None)
+    monkeypatch.setattr(embedding, "plain_sentence_encoder_spec", lambda path: None)
     reference = EmbeddingTeacher(plan)
     assert reference.plain is None and reference.model is not None
     np.testing.assert_allclose(plain.label_embeddings, reference.label_embeddings, atol=1e-5)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from llkd_ray.config import load_config, validate_config
-from llkd_ray.teachers import HFTeacher, check_teacher
+from llkd_ray.label.teachers.check import check_teacher
+from llkd_ray.label.teachers.hf import HFTeacher
 from llkd_ray.testing import reference_first_token, reference_sequence
 
 DEMO = "configs/demo.yaml"

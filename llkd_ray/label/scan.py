@@ -1,0 +1,118 @@
+"""The read side of a label directory: the manifest's totals and the labeled rows.
+
+:func:`scan_output` runs once at the end of a labeling run: it first repairs any id committed
+twice (the last step of exactly-once, see :mod:`llkd_ray.label.store`), then counts labels,
+rejections, confidence and gold accuracy from the parts' columns. :func:`read_labels` is what
+training and the docs read a finished directory with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llkd_ray.artifacts import REJECTED_DIR, label_files
+from llkd_ray.errors import ConfigError
+from llkd_ray.label.store import OutputStore
+
+logger = logging.getLogger(__name__)
+
+
+def _dedupe(store: OutputStore, sub: tuple[str, ...], seen: set[str]) -> int:
+    """Drop from the parts of ``sub`` every id already in ``seen`` (first part wins); add the rest."""
+    removed = 0
+    for name in store.parts(*sub):
+        ids = store.read_table(*sub, name, columns=["id"])["id"].to_pylist()
+        repeated = [i for i in ids if i in seen] + [i for i, n in Counter(ids).items() if n > 1]
+        if repeated:
+            table = store.read_table(*sub, name)
+            id_column = table["id"].to_pylist()
+            first_seen: set[str] = set()
+            keep = []
+            for row_id in id_column:
+                keep.append(row_id not in seen and row_id not in first_seen)
+                first_seen.add(row_id)
+            table = table.filter(pa.array(keep))
+            removed += len(id_column) - table.num_rows
+            if table.num_rows:
+                store.write_table(table, *sub, name)
+            else:
+                store.delete(*sub, name)
+            logger.warning("removed %d repeated ids from %s", len(id_column) - table.num_rows, "/".join((*sub, name)))
+        seen.update(ids)
+    return removed
+
+
+def scan_output(store: OutputStore, label_names: list[str]) -> dict[str, Any]:
+    """Totals of the committed output, after making sure every id is there exactly once."""
+    seen: set[str] = set()
+    duplicates = _dedupe(store, (), seen) + _dedupe(store, (REJECTED_DIR,), seen)
+    label_counts = np.zeros(len(label_names), dtype=np.int64)
+    confidences: list[np.ndarray] = []
+    correct: list[np.ndarray] = []
+    gold_confidence: list[np.ndarray] = []
+    truncated = 0
+    for name in store.parts():
+        columns = store.schema_names(name)
+        wanted = ["label_index", "confidence", "truncated", "pseudo_label"]
+        wanted += ["gold_label"] if "gold_label" in columns else []
+        table = store.read_table(name, columns=wanted)
+        if not table.num_rows:
+            continue
+        label_counts += np.bincount(table["label_index"].to_numpy(), minlength=len(label_names))[: len(label_names)]
+        confidence = table["confidence"].to_numpy()
+        confidences.append(confidence)
+        truncated += int(pc.sum(table["truncated"]).as_py() or 0)
+        if "gold_label" in wanted:
+            gold = table["gold_label"]
+            known = pc.is_valid(gold).to_numpy(zero_copy_only=False)
+            hits = pc.equal(table["pseudo_label"], gold).fill_null(False).to_numpy(zero_copy_only=False)
+            correct.append(hits[known])
+            gold_confidence.append(confidence[known])
+    reasons: Counter[str] = Counter()
+    for name in store.parts(REJECTED_DIR):
+        reasons.update(store.read_table(REJECTED_DIR, name, columns=["reason"])["reason"].to_pylist())
+    labeled = int(label_counts.sum())
+    rejected = sum(reasons.values())
+    totals: dict[str, Any] = {
+        "counts": {
+            "read": labeled + rejected,
+            "labeled": labeled,
+            "rejected": rejected,
+            "truncated": truncated,
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            "duplicates_removed": duplicates,
+        },
+        "label_distribution": dict(zip(label_names, map(int, label_counts), strict=True)),
+        "mean_confidence": float(np.concatenate(confidences).mean()) if labeled else None,
+        "gold_accuracy": None,
+    }
+    if correct and sum(map(len, correct)):
+        hits = np.concatenate(correct)
+        conf = np.concatenate(gold_confidence)
+        order = np.argsort(-conf, kind="stable")
+        half = len(order) // 2
+        totals["gold_accuracy"] = float(hits.mean())
+        totals["gold_rows"] = len(hits)
+        if half:
+            totals["gold_accuracy_by_confidence"] = {
+                "more_confident_half": float(hits[order[:half]].mean()),
+                "less_confident_half": float(hits[order[half:]].mean()),
+            }
+    return totals
+
+
+def read_labels(output: str | Path):
+    """The labeled rows of an output directory as a Ray Dataset (``rejected/`` and ``_*`` left out)."""
+    from llkd_ray.compat import read_parquet
+
+    filesystem, paths = label_files(output)
+    if not paths:
+        raise ConfigError(f"no labeled parts in {output}")
+    return read_parquet(paths, filesystem=filesystem)
