@@ -127,3 +127,53 @@ def test_llkd_ray_has_no_import_cycle() -> None:
     for cycle in cycles:
         print("import cycle: " + " -> ".join(cycle))
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+# --------------------------------------------------------------------------- the layout's rules
+
+#: What each stage may import from the package besides the foundations at the top level (and itself).
+STAGE_ALLOWED = {
+    "llkd_ray.label": set(),
+    "llkd_ray.serve": set(),
+    "llkd_ray.train": {"llkd_ray.serve.predictor"},  # the one predictor scores the gold set and saves the student
+}
+#: Layers above the stages: no stage imports them.
+ABOVE_STAGES = ("llkd_ray.evaluate", "llkd_ray.pipeline", "llkd_ray.report", "llkd_ray.bench", "llkd_ray.cli")
+
+
+def _stage_of(module: str) -> str | None:
+    return next((stage for stage in STAGE_ALLOWED if module == stage or module.startswith(stage + ".")), None)
+
+
+def test_stages_import_only_foundations_and_themselves() -> None:
+    """label, train and serve depend on the foundations, not on each other (bar the predictor) or on
+    the layers above them: a stage can be read, tested and replaced on its own."""
+    graph = import_graph(module_files())
+    wrong = []
+    for module, targets in graph.items():
+        stage = _stage_of(module)
+        if stage is None:
+            continue
+        for target in targets:
+            other = _stage_of(target)
+            above = target.startswith(ABOVE_STAGES)
+            if above or (other not in (None, stage) and target not in STAGE_ALLOWED[stage]):
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "stage imports across the layout: " + "; ".join(sorted(wrong))
+
+
+def test_subpackage_inits_are_docstrings_only() -> None:
+    """No re-exports: an ``__init__`` that imports its modules hides where a name lives and makes cycles."""
+    for path in PACKAGE.rglob("__init__.py"):
+        if path.parent == PACKAGE:
+            continue
+        body = ast.parse(path.read_text()).body
+        assert body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), path
+        assert len(body) == 1, f"{path} holds more than its docstring"
+
+
+def test_modules_stay_small() -> None:
+    """One concern per module: none over 500 lines (split along the seams instead)."""
+    sizes = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    long = {name: lines for name, lines in sizes.items() if lines > 500}
+    assert not long, f"modules over 500 lines: {long}"
