@@ -148,3 +148,79 @@ def test_the_training_dataset_arrives_tokenised(ray_local, tmp_path, minilm_path
     assert len(batch) == plan.passes * pool.rows
     expected = minilm_tokenizer(batch.texts, truncation=True, max_length=12)["input_ids"]
     assert [row.tolist() for row in batch.input_ids] == expected
+
+
+def test_compile_auto_is_cuda_only_and_the_key_is_checked():
+    from llkd_ray.config import TrainingConfig
+    from llkd_ray.train.recipe import _compiles
+
+    assert TrainingConfig().compile == "auto"
+    assert _compiles("auto", torch.device("cuda")) and not _compiles("auto", torch.device("cpu"))
+    assert _compiles(True, torch.device("cpu")) and not _compiles(False, torch.device("cuda"))
+    with pytest.raises(ValueError, match="compile"):
+        TrainingConfig(compile="sometimes")
+
+
+@pytest.mark.heavy
+def test_a_compiled_student_padded_to_max_length_trains_like_the_eager_one(tiny_classifier_dir):
+    """``training.compile``: the same selection and loss (float tolerance), the same parameter names."""
+    from llkd_ray.train.recipe import load_student
+    from llkd_ray.train.selection import Selector
+    from llkd_ray.train.step import StepContext, train_step
+
+    outcomes = []
+    for compiled in (False, True):
+        model, tokenizer = load_student(str(tiny_classifier_dir), SST2_LABELS, seed=0)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        names = list(model.state_dict())
+        if compiled:
+            model.compile()
+        ctx = StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), pad_to_max_length=compiled)
+        result = train_step(model, review_batch(), Selector(2, momentum=0.9, seed=1), ctx, capacity=8)
+        assert list(model.state_dict()) == names
+        outcomes.append(result)
+    eager, compiled_result = outcomes
+    assert eager.selection.mask.tolist() == compiled_result.selection.mask.tolist()
+    assert compiled_result.loss == pytest.approx(eager.loss, rel=1e-4)
+    assert compiled_result.compute.training_tokens == eager.compute.training_tokens  # padding is not counted
+
+
+def test_bf16_autocasts_scoring_and_training_while_evaluation_and_saved_weights_stay_fp32(
+    tiny_classifier_dir, tmp_path
+):
+    """``training.mixed_precision`` (``auto`` is bf16 on CUDA): forced to bf16 here, on CPU."""
+    from safetensors.torch import load_file
+
+    from llkd_ray.serve.predictor import Predictor, save_classifier
+    from llkd_ray.train.recipe import _autocast_dtype, build_optimizer, load_student
+    from llkd_ray.train.selection import Selector
+    from llkd_ray.train.step import StepContext, train_step
+
+    assert _autocast_dtype("auto", torch.device("cpu")) is None
+    model, tokenizer = load_student(str(tiny_classifier_dir), SST2_LABELS, seed=0)
+    ctx = StepContext(
+        tokenizer=tokenizer,
+        max_length=32,
+        device=torch.device("cpu"),
+        autocast_dtype=_autocast_dtype("bf16", torch.device("cpu")),
+    )
+    seen: list[tuple[bool, torch.dtype]] = []
+    model.classifier.register_forward_hook(
+        lambda _m, _i, out: seen.append((torch.is_inference_mode_enabled(), out.dtype))
+    )
+    optimizer = build_optimizer(model, 1e-3, 0.01)
+    result = train_step(model, review_batch(), Selector(2, momentum=0.9, seed=1), ctx, capacity=8)
+    optimizer.step()
+    assert result.compute.scored_samples == 8 and result.compute.trained_samples > 0
+    assert (True, torch.bfloat16) in seen  # the scoring forward, in inference mode, autocast
+    assert (False, torch.bfloat16) in seen  # the training forward, autocast
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+    seen.clear()
+    probs, _ = Predictor(model, tokenizer, max_length=32).probabilities(TEXTS)  # what evaluate() runs
+    assert probs.dtype == torch.float32 and seen and {dtype for _, dtype in seen} == {torch.float32}
+    save_classifier(model, tokenizer, tmp_path / "student", 32)
+    saved = load_file(str(tmp_path / "student" / "model.safetensors"))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
