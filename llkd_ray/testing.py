@@ -112,13 +112,22 @@ def build_tiny_encoder(
 
 
 def build_tiny_llama(
-    directory: Path, texts: Sequence[str], words: Sequence[str] = TINY_LLM_WORDS, seed: int = 0
+    directory: Path,
+    texts: Sequence[str],
+    words: Sequence[str] = TINY_LLM_WORDS,
+    seed: int = 0,
+    *,
+    shape: dict[str, Any] | None = None,
+    vocab_size: int = 1024,
+    device: Any = "cpu",
 ) -> Path:
     """A randomly initialised 2-layer Llama (hidden 128, 2 heads of 64) with a byte-level BPE tokenizer
     trained here on ``texts``, saved to ``directory``.
 
     The ``words`` are repeated in the tokenizer's training text so that each, after a space, is a
-    single token: the verbalizers of a label set map to distinct first tokens.
+    single token: the verbalizers of a label set map to distinct first tokens. ``shape`` overrides
+    the ``LlamaConfig`` sizes (``benchmarks/gpu_probe.py`` builds a 1B one, on ``device``, saved in
+    bf16 when that is not the CPU).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -128,7 +137,7 @@ def build_tiny_llama(
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024,
+        vocab_size=vocab_size,
         special_tokens=["<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -141,21 +150,26 @@ def build_tiny_llama(
     fast.model_max_length = 512
 
     torch.manual_seed(seed)
+    sizes = {
+        "vocab_size": len(fast),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "initializer_range": 0.2,
+    } | (shape or {})
     config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        **sizes,
         max_position_embeddings=512,
-        initializer_range=0.2,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    (model if torch.device(device).type == "cpu" else model.to(torch.bfloat16)).save_pretrained(directory)
     fast.save_pretrained(directory)
     return directory
 

@@ -80,7 +80,7 @@ def test_selected_only_backward_equals_the_weighted_full_batch_backward(student)
 
     # the paper's M = 1 step as it was: one training forward over the whole batch, weight 0 off the mask
     reference_selector = _selector()
-    logits = model(**ctx.encode(batch.texts)).logits
+    logits = model(**ctx.encode(batch)).logits
     selection = reference_selector.select(batch.confidence, batch.labels, normalized_entropy(logits))
     selection_loss(logits, selection.weights, selection.normaliser, labels=batch.labels).backward()
     full = _gradients(model)

@@ -65,3 +65,34 @@ def test_first_token_forward_projects_only_the_last_position(tiny_llm_dir):
     finally:
         hook.remove()
     assert seen == [(len(TEXTS), 1, teacher.model.config.vocab_size)]
+
+
+@pytest.mark.parametrize("scoring", ["first_token", "sequence"])
+def test_length_sorted_batches_give_the_arrival_order_results(tiny_llm_dir, scoring):
+    """``score`` batches the prompts longest first and puts the rows back: the labels of batching
+    them in arrival order (as it did before), row for row."""
+    from llkd_ray.label.teachers.base import normalise_scores
+
+    teacher = hf_teacher(tiny_llm_dir, scoring)
+    teacher.batch_size = 2 * len(teacher.continuations)  # 2 prompts a batch either way
+    texts = [*TEXTS, "ok", "a long, slow and thoroughly pointless film about nothing much", *TEXTS[::-1]]
+    prompts, _ = teacher.encoder.encode(texts)
+    assert sorted(map(len, prompts), reverse=True) != list(map(len, prompts))  # the sort reorders
+    forward = teacher._first_token_scores if scoring == "first_token" else teacher._sequence_scores
+    arrival = np.concatenate([forward(prompts[i : i + 2]) for i in range(0, len(prompts), 2)])
+    expected, _ = normalise_scores(arrival)
+    output = teacher.score(texts)
+    np.testing.assert_allclose(output.probs, expected, rtol=0, atol=1e-6)
+    assert output.probs.argmax(axis=1).tolist() == expected.argmax(axis=1).tolist()
+
+
+def test_teacher_batch_size_auto_follows_the_device():
+    from llkd_ray.config import EmbeddingTeacherConfig, HFTeacherConfig
+
+    for section in (EmbeddingTeacherConfig(), HFTeacherConfig()):
+        assert section.batch_size == "auto"
+        assert section.batch_for("cpu") == section.CPU_BATCH_SIZE < section.batch_for("cuda") == section.GPU_BATCH_SIZE
+        assert section.model_copy(update={"batch_size": 8}).batch_for("cuda") == 8
+    assert (EmbeddingTeacherConfig().batch_for("cpu"), HFTeacherConfig().batch_for("cpu")) == (32, 16)
+    with pytest.raises(ValueError, match="batch_size"):
+        HFTeacherConfig(batch_size="large")

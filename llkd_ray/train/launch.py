@@ -141,7 +141,7 @@ def _fit(
     from ray.train.torch import TorchTrainer
 
     training = config.training
-    dataset = build_dataset(pool, plan, training.seed)
+    dataset = build_dataset(pool, plan, training.seed, student_path, config.student.max_length)
     storage = training.storage_path or str(output / "ray")
     run_name = f"llkd-train-{config.selection.strategy}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(

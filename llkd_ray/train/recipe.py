@@ -98,6 +98,11 @@ def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def _compiles(mode: bool | str, device: torch.device) -> bool:
+    """``training.compile``: ``auto`` compiles on CUDA only (measured: docs/training.md, GPU path)."""
+    return device.type == "cuda" if mode == "auto" else bool(mode)
+
+
 def _collectives(world_size: int) -> tuple[Callable[[torch.Tensor], Any] | None, Callable[[Any], list[Any]]]:
     """The all-reduce for the selector and an all-gather of Python objects (identity on 1 worker)."""
     if world_size == 1:
@@ -208,6 +213,9 @@ class StudentTrainingRecipe:
             source = str(Path(restored) / "student") if restored else self.student_path
             model, self.tokenizer = load_student(source, self.label_names, training.seed)
             self.compute.parameters = non_embedding_parameters(model)
+            self.compiled = _compiles(training.compile, self.device)
+            if self.compiled:  # in place: parameter names, state_dict and saving are unchanged
+                model.compile()
             self.model = ray.train.torch.prepare_model(model)
             self.optimizer = build_optimizer(self.model, training.learning_rate, training.weight_decay)
             self.schedule = ProgressSchedule(self.plan.warmup)
@@ -241,6 +249,7 @@ class StudentTrainingRecipe:
             soft_loss=selection.loss == "soft",
             autocast_dtype=autocast_dtype,
             scaler=torch.amp.GradScaler(self.device.type) if autocast_dtype == torch.float16 else None,
+            pad_to_max_length=self.compiled,
         )
         self.stream = CandidateStream(
             ray.train.get_dataset_shard("train"),

@@ -22,7 +22,7 @@ import torch
 
 from llkd_ray.compute import StepCompute
 from llkd_ray.serve.predictor import inference
-from llkd_ray.train.data import Batch
+from llkd_ray.train.data import Batch, pad_token_ids
 from llkd_ray.train.plan import Scoring
 from llkd_ray.train.selection import Selection, Selector, normalized_entropy, scoring_sample, selection_loss
 
@@ -39,9 +39,18 @@ class StepContext:
     autocast_dtype: torch.dtype | None = None
     scaler: Any = None
     """A ``torch.amp.GradScaler`` for fp16, else None."""
+    pad_to_max_length: bool = False
+    """Pad every batch to ``max_length`` (a compiled student: one shape, no recompilation)."""
 
-    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+    def encode(self, rows: Batch) -> dict[str, torch.Tensor]:
+        """The rows' token ids (as they arrived, or tokenised now), padded and on the device.
+
+        On CUDA the padded tensors go through pinned memory and are copied without blocking.
+        """
+        ids = rows.token_ids(self.tokenizer, self.max_length)
+        encoded = pad_token_ids(ids, self.tokenizer, self.max_length if self.pad_to_max_length else None)
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in encoded.items()}
         return {k: v.to(self.device) for k, v in encoded.items()}
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -80,9 +89,11 @@ def score_candidates(model: torch.nn.Module, batch: Batch, ctx: StepContext, chu
     length-sorted batching; the eval-mode/inference-mode switch is the same.
     """
     needs, tokens = [], 0
+    batch.token_ids(ctx.tokenizer, ctx.max_length)  # a Batch from texts: tokenised once, its chunks share it
     with inference(unwrap_model(model)) as module, ctx.autocast():
-        for start in range(0, len(batch.texts), chunk):
-            encoded = ctx.encode(batch.texts[start : start + chunk])
+        for start in range(0, len(batch), chunk):
+            rows = batch if chunk >= len(batch) else batch.take(torch.arange(start, min(start + chunk, len(batch))))
+            encoded = ctx.encode(rows)
             tokens += _tokens(encoded)
             needs.append(normalized_entropy(module(**encoded).logits))
     return (torch.cat(needs) if needs else torch.zeros(0)), tokens
@@ -114,7 +125,7 @@ def backward_weighted(
         last = number == len(chunks) - 1
         sync = model.no_sync() if not last and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
         with sync or contextlib.nullcontext():
-            encoded = ctx.encode(part.texts)
+            encoded = ctx.encode(part)
             tokens += _tokens(encoded)
             with ctx.autocast():
                 logits = model(**encoded).logits
@@ -154,6 +165,7 @@ def train_step(
     """
     model.train()
     compute = StepCompute()
+    candidates.token_ids(ctx.tokenizer, ctx.max_length)  # scoring and training share the rows' tokens
     if scoring != "train":
         selection, rows, weights = _score_and_select(
             model, candidates, selector, ctx, capacity, compute, scoring=scoring, sample_rate=sample_rate
@@ -285,6 +297,7 @@ def fill_step(
     selections, kept_rows, kept_weights, ids, kept = [], [], [], [], 0
     for _ in range(max_draws):
         candidates = draw()
+        candidates.token_ids(ctx.tokenizer, ctx.max_length)
         selection, rows, weights = _score_and_select(
             model, candidates, selector, ctx, capacity - kept, compute, scoring=scoring, sample_rate=sample_rate
         )

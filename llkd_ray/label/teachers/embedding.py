@@ -126,7 +126,7 @@ class EmbeddingTeacher:
 
         settings = plan.teacher.embedding
         device = device or ("cuda" if settings.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.batch_size = settings.batch_size
+        self.batch_size = settings.batch_for(device)
         self.temperature = settings.temperature
         spec = plain_sentence_encoder_spec(plan.model_path)
         descriptions = [label.description for label in plan.task.labels]
