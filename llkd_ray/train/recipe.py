@@ -29,7 +29,7 @@ import torch
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig
 from llkd_ray.serve.predictor import Predictor, save_classifier
-from llkd_ray.train.checkpoint import STATE_FILE, TrainState, read_state, write_selected_ids
+from llkd_ray.train.checkpoint import TrainState, read_state, state_payload, write_selected_ids, write_state
 from llkd_ray.train.data import Batch, CandidateStream
 from llkd_ray.train.plan import TrainingPlan
 from llkd_ray.train.selection import Selection, Selector
@@ -460,16 +460,9 @@ class StudentTrainingRecipe:
         """The student, the training state and the metrics so far; the selections when ``final``."""
         # The training length goes with the student, so serving and pipelines truncate as training did.
         save_classifier(unwrap_model(self.model), self.tokenizer, directory / "student", self.ctx.max_length)
-        payload = {
-            "state": asdict(self.state),
-            "compute": asdict(self.compute),
-            "selector": self.selector.state_dict(),
-            "final": final,
-        }
-        if not final:
-            payload["optimizer"] = self.optimizer.state_dict()
-            payload["scheduler"] = self.scheduler.state_dict()
-        torch.save(payload, directory / STATE_FILE)
+        optimizer, scheduler = (None, None) if final else (self.optimizer.state_dict(), self.scheduler.state_dict())
+        payload = state_payload(self.state, self.compute, self.selector.state_dict(), optimizer, scheduler)
+        write_state(directory, payload)
         if self.metrics_path.is_file():
             shutil.copyfile(self.metrics_path, directory / "metrics.jsonl")
         if final:
