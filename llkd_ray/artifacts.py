@@ -77,6 +77,11 @@ class RunLayout:
         return self.root / "labels"
 
     @property
+    def logs(self) -> Path:
+        """Ray's own logs of the run (``llkd_ray.console``), unless ``--verbose``."""
+        return self.root / "logs"
+
+    @property
     def train(self) -> Path:
         return self.root / "train"
 
