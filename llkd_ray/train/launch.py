@@ -26,6 +26,7 @@ from llkd_ray.compute import ComputeMeter, all_pass_flops
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.console import Progress, train_logging_config
 from llkd_ray.errors import ConfigError
+from llkd_ray.tracking import TrackingRun, start_run
 from llkd_ray.train.checkpoint import SELECTED_IDS, TrainState, read_state
 from llkd_ray.train.data import LabeledPool, build_dataset, estimate_pool_tokens, validate_labels_dir
 from llkd_ray.train.plan import TrainingPlan
@@ -116,13 +117,17 @@ def train_student(
     budget: float | None = None,
     eval_data: str | None = CONFIG_GOLD,
     fault_injection: FaultInjection | None = None,
+    tracking: TrackingRun | None = None,
+    track_student: bool = True,
 ) -> dict[str, Any]:
     """Train a student on the labels in ``labels``; write it and its records to ``output``.
 
     ``strategy``, ``workers``, ``max_steps`` and ``budget`` (compute, in passes of ``all``) override
     the config. ``eval_data`` is the gold set evaluated during training: the config's ``data.gold``
     by default, another reference, or None. Returns the training summary (also written to
-    ``output/training_summary.json``).
+    ``output/training_summary.json``). With ``tracking.backend: mlflow`` the run is tracked in
+    ``tracking`` (the caller's MLflow run, which it ends) or in a run of its own, ended here; the
+    summary, ``metrics.jsonl`` and (``track_student``) the student are logged as artifacts.
     """
     from transformers import AutoTokenizer
 
@@ -140,12 +145,24 @@ def train_student(
 
     ensure_ray(config, log_dir=output / "logs")
     gold = _gold_payload(config, eval_data)
-    state, compute = _fit(config, plan, pool, output, student_path, gold, fault_injection)
-    summary = _training_summary(config, plan, pool, pool_tokens, state, compute)
-    summary["labels"], summary["student"] = str(labels), str(output / "student")
-    summary["gold"] = gold["reference"] if gold else None
-    summary["wall_time_s"] = round(time.perf_counter() - wall_started, 3)
-    (output / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    own_run = None if tracking is not None else start_run(config, output, f"train-{config.selection.strategy}")
+    tracking = tracking or own_run
+    try:
+        state, compute = _fit(config, plan, pool, output, student_path, gold, fault_injection, tracking)
+        summary = _training_summary(config, plan, pool, pool_tokens, state, compute)
+        summary["labels"], summary["student"] = str(labels), str(output / "student")
+        summary["gold"] = gold["reference"] if gold else None
+        summary["wall_time_s"] = round(time.perf_counter() - wall_started, 3)
+        (output / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        if tracking is not None:
+            tracked = [output / TRAINING_SUMMARY, output / "metrics.jsonl", output / SELECTED_IDS]
+            tracking.log_artifacts([*tracked, *([output / "student"] if track_student else [])])
+    except BaseException:
+        if own_run:
+            own_run.end(failed=True)
+        raise
+    if own_run:
+        own_run.end()
     return summary
 
 
@@ -157,6 +174,7 @@ def _fit(
     student_path: str,
     gold: dict[str, Any] | None,
     fault_injection: FaultInjection | None,
+    tracking: TrackingRun | None = None,
 ) -> tuple[TrainState, ComputeMeter]:
     """Run the Ray Train job; copy the final student and records into ``output``; return its state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -175,6 +193,7 @@ def _fit(
             "student_path": student_path,
             "gold": gold,
             "fault": asdict(fault_injection) if fault_injection else None,
+            "tracking": tracking.to_dict() if tracking else None,
         },
         scaling_config=ScalingConfig(
             num_workers=training.workers,

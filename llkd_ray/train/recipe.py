@@ -29,6 +29,7 @@ import torch
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig
 from llkd_ray.serve.predictor import Predictor, save_classifier
+from llkd_ray.tracking import TrackingRun
 from llkd_ray.train.checkpoint import TrainState, read_state, state_payload, write_selected_ids, write_state
 from llkd_ray.train.data import Batch, CandidateStream
 from llkd_ray.train.plan import TrainingPlan
@@ -166,10 +167,13 @@ class StudentTrainingRecipe:
         student_path: str,
         gold: dict[str, Any] | None = None,
         callbacks: list[StepCallback] | None = None,
+        tracking: TrackingRun | None = None,
     ) -> None:
         self.config, self.plan, self.output = config, plan, output
         self.student_path, self.gold = student_path, gold
         self.callbacks = callbacks or []
+        self.tracking = tracking
+        """Rank 0 logs each record of ``metrics.jsonl`` to this MLflow run too (``tracking.backend``)."""
         self.metrics_path = output / "metrics.jsonl"
         self.label_names = config.task.label_names
         self.state = TrainState()
@@ -185,6 +189,7 @@ class StudentTrainingRecipe:
             loop_config["student_path"],
             loop_config.get("gold"),
             callbacks=[FaultInjection(**fault)] if fault else [],
+            tracking=TrackingRun.from_dict(loop_config.get("tracking")),
         )
 
     # ------------------------------------------------------------------ setup
@@ -299,7 +304,7 @@ class StudentTrainingRecipe:
             step = self._account(result)
             state.train_seconds = time.perf_counter() - started
             if self.rank == 0:
-                _write_jsonl(self.metrics_path, self._step_record(result.selection, step))
+                self._record(self._step_record(result.selection, step))
 
             if self._evaluation_due():
                 self.evaluate()
@@ -434,7 +439,13 @@ class StudentTrainingRecipe:
             "per_class_f1": {name: metrics["per_class"][name]["f1"] for name in self.label_names},
         }
         state.curve.append(record | {"n": metrics["n"]})
+        self._record(record)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Rank 0: a record of ``metrics.jsonl`` (a step or an evaluation), and to MLflow when tracked."""
         _write_jsonl(self.metrics_path, record)
+        if self.tracking is not None:
+            self.tracking.log_record(record)
 
     # ------------------------------------------------------------------ checkpoints
 
