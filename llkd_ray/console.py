@@ -70,9 +70,7 @@ def attach_ray_logs(log_dir: Path) -> Path | None:
     workers' own files). Ray Data's progress is left to the log file (no bars of its own)."""
     if verbose():
         return None
-    import ray
     import ray.data
-    from ray.util.debug import log_once
 
     log_dir = Path(log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -89,9 +87,8 @@ def attach_ray_logs(log_dir: Path) -> Path | None:
             handler = handler or _file_handler(driver_log)
             logger.addHandler(handler)
             logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-    # Our bar replaces Ray Data's; marking its one-time "progress bars disabled" notice as shown
-    # keeps that notice (a WARNING about a choice made here) off the console.
-    log_once("ray_data_progress_manager_disabled")
+    # Our bar replaces Ray Data's (the DataContext travels to Ray Data's actors, e.g. the trainer's
+    # SplitCoordinator); QuietProgressNotice keeps Ray Data's notice about it off the console.
     ray.data.DataContext.get_current().enable_progress_bars = False
     _link_session_logs(log_dir)
     return log_dir
@@ -103,6 +100,26 @@ def train_logging_config() -> Any:
     import ray.train
 
     return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker: keep Ray Train's per-report line off the console, in Train's worker log.
+
+    Ray Train 2.60 logs ``Reporting training result N: TrainingReport(...)`` from every worker at
+    every report through a logger named after its source file, not under ``ray.train``, so
+    ``RunConfig(logging_config=...)`` misses it. That logger stops propagating to the root's console
+    handler and writes to the root's file handlers (``ray-train-app-worker-*.log``) instead.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: nothing to quiet
+        return
+    logger = logging.getLogger(context.__file__)
+    files = [h for h in logging.getLogger().handlers if not isinstance(h, logging.StreamHandler)]
+    if logger.propagate and files:
+        logger.propagate = False
+        for handler in files:
+            logger.addHandler(handler)
 
 
 def _file_handler(path: str) -> logging.Handler:
@@ -117,11 +134,21 @@ def _data_logging_config(path: Path) -> dict[str, Any]:
     from ray.data._internal.logging import DEFAULT_CONFIG
 
     config: dict[str, Any] = {**DEFAULT_CONFIG, "handlers": dict(DEFAULT_CONFIG["handlers"])}
-    config["handlers"]["console"] = {**config["handlers"]["console"], "level": "WARNING"}
+    config["filters"] = {**DEFAULT_CONFIG["filters"], "llkd_quiet": {"()": f"{__name__}.QuietProgressNotice"}}
+    console = config["handlers"]["console"]
+    config["handlers"]["console"] = {**console, "level": "WARNING", "filters": [*console["filters"], "llkd_quiet"]}
     config["handlers"]["run_file"] = {"class": "logging.FileHandler", "formatter": "ray", "filename": str(path)}
     config["loggers"] = {"ray.data": {**DEFAULT_CONFIG["loggers"]["ray.data"]}}
     config["loggers"]["ray.data"]["handlers"] = ["file", "run_file", "console"]
     return config
+
+
+class QuietProgressNotice(logging.Filter):
+    """Drops Ray Data's warning that its progress bars are disabled (a choice made here, on the
+    driver and in each Ray Data actor); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
 
 
 def _link_session_logs(log_dir: Path) -> None:

@@ -64,6 +64,8 @@ _RAY_DATA_RUN = textwrap.dedent(
     import ray, ray.data
     init_ray(num_cpus=2, log_dir=Path(sys.argv[1]))
     ray.data.range(2000, override_num_blocks=20).map_batches(lambda b: b).materialize()
+    (shard,) = ray.data.range(500).streaming_split(1)  # executed in a SplitCoordinator actor, as Ray Train does
+    assert sum(len(b["id"]) for b in shard.iter_batches()) == 500
     logging.getLogger("ray.data").warning("a warning from ray.data")
     ray.shutdown()
     """
@@ -86,6 +88,7 @@ def test_ray_info_logs_go_to_the_run_directory_and_warnings_to_the_console(tmp_p
         assert not logs.exists()
         return
     assert "Starting execution of Dataset" not in console and "logging_progress" not in console, console
+    assert "Progress bars disabled" not in console, "our bar replaces Ray Data's: no notice about it"
     assert "Starting execution of Dataset" in (logs / DATA_LOG).read_text()
     assert (logs / DRIVER_LOG).is_file()
     assert (logs / SESSION_LINK).is_dir()

@@ -24,7 +24,7 @@ from typing import Any
 from llkd_ray.artifacts import TRAINING_SUMMARY
 from llkd_ray.compute import ComputeMeter, all_pass_flops
 from llkd_ray.config import PipelineConfig, validate_config
-from llkd_ray.console import Progress, train_logging_config
+from llkd_ray.console import Progress, quiet_train_worker, train_logging_config, verbose
 from llkd_ray.errors import ConfigError
 from llkd_ray.tracking import TrackingRun, start_run
 from llkd_ray.train.checkpoint import SELECTED_IDS, TrainState, read_state
@@ -40,6 +40,8 @@ CONFIG_GOLD = "config"
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: build the recipe and run it."""
+    if loop_config.get("quiet_logs"):
+        quiet_train_worker()
     recipe = StudentTrainingRecipe.from_loop_config(loop_config)
     recipe.setup()
     recipe.train()
@@ -194,6 +196,7 @@ def _fit(
             "gold": gold,
             "fault": asdict(fault_injection) if fault_injection else None,
             "tracking": tracking.to_dict() if tracking else None,
+            "quiet_logs": not verbose(),
         },
         scaling_config=ScalingConfig(
             num_workers=training.workers,
