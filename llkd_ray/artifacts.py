@@ -77,6 +77,16 @@ class RunLayout:
         return self.root / "labels"
 
     @property
+    def tracking(self) -> Path:
+        """The MLflow run of the latest ``llkd run`` (``tracking.backend: mlflow``): uri and run id."""
+        return self.root / "tracking.json"
+
+    @property
+    def logs(self) -> Path:
+        """Ray's own logs of the run (``llkd_ray.console``), unless ``--verbose``."""
+        return self.root / "logs"
+
+    @property
     def train(self) -> Path:
         return self.root / "train"
 

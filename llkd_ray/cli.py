@@ -134,7 +134,7 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from llkd_ray.train.launch import CONFIG_GOLD, format_flops, train_student
+    from llkd_ray.train.launch import CONFIG_GOLD, format_training, train_student
 
     config = _load(args)
     eval_data = None if args.no_eval else (args.eval or CONFIG_GOLD)
@@ -148,21 +148,7 @@ def _train(args: argparse.Namespace) -> int:
         budget=args.budget,
         eval_data=eval_data,
     )
-    usage, compute = summary["data_usage"], summary["compute"]
-    passes = f" = {compute['all_passes']:.2f} passes of `all`" if compute.get("all_passes") is not None else ""
-    scoring = compute["scoring_flops"] / compute["flops"] if compute["flops"] else 0.0
-    line = (
-        f"trained {summary['strategy']} student: {summary['steps']} steps on {summary['workers']} workers, "
-        f"{usage['pool_fraction']:.1%} of the pool selected at least once, "
-        f"{summary['samples_per_s']:.1f} samples/s -> {summary['student']}\n"
-        f"compute: {format_flops(compute['flops'])}{passes} ({scoring:.0%} scoring, {1 - scoring:.0%} training); "
-        f"time {summary['scoring_s']:.0f} s scoring, {summary['training_s']:.0f} s training, "
-        f"{summary['selection_s']:.1f} s selection"
-    )
-    final = summary.get("final_metrics")
-    if final:
-        line += f"\ngold {summary['gold']}: accuracy {final['accuracy']:.4f}, macro-F1 {final['macro_f1']:.4f}"
-    print(line)
+    print(format_training(summary))
     return 0
 
 
@@ -255,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llkd",
         description="Distil an LLM teacher into a small served classifier on Ray (LLKD).",
+    )
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="Ray's own logs on the console (else they go to RUN/logs/; also LLKD_VERBOSE=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_commands in (_add_inspection, _add_stages, _add_bench, _add_pipeline, _add_serve):
@@ -402,7 +394,10 @@ def _add_serve(commands: Commands) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from llkd_ray.console import set_verbose
+
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
     handler: Handler = args.handler
     return run_reporting_errors(handler, args)
 

@@ -396,6 +396,18 @@ class ServingConfig(_Section):
         return self
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking (docs/tracking.md): one MLflow run per ``llkd run`` / ``llkd train``."""
+
+    backend: Literal["none", "mlflow"] = "none"
+    """``mlflow`` needs the ``tracking`` extra (``pip install 'llkd-ray[tracking]'``)."""
+    uri: str | None = None
+    """MLflow tracking URI (a server, ``file:/path``, or a path); default ``MLFLOW_TRACKING_URI``,
+    else ``file:RUN/mlruns`` (a local file store in the run or output directory)."""
+    experiment: Annotated[str, Field(min_length=1)] = "llkd"
+    """The MLflow experiment the runs go to."""
+
+
 class PipelineConfig(_Section):
     task: TaskConfig
     data: DataConfig
@@ -404,6 +416,7 @@ class PipelineConfig(_Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections, for stage outputs and resume checks."""

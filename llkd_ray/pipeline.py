@@ -9,6 +9,9 @@
     RUN/eval.json             teacher and student metrics on the gold set (evaluate stage)
     RUN/report/index.html     the run report with its PNG plots (report stage)
     RUN/_stages/STAGE.json    one marker per stage: config hash, status, wall time
+    RUN/tracking.json         this invocation's MLflow run (tracking.backend: mlflow)
+    RUN/mlruns/               the MLflow file store, unless tracking.uri / MLFLOW_TRACKING_URI says otherwise
+    RUN/logs/                 Ray's own logs (driver, Data, Train); on the console with --verbose
 
 A stage is skipped when its marker says ``done`` with the hash of the config sections it depends
 on and its outputs are there, and no stage before it ran in this invocation. Markers are written
@@ -31,7 +34,9 @@ from typing import Any
 
 from llkd_ray.artifacts import MANIFEST, STAGES, RunLayout, percent, read_json, write_json, write_text
 from llkd_ray.config import PipelineConfig, load_config
+from llkd_ray.console import verbose
 from llkd_ray.errors import ConfigError, LlkdError
+from llkd_ray.tracking import TrackingRun, start_run
 
 #: Config sections each stage's output depends on (its hash decides whether it is redone).
 _LABEL_SECTIONS = ("task", "data", "teacher")
@@ -120,15 +125,16 @@ def label_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str
     from llkd_ray.label.run import label_corpus
 
     log(f"label: teacher {config.teacher.backend} labels {config.data.input} -> {layout.labels}")
-    label_corpus(config, output=layout.labels)
+    log(label_corpus(config, output=layout.labels).summary())
     return read_json(layout.labels / MANIFEST) or {}
 
 
 def train_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
-    from llkd_ray.train.launch import train_student
+    from llkd_ray.train.launch import format_training, train_student
 
     log(f"train: {config.selection.strategy} student on {config.training.workers} workers -> {layout.train}")
-    train_student(config, labels=layout.labels, output=layout.train)
+    tracking = TrackingRun.from_dict(read_json(layout.tracking))
+    log(format_training(train_student(config, labels=layout.labels, output=layout.train, tracking=tracking)))
     return training_summary(layout)
 
 
@@ -169,6 +175,10 @@ def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[
         "config_hash": stage_hash(config, "evaluate"),
     }
     write_json(layout.eval_json, result)
+    log(
+        f"evaluate: macro-F1 teacher {teacher['macro_f1']:.3f}, student {student['macro_f1']:.3f} "
+        f"on {len(gold)} gold rows -> {layout.eval_json}"
+    )
     return result
 
 
@@ -224,7 +234,30 @@ def run_pipeline(
         # A local Ray sized for the trainer's workers plus Ray Data's readers (or the job's cluster).
         from llkd_ray.runtime import ensure_ray
 
-        ensure_ray(config)
+        ensure_ray(config, log_dir=layout.logs)
+    tracking = _start_tracking(config, layout)
+    try:
+        _run_stages(config, layout, plan, result, log)
+        if tracking is not None:
+            tracking.log_artifacts([layout.config, layout.eval_json, layout.report])
+    except BaseException:
+        if tracking is not None:
+            tracking.end(failed=True)
+        raise
+    if tracking is not None:
+        tracking.end()
+        log(f"tracking: MLflow run {tracking.run_id} in {tracking.uri}")
+    result.eval = read_json(layout.eval_json) or {}
+    if serve:  # blocks until interrupted: nothing to record or skip
+        log(format_summary(result))
+        serve_stage(config, layout, log)
+    return result
+
+
+def _run_stages(
+    config: PipelineConfig, layout: RunLayout, plan: dict[str, str], result: PipelineResult, log: Log
+) -> None:
+    """Each stage in order: skipped, or run between its ``running`` and ``done`` markers."""
     for stage, action in plan.items():
         digest = stage_hash(config, stage)
         if action == "skip":
@@ -252,11 +285,16 @@ def run_pipeline(
             {**marker, "status": "done", "finished_at": _now(), "wall_s": wall, "summary": _jsonable(summary)},
         )
         result.stages[stage] = StageRecord(stage, "resumed" if action == "resume" else "ran", wall, digest)
-    result.eval = read_json(layout.eval_json) or {}
-    if serve:  # blocks until interrupted: nothing to record or skip
-        log(format_summary(result))
-        serve_stage(config, layout, log)
-    return result
+
+
+def _start_tracking(config: PipelineConfig, layout: RunLayout) -> TrackingRun | None:
+    """This invocation's MLflow run (``tracking.backend``), named after the run directory; its id in
+    ``RUN/tracking.json`` for the train stage, whose workers log their metrics to it."""
+    layout.tracking.unlink(missing_ok=True)
+    tracking = start_run(config, layout.root, layout.root.resolve().name, tags={"llkd.command": "run"})
+    if tracking is not None:
+        write_json(layout.tracking, tracking.to_dict())
+    return tracking
 
 
 def _remove(path: Path) -> None:
@@ -337,4 +375,7 @@ def format_summary(result: PipelineResult, total_s: float | None = None) -> str:
     if total_s is not None:
         lines.append(f"  {'total':<9} {total_s:8.1f} s")
     lines.append(f"Report: {result.report}")
+    logs = RunLayout(result.run_dir).logs
+    if logs.is_dir() and not verbose():
+        lines.append(f"Ray's logs: {logs}/ (--verbose shows them on the console)")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from llkd_ray.bench.settings import BenchSettings, Variant, base_config, run_con
 from llkd_ray.bench.summary import plateau_check, summarize
 from llkd_ray.config import PipelineConfig
 from llkd_ray.errors import ConfigError, DataError
+from llkd_ray.tracking import TrackingRun, start_run
 
 # --------------------------------------------------------------------------- stages (the contracts)
 
@@ -35,11 +36,14 @@ def _label(config: PipelineConfig, output: Path) -> Path:
     return output
 
 
-def _train(config: PipelineConfig, labels: Path, output: Path) -> dict[str, Any]:
-    """Train one student, evaluated on the gold set along its run; returns its training summary."""
+def _train(config: PipelineConfig, labels: Path, output: Path, tracking: TrackingRun | None = None) -> dict[str, Any]:
+    """Train one student, evaluated on the gold set along its run; returns its training summary.
+    ``tracking``: its MLflow run (nested under the benchmark's), metrics and records, no student."""
     from llkd_ray.train.launch import train_student
 
-    return train_student(config, labels=labels, output=output, eval_data=config.data.gold)
+    return train_student(
+        config, labels=labels, output=output, eval_data=config.data.gold, tracking=tracking, track_student=False
+    )
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -98,7 +102,8 @@ def run_key(config: PipelineConfig, labels: Path) -> str:
     """What a run's result depends on: its config's settings that differ from the defaults (so a
     config field added later, with its default, keeps finished runs valid and a long benchmark
     resumes across versions) and the teacher's labels."""
-    return stable_hash({"config": config.model_dump(mode="json", exclude_defaults=True), "labels": labels.name})
+    settings = config.model_dump(mode="json", exclude_defaults=True, exclude={"tracking"})  # tracking changes no result
+    return stable_hash({"config": settings, "labels": labels.name})
 
 
 def _finished_run(result_path: Path, key: str, earlier: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -110,10 +115,27 @@ def _finished_run(result_path: Path, key: str, earlier: dict[str, Any] | None) -
     return run if isinstance(run, dict) and run.get("key") == key else None
 
 
-def _train_run(config: PipelineConfig, variant: Variant, seed: int, key: str, labels: Path, run_dir: Path) -> dict:
-    """Train one run and record its result in ``run_dir/result.json``."""
+def _train_run(
+    config: PipelineConfig,
+    variant: Variant,
+    seed: int,
+    key: str,
+    labels: Path,
+    run_dir: Path,
+    parent: TrackingRun | None = None,
+) -> dict:
+    """Train one run and record its result in ``run_dir/result.json`` (and a nested MLflow run)."""
     started = time.perf_counter()
-    summary = _train(config, labels, run_dir / "train")
+    tags = {"llkd.strategy": variant.name, "llkd.seed": str(seed)}
+    tracking = start_run(config, run_dir, f"{variant.slug}-seed{seed}", parent=parent, tags=tags) if parent else None
+    try:
+        summary = _train(config, labels, run_dir / "train", tracking)
+    except BaseException:
+        if tracking is not None:
+            tracking.end(failed=True)
+        raise
+    if tracking is not None:
+        tracking.end()
     train_time = time.perf_counter() - started
     run = run_record(summary, variant, seed, key)
     run["train_wall_time_s"] = train_time
@@ -152,10 +174,36 @@ def run_benchmark(
     if train:
         from llkd_ray.runtime import ensure_ray
 
-        ensure_ray(base)  # a private local Ray with room for the trainer and Ray Data, or the job's cluster
+        # A private local Ray with room for the trainer and Ray Data (its logs in OUTPUT/logs), or the job's cluster.
+        ensure_ray(base, log_dir=output / "logs")
     labels_dir, teacher = teacher_scores(data, base, work, log)
     log(f"teacher on the gold set: accuracy {teacher['accuracy']:.3f}, macro-F1 {teacher['macro_f1']:.3f}")
     reused = reusable_runs(reuse, data, settings)
+    # One MLflow run for the benchmark (tracking.backend: mlflow), a nested one per strategy and seed.
+    parent = start_run(base, output, f"bench-{output.resolve().name}", tags={"llkd.command": "bench"})
+    try:
+        runs = _run_all(base, settings, variants, labels_dir, work, reused, train, parent, log)
+    except BaseException:
+        if parent is not None:
+            parent.end(failed=True)
+        raise
+    if parent is not None:
+        parent.end()
+    return benchmark_results(data, settings, variants, base, teacher, runs)
+
+
+def _run_all(
+    base: PipelineConfig,
+    settings: BenchSettings,
+    variants: list[Variant],
+    labels_dir: Path,
+    work: Path,
+    reused: dict[tuple[str, int], Any],
+    train: bool,
+    parent: TrackingRun | None,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Every variant and seed: a finished run is read back, the others trained (``train``)."""
     runs: list[dict[str, Any]] = []
     total = len(variants) * settings.seeds
     for seed in range(settings.seeds):
@@ -168,9 +216,9 @@ def run_benchmark(
                 runs.append(run)
                 log(f"[{len(runs)}/{total}] {variant.name} seed {seed}: done before, macro-F1 {run['macro_f1']:.3f}")
             elif train:
-                runs.append(_train_run(config, variant, seed, key, labels_dir, run_dir))
+                runs.append(_train_run(config, variant, seed, key, labels_dir, run_dir, parent))
                 log(f"[{len(runs)}/{total}] {variant.name} seed {seed}: {_trained_line(runs[-1])}")
-    return benchmark_results(data, settings, variants, base, teacher, runs)
+    return runs
 
 
 def benchmark_results(

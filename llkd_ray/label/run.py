@@ -20,6 +20,8 @@ import pandas as pd
 from llkd_ray import __version__
 from llkd_ray.artifacts import MANIFEST, REJECTED_DIR, stable_hash
 from llkd_ray.config import PipelineConfig
+from llkd_ray.console import Progress
+from llkd_ray.errors import DataError
 from llkd_ray.label.pool import ActorPool, plan_actor_pool
 from llkd_ray.label.scan import scan_output
 from llkd_ray.label.stages import LABEL_STAGES, StageContext, build_pipeline
@@ -214,11 +216,32 @@ def _label_pass(
             pool=plan_actor_pool(getattr(config.teacher, plan.backend)) if backend_spec(plan.backend).local else None,
         )
         committed_blocks = build_pipeline(corpus.classified, LABEL_STAGES, run)
-        summaries = list(committed_blocks.iter_batches(batch_format="pandas", batch_size=None))
+        summaries = []
+        with Progress("label", _rows_to_label(config, len(committed)), "rows") as progress:
+            for summary in committed_blocks.iter_batches(batch_format="pandas", batch_size=None):
+                summaries.append(summary)
+                progress.update(progress.done + int(summary["labeled"].sum()) + int(summary["rejected"].sum()))
     finally:
         context.execution_options.preserve_order = preserve_order
     blocks = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=SUMMARY_COLUMNS)
     return _LabelPass(blocks, len(committed), rejected_before, run.pool)
+
+
+def _rows_to_label(config: PipelineConfig, committed: int) -> int | None:
+    """The rows this pass will label, for the progress bar: the limit, or the lines of local JSONL
+    files; None (a bar without a total) otherwise."""
+    from llkd_ray.corpus import resolve_paths
+
+    rows = config.data.limit
+    if rows is None:
+        try:
+            paths = [Path(p) for p in resolve_paths(config.data.input)]
+        except DataError:  # nothing there yet: the read will say so
+            return None
+        if not paths or not all(p.suffix == ".jsonl" and p.is_file() for p in paths):
+            return None
+        rows = sum(1 for p in paths for line in p.open("rb") if line.strip())
+    return max(rows - committed, 0)
 
 
 def _run_record(labelled: _LabelPass, totals: dict[str, Any], wall: float) -> dict[str, Any]:

@@ -4,11 +4,15 @@ A worker restored by Ray Train and the driver collecting the final checkpoint re
 ``training_state.pt``; the final checkpoint adds ``selected_ids.parquet`` (how often each pool row
 was selected). The recipe writes the student and the state payload
 (:meth:`~llkd_ray.train.recipe.StudentTrainingRecipe.save_checkpoint`).
+
+Decision: the state file holds plain data only (tensors, numbers, strings, lists, tuples, dicts) and
+is read with ``torch.load(..., weights_only=True)``, so a run directory from elsewhere cannot run
+code when resumed; anything else in it is refused with a :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from llkd_ray.errors import LlkdError, first_line
+
 STATE_FILE = "training_state.pt"
 WORKER_SUMMARY = "worker_summary.json"
 SELECTED_IDS = "selected_ids.parquet"
+
+
+class CheckpointError(LlkdError):
+    """A checkpoint's state file holds more than plain data (or is unreadable): it is not loaded."""
 
 
 @dataclass
@@ -56,10 +66,36 @@ class TrainState:
         }
 
 
+def state_payload(
+    state: TrainState,
+    compute: Any,
+    selector: dict[str, Any],
+    optimizer: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What ``training_state.pt`` holds: state, compute (a dataclass) and selector state, the optimizer
+    and schedule unless it is the final checkpoint (``optimizer is None``). Plain data only."""
+    payload = {"state": asdict(state), "compute": asdict(compute), "selector": selector, "final": optimizer is None}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer
+        payload["scheduler"] = scheduler
+    return payload
+
+
+def write_state(directory: Path, payload: dict[str, Any]) -> None:
+    torch.save(payload, directory / STATE_FILE)
+
+
 def read_state(directory: Path) -> dict[str, Any]:
-    """A checkpoint's ``training_state.pt``: state, compute and selector, the optimizer and schedule
-    unless it is the final one."""
-    return torch.load(directory / STATE_FILE, weights_only=False)
+    """A checkpoint's ``training_state.pt`` (see :func:`state_payload`), loaded without unpickling code."""
+    path = directory / STATE_FILE
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError (or RuntimeError) for a non-plain payload
+        raise CheckpointError(
+            f"{path}: not loaded: a training state must hold plain tensors, numbers, strings, lists and "
+            f"dicts (read with torch.load(weights_only=True)); {first_line(error)}"
+        ) from error
 
 
 def write_selected_ids(directory: Path, selected_counts: dict[str, int]) -> None:

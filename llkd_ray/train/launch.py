@@ -13,8 +13,10 @@ import contextlib
 import json
 import logging
 import shutil
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from typing import Any
 from llkd_ray.artifacts import TRAINING_SUMMARY
 from llkd_ray.compute import ComputeMeter, all_pass_flops
 from llkd_ray.config import PipelineConfig, validate_config
+from llkd_ray.console import Progress, quiet_train_worker, train_logging_config, verbose
 from llkd_ray.errors import ConfigError
+from llkd_ray.tracking import TrackingRun, start_run
 from llkd_ray.train.checkpoint import SELECTED_IDS, TrainState, read_state
 from llkd_ray.train.data import LabeledPool, build_dataset, estimate_pool_tokens, validate_labels_dir
 from llkd_ray.train.plan import TrainingPlan
@@ -36,6 +40,8 @@ CONFIG_GOLD = "config"
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function: build the recipe and run it."""
+    if loop_config.get("quiet_logs"):
+        quiet_train_worker()
     recipe = StudentTrainingRecipe.from_loop_config(loop_config)
     recipe.setup()
     recipe.train()
@@ -83,6 +89,25 @@ def format_flops(flops: float) -> str:
     return f"{flops:.3g} FLOP"
 
 
+def format_training(summary: dict[str, Any]) -> str:
+    """The training stage's result lines, from its ``training_summary.json``."""
+    usage, compute = summary["data_usage"], summary["compute"]
+    passes = f" = {compute['all_passes']:.2f} passes of `all`" if compute.get("all_passes") is not None else ""
+    scoring = compute["scoring_flops"] / compute["flops"] if compute["flops"] else 0.0
+    line = (
+        f"trained {summary['strategy']} student: {summary['steps']} steps on {summary['workers']} workers, "
+        f"{usage['pool_fraction']:.1%} of the pool selected at least once, "
+        f"{summary['samples_per_s']:.1f} samples/s -> {summary['student']}\n"
+        f"compute: {format_flops(compute['flops'])}{passes} ({scoring:.0%} scoring, {1 - scoring:.0%} training); "
+        f"time {summary['scoring_s']:.0f} s scoring, {summary['training_s']:.0f} s training, "
+        f"{summary['selection_s']:.1f} s selection"
+    )
+    final = summary.get("final_metrics")
+    if final:
+        line += f"\ngold {summary['gold']}: accuracy {final['accuracy']:.4f}, macro-F1 {final['macro_f1']:.4f}"
+    return line
+
+
 def train_student(
     config: PipelineConfig,
     labels: str | Path,
@@ -94,13 +119,17 @@ def train_student(
     budget: float | None = None,
     eval_data: str | None = CONFIG_GOLD,
     fault_injection: FaultInjection | None = None,
+    tracking: TrackingRun | None = None,
+    track_student: bool = True,
 ) -> dict[str, Any]:
     """Train a student on the labels in ``labels``; write it and its records to ``output``.
 
     ``strategy``, ``workers``, ``max_steps`` and ``budget`` (compute, in passes of ``all``) override
     the config. ``eval_data`` is the gold set evaluated during training: the config's ``data.gold``
     by default, another reference, or None. Returns the training summary (also written to
-    ``output/training_summary.json``).
+    ``output/training_summary.json``). With ``tracking.backend: mlflow`` the run is tracked in
+    ``tracking`` (the caller's MLflow run, which it ends) or in a run of its own, ended here; the
+    summary, ``metrics.jsonl`` and (``track_student``) the student are logged as artifacts.
     """
     from transformers import AutoTokenizer
 
@@ -116,14 +145,26 @@ def train_student(
     output = Path(output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
 
-    ensure_ray(config)
+    ensure_ray(config, log_dir=output / "logs")
     gold = _gold_payload(config, eval_data)
-    state, compute = _fit(config, plan, pool, output, student_path, gold, fault_injection)
-    summary = _training_summary(config, plan, pool, pool_tokens, state, compute)
-    summary["labels"], summary["student"] = str(labels), str(output / "student")
-    summary["gold"] = gold["reference"] if gold else None
-    summary["wall_time_s"] = round(time.perf_counter() - wall_started, 3)
-    (output / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    own_run = None if tracking is not None else start_run(config, output, f"train-{config.selection.strategy}")
+    tracking = tracking or own_run
+    try:
+        state, compute = _fit(config, plan, pool, output, student_path, gold, fault_injection, tracking)
+        summary = _training_summary(config, plan, pool, pool_tokens, state, compute)
+        summary["labels"], summary["student"] = str(labels), str(output / "student")
+        summary["gold"] = gold["reference"] if gold else None
+        summary["wall_time_s"] = round(time.perf_counter() - wall_started, 3)
+        (output / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        if tracking is not None:
+            tracked = [output / TRAINING_SUMMARY, output / "metrics.jsonl", output / SELECTED_IDS]
+            tracking.log_artifacts([*tracked, *([output / "student"] if track_student else [])])
+    except BaseException:
+        if own_run:
+            own_run.end(failed=True)
+        raise
+    if own_run:
+        own_run.end()
     return summary
 
 
@@ -135,6 +176,7 @@ def _fit(
     student_path: str,
     gold: dict[str, Any] | None,
     fault_injection: FaultInjection | None,
+    tracking: TrackingRun | None = None,
 ) -> tuple[TrainState, ComputeMeter]:
     """Run the Ray Train job; copy the final student and records into ``output``; return its state."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -153,6 +195,8 @@ def _fit(
             "student_path": student_path,
             "gold": gold,
             "fault": asdict(fault_injection) if fault_injection else None,
+            "tracking": tracking.to_dict() if tracking else None,
+            "quiet_logs": not verbose(),
         },
         scaling_config=ScalingConfig(
             num_workers=training.workers,
@@ -164,10 +208,12 @@ def _fit(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=train_logging_config(),
         ),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    with _metrics_progress(output / "metrics.jsonl", plan):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -187,6 +233,41 @@ def _fit(
         with contextlib.suppress(OSError):
             Path(storage).rmdir()
     return TrainState(**saved["state"]), ComputeMeter(**saved["compute"])
+
+
+@contextlib.contextmanager
+def _metrics_progress(path: Path, plan: TrainingPlan, poll_s: float = 1.0) -> Iterator[Progress]:
+    """The train stage's progress bar, fed from the ``progress`` of the records rank 0 appends to
+    ``metrics.jsonl`` (the driver reads the file; on a cluster without a shared ``output`` the bar
+    stays put). Steps of the step budget, or percent of the compute budget."""
+    total, unit = (100, "% of budget") if plan.budget else (plan.total_steps, "steps")
+    stop = threading.Event()
+    path.unlink(missing_ok=True)  # a previous run's records are not this run's progress
+
+    def follow(progress: Progress) -> None:
+        offset = 0
+        while not stop.wait(poll_s):
+            with contextlib.suppress(OSError):
+                with path.open("rb") as handle:
+                    if path.stat().st_size < offset:  # rewritten from a checkpoint's copy on a resume
+                        offset = 0
+                    handle.seek(offset)
+                    chunk = handle.read()
+                complete = chunk[: chunk.rfind(b"\n") + 1]
+                offset += len(complete)
+                done = [json.loads(line).get("progress") for line in complete.splitlines() if line.strip()]
+                done = [d for d in done if d is not None]
+                if done:
+                    progress.update(round(max(done) * total, 2))
+
+    with Progress("train", total, unit) as progress:
+        watcher = threading.Thread(target=follow, args=(progress,), name="llkd-train-progress", daemon=True)
+        watcher.start()
+        try:
+            yield progress
+        finally:
+            stop.set()
+            watcher.join()
 
 
 def _training_summary(

@@ -29,7 +29,8 @@ import torch
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig
 from llkd_ray.serve.predictor import Predictor, save_classifier
-from llkd_ray.train.checkpoint import STATE_FILE, TrainState, read_state, write_selected_ids
+from llkd_ray.tracking import TrackingRun
+from llkd_ray.train.checkpoint import TrainState, read_state, state_payload, write_selected_ids, write_state
 from llkd_ray.train.data import Batch, CandidateStream
 from llkd_ray.train.plan import TrainingPlan
 from llkd_ray.train.selection import Selection, Selector
@@ -171,10 +172,13 @@ class StudentTrainingRecipe:
         student_path: str,
         gold: dict[str, Any] | None = None,
         callbacks: list[StepCallback] | None = None,
+        tracking: TrackingRun | None = None,
     ) -> None:
         self.config, self.plan, self.output = config, plan, output
         self.student_path, self.gold = student_path, gold
         self.callbacks = callbacks or []
+        self.tracking = tracking
+        """Rank 0 logs each record of ``metrics.jsonl`` to this MLflow run too (``tracking.backend``)."""
         self.metrics_path = output / "metrics.jsonl"
         self.label_names = config.task.label_names
         self.state = TrainState()
@@ -190,6 +194,7 @@ class StudentTrainingRecipe:
             loop_config["student_path"],
             loop_config.get("gold"),
             callbacks=[FaultInjection(**fault)] if fault else [],
+            tracking=TrackingRun.from_dict(loop_config.get("tracking")),
         )
 
     # ------------------------------------------------------------------ setup
@@ -308,7 +313,7 @@ class StudentTrainingRecipe:
             step = self._account(result)
             state.train_seconds = time.perf_counter() - started
             if self.rank == 0:
-                _write_jsonl(self.metrics_path, self._step_record(result.selection, step))
+                self._record(self._step_record(result.selection, step))
 
             if self._evaluation_due():
                 self.evaluate()
@@ -443,7 +448,13 @@ class StudentTrainingRecipe:
             "per_class_f1": {name: metrics["per_class"][name]["f1"] for name in self.label_names},
         }
         state.curve.append(record | {"n": metrics["n"]})
+        self._record(record)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Rank 0: a record of ``metrics.jsonl`` (a step or an evaluation), and to MLflow when tracked."""
         _write_jsonl(self.metrics_path, record)
+        if self.tracking is not None:
+            self.tracking.log_record(record)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -469,16 +480,9 @@ class StudentTrainingRecipe:
         """The student, the training state and the metrics so far; the selections when ``final``."""
         # The training length goes with the student, so serving and pipelines truncate as training did.
         save_classifier(unwrap_model(self.model), self.tokenizer, directory / "student", self.ctx.max_length)
-        payload = {
-            "state": asdict(self.state),
-            "compute": asdict(self.compute),
-            "selector": self.selector.state_dict(),
-            "final": final,
-        }
-        if not final:
-            payload["optimizer"] = self.optimizer.state_dict()
-            payload["scheduler"] = self.scheduler.state_dict()
-        torch.save(payload, directory / STATE_FILE)
+        optimizer, scheduler = (None, None) if final else (self.optimizer.state_dict(), self.scheduler.state_dict())
+        payload = state_payload(self.state, self.compute, self.selector.state_dict(), optimizer, scheduler)
+        write_state(directory, payload)
         if self.metrics_path.is_file():
             shutil.copyfile(self.metrics_path, directory / "metrics.jsonl")
         if final:
