@@ -134,7 +134,8 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from llkd_ray.train.launch import CONFIG_GOLD, format_flops, train_student
+    from llkd_ray.compute import format_flops
+    from llkd_ray.train.launch import CONFIG_GOLD, train_student
 
     config = _load(args)
     eval_data = None if args.no_eval else (args.eval or CONFIG_GOLD)

@@ -64,6 +64,7 @@ def test_vllm_teacher_labels_through_ray_data_llm_and_agrees_with_hf(ray_local, 
         "confidence",
         "probs",
         "truncated",
+        "teacher_tokens",
         "gold_label",
     ]
     assert len(labeled) == 23 and rejected["reason"].tolist() == ["whitespace_text"]

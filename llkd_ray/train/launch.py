@@ -75,14 +75,6 @@ def _gold_payload(config: PipelineConfig, eval_data: str | None) -> dict[str, An
     }
 
 
-def format_flops(flops: float) -> str:
-    """``1.23 PFLOP``-style, for summary lines."""
-    for scale, unit in ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")):
-        if flops >= scale:
-            return f"{flops / scale:.2f} {unit}"
-    return f"{flops:.3g} FLOP"
-
-
 def train_student(
     config: PipelineConfig,
     labels: str | Path,
