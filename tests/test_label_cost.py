@@ -215,3 +215,81 @@ def test_old_run_dirs_render_compute_as_not_recorded(tmp_path):
     write_json(run.eval_json, {k: v for k, v in old_eval.items() if k != "compute"})
     page = build_report(run.root).read_text()
     assert "60.0%" in page and "6.00 GFLOP" in page
+
+
+# --------------------------------------------------------------------------- the plan before the bill
+
+PLAN_SCRIPT = """
+import contextlib, io, json, sys
+import ray
+from llkd_ray.cli import main
+
+args = json.loads(sys.argv[1])
+outputs = []
+for command in (["label", "--json"], ["label", "--json", "--plan-rows", "10"], ["run", "--json"], ["label"]):
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main([command[0], *args, *command[1:]]) == 0
+    outputs.append(buffer.getvalue())
+started = {"ray": ray.is_initialized(), "vllm": "vllm" in sys.modules}
+print(json.dumps({"outputs": outputs, "started": started}))
+"""
+
+
+def test_plan_prints_the_right_tokens_and_flops_and_starts_no_engine(tiny_llm_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    texts = [*sst2_texts(40), "   "]  # 41 rows, one the reader rejects
+    corpus = write_corpus(tmp_path / "pool.jsonl", texts)
+    sets = [f"data.input={corpus}", "data.label_column=null", "teacher.backend=hf", f"teacher.hf.model={tiny_llm_dir}"]
+    sets.append("teacher.hf.max_model_len=512")  # no prompt truncated: the hand count is the template's tokens
+    args = ["--config", DEMO, *[item for s in sets for item in ("--set", s)], "--plan"]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", PLAN_SCRIPT, json.dumps(args)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["started"] == {"ray": False, "vllm": False}  # no Ray started, no engine imported
+    full, sampled, run, text = result["outputs"]
+
+    config = load_config(DEMO, sets)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    per_row = [
+        len(tokenizer(render_prompt(config.task, config.teacher.prompt_template, t))["input_ids"]) for t in texts[:40]
+    ]
+    n = tiny_llama_parameters()
+    plan = json.loads(full)
+    assert plan["rows"] == 41 and plan["rows_counted"] and plan["sampled"] == 41 and plan["sample_valid"] == 40
+    assert plan["exact"] and plan["tokens"] == sum(per_row) and plan["parameters"] == n
+    assert plan["flops"] == 2 * n * sum(per_row)
+    assert plan["gpu_hours"] == pytest.approx(plan["flops"] / (989e12 * 0.3) / 3600)
+    assert json.loads(run) == plan  # llkd run --plan: the same forecast
+
+    small = json.loads(sampled)  # ten rows sampled: the total is extrapolated, and says so
+    assert small["rows"] == 41 and small["sampled"] == 10 and not small["exact"]
+    assert small["mean_tokens"] == pytest.approx(sum(per_row[:10]) / 10)
+    assert small["tokens"] == pytest.approx(sum(per_row[:10]) / 10 * 41)
+    assert "no engine started" in text and "41 (counted)" in text and f"{sum(per_row):,}" in text
+    assert "GPU-hours at 30% utilisation (MFU) of 989 TFLOP/s" in text
+
+
+def test_plan_of_the_embedding_teacher_counts_the_encoder_tokens(tiny_sentence_encoder, tmp_path):
+    from transformers import AutoTokenizer
+
+    from llkd_ray.label.cost import label_plan
+
+    texts = [*sst2_texts(12), "word " * 300]
+    config = load_config(
+        DEMO,
+        [f"data.input={write_corpus(tmp_path / 'p.jsonl', texts)}", f"teacher.embedding.model={tiny_sentence_encoder}"],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sentence_encoder)
+    hand = sum(min(len(ids), 128) for ids in tokenizer(texts)["input_ids"])
+    plan = label_plan(config, sample_rows=100, peak_tflops=100.0, mfu=0.5)
+    assert plan.exact and plan.tokens == hand and plan.flops == 2 * tiny_encoder_parameters() * hand
+    assert plan.gpu_hours == pytest.approx(plan.flops / 50e12 / 3600)
