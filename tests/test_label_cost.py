@@ -293,3 +293,21 @@ def test_plan_of_the_embedding_teacher_counts_the_encoder_tokens(tiny_sentence_e
     plan = label_plan(config, sample_rows=100, peak_tflops=100.0, mfu=0.5)
     assert plan.exact and plan.tokens == hand and plan.flops == 2 * tiny_encoder_parameters() * hand
     assert plan.gpu_hours == pytest.approx(plan.flops / 50e12 / 3600)
+
+
+def test_eval_json_compute_reads_the_run_directory(tmp_path):
+    from llkd_ray.artifacts import RunLayout, write_json
+    from llkd_ray.pipeline import compute_lines, run_compute
+
+    layout = RunLayout(tmp_path / "run")
+    for directory in (layout.labels, layout.teacher_gold):
+        directory.mkdir(parents=True)
+    write_json(layout.labels / MANIFEST, {"teacher_compute": {"flops": 8e12, "parameters": 7, "tokens": 11}})
+    write_json(layout.teacher_gold / MANIFEST, {"teacher_compute": {"flops": 5e11}})
+    summary = {"compute": {"scoring_flops": 1e12, "training_flops": 1e12, "parameters": 3}}
+    compute = run_compute(layout, summary)
+    assert compute["shares"]["teacher_labeling"] == pytest.approx(0.8)
+    assert compute["teacher_gold_flops"] == 5e11 and compute["teacher_tokens"] == 11  # the gold set stays apart
+    lines = compute_lines({"compute": compute})
+    assert any("teacher labeling" in line and "8.00 TFLOP" in line and "80.0%" in line for line in lines)
+    assert any("gold set" in line and "500.00 GFLOP" in line for line in lines)
