@@ -34,6 +34,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = Tr
     )
 
 
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--plan`` and its settings, for ``llkd label`` and ``llkd run``: the labeling bill before it is run."""
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print rows, teacher tokens, FLOPs and GPU-hours of labeling from a sample; start nothing",
+    )
+    parser.add_argument("--plan-rows", type=_positive_int, default=1000, help="rows sampled by --plan (default 1000)")
+    parser.add_argument(
+        "--plan-peak-tflops", type=_positive_float, default=989.0, help="--plan: accelerator peak (H100/H200 bf16: 989)"
+    )
+    parser.add_argument("--plan-mfu", type=_positive_float, default=0.3, help="--plan: utilisation of the peak (0.3)")
+
+
+def _print_plan(config: PipelineConfig, args: argparse.Namespace) -> int:
+    """``--plan``: the labeling forecast, without Ray or an engine."""
+    from llkd_ray.errors import ConfigError
+    from llkd_ray.label.cost import label_plan
+
+    if args.plan_mfu > 1:
+        raise ConfigError(f"--plan-mfu {args.plan_mfu}: a share of the peak, at most 1")
+    plan = label_plan(config, sample_rows=args.plan_rows, peak_tflops=args.plan_peak_tflops, mfu=args.plan_mfu)
+    if getattr(args, "json", False):
+        _print_json(plan.to_dict())
+    else:
+        print(plan.describe())
+    return 0
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -123,6 +152,8 @@ def _label(args: argparse.Namespace) -> int:
         config.data.input = args.input
     if args.limit:
         config.data.limit = args.limit
+    if args.plan:
+        return _print_plan(config, args)
     output = args.output or f"runs/{Path(args.config).stem}/labels"
     init_ray()
     result = label_corpus(config, output, overwrite=args.overwrite)
@@ -204,6 +235,8 @@ def _run(args: argparse.Namespace) -> int:
     from llkd_ray.pipeline import format_summary, run_pipeline
 
     config = _load(args)
+    if args.plan:
+        return _print_plan(config, args)
     output = args.output or f"runs/{Path(args.config).stem}"
     result = run_pipeline(config, output, serve=args.serve, force=args.force)
     if not args.serve:
@@ -292,6 +325,8 @@ def _add_stages(commands: Commands) -> None:
     label.add_argument("--teacher", choices=("vllm", "hf", "embedding"), default=None, help="teacher backend")
     label.add_argument("--limit", type=_positive_int, default=None, help="label at most the first N rows")
     label.add_argument("--overwrite", action="store_true", help="replace labels of a different config in --output")
+    add_plan_arguments(label)
+    label.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     label.set_defaults(handler=_label)
 
     train = commands.add_parser("train", help="train the student on pseudo-labels with LLKD selection (Ray Train)")
@@ -368,6 +403,8 @@ def _add_pipeline(commands: Commands) -> None:
     run.add_argument("--output", "-o", default=None, help="run directory (default runs/CONFIG-NAME)")
     run.add_argument("--serve", action="store_true", help="serve the student when the pipeline is done")
     run.add_argument("--force", choices=STAGES, default=None, help="redo this stage and every stage after it")
+    add_plan_arguments(run)
+    run.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     run.set_defaults(handler=_run)
 
     demo = commands.add_parser("demo", help="the offline demo: SST-2, embedding teacher, MiniLM student, report")

@@ -20,6 +20,7 @@ hides what candidate scoring costs. So the trainer counts what it runs, in plain
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 
@@ -29,11 +30,22 @@ TRAINING_FLOPS_PER_TOKEN_PARAM = 6
 
 
 def non_embedding_parameters(model: torch.nn.Module) -> int:
-    """The student's parameters less its embedding tables (the N of the FLOPs rule)."""
+    """A model's parameters less its embedding tables and vocabulary projection (the N of the FLOPs rule).
+
+    Works on a model built on the ``meta`` device (no weights loaded): only shapes are read.
+    """
     embedding = {
         id(p) for module in model.modules() if isinstance(module, torch.nn.Embedding) for p in module.parameters()
     }
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    if isinstance(output, torch.nn.Module):
+        embedding |= {id(p) for p in output.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in embedding)
+
+
+def forward_flops(parameters: int, tokens: int) -> float:
+    """FLOPs of inference-mode forwards over ``tokens`` real tokens (the teacher's labeling, the scoring)."""
+    return float(FORWARD_FLOPS_PER_TOKEN_PARAM * parameters * tokens)
 
 
 def all_pass_flops(parameters: int, pool_tokens: int) -> float:
@@ -77,7 +89,7 @@ class ComputeMeter(StepCompute):
 
     @property
     def scoring_flops(self) -> float:
-        return float(FORWARD_FLOPS_PER_TOKEN_PARAM * self.parameters * self.scoring_tokens)
+        return forward_flops(self.parameters, self.scoring_tokens)
 
     @property
     def training_flops(self) -> float:
@@ -97,6 +109,68 @@ class ComputeMeter(StepCompute):
         out |= {"scoring_flops": self.scoring_flops, "training_flops": self.training_flops, "flops": self.flops}
         out["all_passes"] = self.flops / unit_flops if unit_flops else None
         return out
+
+
+def format_flops(flops: float) -> str:
+    """``1.23 PFLOP``-style, for summary lines."""
+    for scale, unit in ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:.3g} FLOP"
+
+
+#: The stages of a run whose compute is counted, in order, with the name shown for each.
+COMPUTE_STAGES = {
+    "teacher_labeling": "teacher labeling",
+    "student_scoring": "student scoring",
+    "student_training": "student training",
+}
+
+
+def compute_by_stage(label_manifest: dict[str, Any], training_summary: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs per stage of a run and each stage's share of their total (``eval.json``'s ``compute``).
+
+    From the label directory's manifest (``teacher_compute``) and ``training_summary.json``
+    (``compute``). A stage whose record is missing (a run written before it was counted) is None,
+    and then no shares are given: a share of an unknown total would mislead.
+    """
+    teacher = label_manifest.get("teacher_compute") or {}
+    student = training_summary.get("compute") or {}
+    flops = {
+        "teacher_labeling": teacher.get("flops"),
+        "student_scoring": student.get("scoring_flops"),
+        "student_training": student.get("training_flops"),
+    }
+    known = all(isinstance(v, int | float) for v in flops.values())
+    total = float(sum(flops.values())) if known else None
+    return {
+        "flops": flops,
+        "total_flops": total,
+        "shares": {k: v / total for k, v in flops.items()} if total else None,
+        "teacher_parameters": teacher.get("parameters"),
+        "teacher_tokens": teacher.get("tokens"),
+        "student_parameters": student.get("parameters"),
+        "rule": "2·N FLOPs per token forward, 6·N forward+backward (llkd_ray/compute.py)",
+    }
+
+
+def compute_rows(section: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(stage, FLOPs, share) per stage for summary lines and the report; ``not recorded`` where unknown."""
+    section = section or {}
+    flops = section.get("flops") or {}
+    shares = section.get("shares") or {}
+    rows = []
+    for key, name in COMPUTE_STAGES.items():
+        value = flops.get(key)
+        share = shares.get(key)
+        rows.append(
+            (
+                name,
+                format_flops(value) if isinstance(value, int | float) else "not recorded",
+                f"{share:.1%}" if isinstance(share, int | float) else "n/a",
+            )
+        )
+    return rows
 
 
 class ProgressSchedule:

@@ -188,7 +188,7 @@ def classify_rows(
     texts: list[str | None] = []
     reasons: list[str | None] = []
     for value in raw_texts:
-        reason = _reject_reason(value, max_chars)
+        reason = reject_reason(value, max_chars)
         reasons.append(reason)
         texts.append(
             value if isinstance(value, str) else (None if _is_missing(value) else json.dumps(value, default=str))
@@ -204,7 +204,7 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
 
 
-def _reject_reason(value: Any, max_chars: int) -> str | None:
+def reject_reason(value: Any, max_chars: int) -> str | None:
     if _is_missing(value):
         return "missing_text"
     if not isinstance(value, str):
@@ -234,7 +234,7 @@ class _ProbeUndecided(Exception):
     """The files alone do not tell the columns; ask Ray Data."""
 
 
-def _data_files(paths: list[str]) -> list[tuple[pafs.FileSystem, str]]:
+def data_files(paths: list[str]) -> list[tuple[pafs.FileSystem, str]]:
     """The files behind the paths, in Ray Data's order (directories expanded, hidden files skipped)."""
     files: list[tuple[pafs.FileSystem, str]] = []
     for path in paths:
@@ -302,7 +302,7 @@ def _probe_files(paths: list[str], fmt: Format) -> list[str] | None:
     if fmt == "text":
         return ["text"]
     try:
-        for filesystem, path in _data_files(paths):
+        for filesystem, path in data_files(paths):
             columns = _file_columns(filesystem, path, fmt)
             if columns is not None:
                 return columns

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import MANIFEST, STAGES, RunLayout, percent, read_json, write_json, write_text
+from llkd_ray.compute import compute_by_stage, compute_rows, format_flops
 from llkd_ray.config import PipelineConfig, load_config
 from llkd_ray.console import verbose
 from llkd_ray.errors import ConfigError, LlkdError
@@ -171,6 +172,7 @@ def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[
         "teacher": {"backend": config.teacher.backend, **teacher},
         "student": {"model": str(layout.student), **student},
         "data_usage": summary.get("data_usage"),
+        "compute": run_compute(layout, summary),
         "strategy": config.selection.strategy,
         "config_hash": stage_hash(config, "evaluate"),
     }
@@ -211,6 +213,24 @@ STAGE_FUNCTIONS: dict[str, Callable[[PipelineConfig, RunLayout, Log], dict[str, 
 
 def training_summary(layout: RunLayout) -> dict[str, Any]:
     return read_json(layout.training_summary) or {}
+
+
+def run_compute(layout: RunLayout, summary: dict[str, Any]) -> dict[str, Any]:
+    """``eval.json``'s ``compute``: FLOPs by stage with shares, and (apart, being evaluation, not
+    the method) what the teacher spent labeling the gold set."""
+    compute = compute_by_stage(read_json(layout.labels / MANIFEST) or {}, summary)
+    gold = (read_json(layout.teacher_gold / MANIFEST) or {}).get("teacher_compute") or {}
+    return compute | {"teacher_gold_flops": gold.get("flops")}
+
+
+def compute_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The summary's compute by stage (``not recorded`` for a run written before it was counted)."""
+    compute = evaluation.get("compute")
+    lines = ["Compute by stage (2·N FLOPs per token forward, 6·N forward+backward):"]
+    lines += [f"  {name:<17} {flops:>14}  {share:>6}" for name, flops, share in compute_rows(compute)]
+    if isinstance(compute, dict) and compute.get("teacher_gold_flops") is not None:
+        lines.append(f"  (the teacher on the gold set, for evaluation: {format_flops(compute['teacher_gold_flops'])})")
+    return lines
 
 
 # --------------------------------------------------------------------------- running
@@ -368,6 +388,7 @@ def format_summary(result: PipelineResult, total_s: float | None = None) -> str:
         )
     elif isinstance(usage, int | float):
         lines.append(f"Data usage: {percent(usage)} of the labeled pool")
+    lines += compute_lines(evaluation)
     lines.append("Wall time per stage:")
     for record in result.stages.values():
         note = " (done earlier, skipped)" if record.status == "skipped" else ""

@@ -28,7 +28,7 @@ from llkd_ray.label.store import JOB_FILE, OutputStore, commit_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
-LABEL_COLUMNS = ["id", "text", "pseudo_label", "label_index", "confidence", "probs", "truncated"]
+LABEL_COLUMNS = ["id", "text", "pseudo_label", "label_index", "confidence", "probs", "truncated", "teacher_tokens"]
 
 
 def parts(directory: Path, sub: str = "") -> list[Path]:

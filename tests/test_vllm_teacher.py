@@ -64,6 +64,7 @@ def test_vllm_teacher_labels_through_ray_data_llm_and_agrees_with_hf(ray_local, 
         "confidence",
         "probs",
         "truncated",
+        "teacher_tokens",
         "gold_label",
     ]
     assert len(labeled) == 23 and rejected["reason"].tolist() == ["whitespace_text"]
@@ -99,5 +100,8 @@ def test_vllm_teacher_labels_through_ray_data_llm_and_agrees_with_hf(ray_local, 
     assert (hf.probs.argmax(axis=1) == probs.argmax(axis=1)).all()
     np.testing.assert_allclose(hf.probs, probs, atol=1e-3)
     assert hf.truncated.tolist() == labeled["truncated"].tolist()
+    # Both count the same prompt tokens (vLLM's from the prompt encoder, before the engine).
+    assert labeled["teacher_tokens"].tolist() == hf.tokens.tolist()
+    assert manifest["teacher_compute"]["tokens"] == int(hf.tokens.sum())
     # A random model is not a uniform one: the comparison above is not vacuous.
     assert np.abs(probs[:, 0] - 0.5).max() > 0.05

@@ -19,6 +19,8 @@ hf, ``teachers.vllm.VLLMTeacher.apply`` for vllm) committing each block through
   ``build_pipeline``: the pipeline as data, checked before anything runs.
 - ``pool`` — ``teacher_stage``, ``ActorPool``/``plan_actor_pool`` and ``TeacherActor``: how the
   teacher becomes one Ray Data operator sized from the cluster.
+- ``cost`` — ``teacher_parameters``, ``teacher_compute`` and ``label_plan``: what labeling costs,
+  counted in a run (the manifest's ``teacher_compute``) and forecast before one (``--plan``).
 - ``teachers/`` — the teachers themselves (interface, prompts, three backends, registry, check);
   the plain-torch ones import without Ray.
 """

@@ -3,7 +3,8 @@
 In order: check the teacher (:func:`~llkd_ray.label.teachers.check.check_teacher`), check and
 claim the output directory (:mod:`llkd_ray.label.store`), run the declared stages over the rows
 not committed yet (:mod:`llkd_ray.label.stages`), total the directory
-(:func:`~llkd_ray.label.scan.scan_output`) and write the manifest with this run's record.
+(:func:`~llkd_ray.label.scan.scan_output`) and write the manifest with this run's record and the
+teacher's compute (:mod:`llkd_ray.label.cost`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import pandas as pd
 
 from llkd_ray import __version__
 from llkd_ray.artifacts import MANIFEST, REJECTED_DIR, stable_hash
+from llkd_ray.compute import format_flops, forward_flops
 from llkd_ray.config import PipelineConfig
 from llkd_ray.console import Progress
 from llkd_ray.errors import DataError
+from llkd_ray.label.cost import teacher_compute, teacher_parameters
 from llkd_ray.label.pool import ActorPool, plan_actor_pool
 from llkd_ray.label.scan import scan_output
 from llkd_ray.label.stages import LABEL_STAGES, StageContext, build_pipeline
@@ -108,7 +111,21 @@ class LabelResult:
             parts.append(f"gold accuracy {m['gold_accuracy']:.3f}")
         if counts["truncated"]:
             parts.append(f"{counts['truncated']} truncated")
+        parts.append(describe_teacher_compute(m.get("teacher_compute")))
         return "; ".join(parts) + f" -> {self.output}"
+
+
+def describe_teacher_compute(record: dict[str, Any] | None) -> str:
+    """``teacher compute 1.2 TFLOP (2·N, N 7.0e9 x 1.1e5 tokens)``, or ``not recorded``."""
+    if not record or record.get("flops") is None:
+        return "teacher compute not recorded"
+    text = (
+        f"teacher compute {format_flops(record['flops'])} "
+        f"(2·N, N {record['parameters']:.3g} x {record['tokens']:,} tokens)"
+    )
+    if record.get("rows_not_counted"):
+        text += f", {record['rows_not_counted']} earlier rows not counted"
+    return text
 
 
 def _machine_use(run: dict[str, Any]) -> str:
@@ -134,6 +151,7 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
 
     started = time.perf_counter()
     plan = check_teacher(config.task, config.teacher)
+    parameters = teacher_parameters(plan)
     config_hash = label_config_hash(config)
     store = OutputStore(output)
     check_output(store, config_hash, overwrite)
@@ -153,7 +171,8 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
     if not store.parts():
         # Readers of an empty result still find the schema.
         store.write_table(labeled_schema(has_gold).empty_table(), _EMPTY_PART)
-    run = _run_record(labelled, totals, wall)
+    run = _run_record(labelled, totals, wall, parameters)
+    compute = teacher_compute(parameters, totals.pop("teacher_tokens"))
     manifest: dict[str, Any] = {
         "stage": "label",
         "llkd_version": __version__,
@@ -167,6 +186,7 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
         **totals,
         "wall_time_s": round(wall, 3),
         "rows_per_s": run["rows_per_s"],
+        "teacher_compute": compute,
         "run": run,
         # Top-level copy for the autoscaling check (how many actors served, and how much each did).
         "rows_per_actor": run["rows_per_actor"],
@@ -244,8 +264,9 @@ def _rows_to_label(config: PipelineConfig, committed: int) -> int | None:
     return max(rows - committed, 0)
 
 
-def _run_record(labelled: _LabelPass, totals: dict[str, Any], wall: float) -> dict[str, Any]:
-    """The manifest's ``run``: rows this pass, its speed, rows and threads per teacher actor."""
+def _run_record(labelled: _LabelPass, totals: dict[str, Any], wall: float, parameters: int | None) -> dict[str, Any]:
+    """The manifest's ``run``: rows this pass, its speed, rows and threads per teacher actor, and the
+    tokens the teacher read in this pass (the blocks' records) and their FLOPs."""
     import ray
 
     runs = labelled.blocks
@@ -258,6 +279,7 @@ def _run_record(labelled: _LabelPass, totals: dict[str, Any], wall: float) -> di
     # are the rejected rows the directory gained in this run.
     rejected = max(totals["counts"]["rejected"] - labelled.rejected_before, 0)
     rows = labeled + rejected
+    tokens = int(runs["teacher_tokens"].astype(np.int64).sum())
     pool = labelled.pool
     return {
         "rows": rows,
@@ -273,6 +295,9 @@ def _run_record(labelled: _LabelPass, totals: dict[str, Any], wall: float) -> di
         "teacher_busy_s": round(float(runs["score_s"].astype(float).sum()), 3),
         # Torch threads of each actor (0 for the vLLM engines, which manage their own).
         "threads_per_actor": {str(k): int(v) for k, v in threads_per_actor.items()},
+        "blocks": int(runs["part"].nunique()),
+        "teacher_tokens": tokens,
+        "teacher_flops": forward_flops(parameters, tokens) if parameters is not None else None,
         "cluster_cpus": pool.cluster_cpus if pool else float(ray.cluster_resources().get("CPU", 0)),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -2,7 +2,8 @@
 
 :func:`scan_output` runs once at the end of a labeling run: it first repairs any id committed
 twice (the last step of exactly-once, see :mod:`llkd_ray.label.store`), then counts labels,
-rejections, confidence and gold accuracy from the parts' columns. :func:`read_labels` is what
+rejections, confidence, gold accuracy and the teacher's tokens from the parts' columns: so a
+resumed run counts every committed row once, whichever run labeled it. :func:`read_labels` is what
 training and the docs read a finished directory with.
 """
 
@@ -49,6 +50,38 @@ def _dedupe(store: OutputStore, sub: tuple[str, ...], seen: set[str]) -> int:
     return removed
 
 
+def _teacher_tokens(store: OutputStore, sub: tuple[str, ...], name: str) -> tuple[int, int, int]:
+    """(tokens, rows counted, rows of the teacher not counted) of one part's ``teacher_tokens``.
+
+    A part written before tokens were counted has no such column: its rows are not counted. In
+    ``rejected/`` only the teacher's rejections (``teacher_...`` reasons) are the teacher's rows.
+    """
+    columns = store.schema_names(*sub, name)
+    wanted = ["teacher_tokens"] if "teacher_tokens" in columns else []
+    if sub:
+        wanted.append("reason")
+    table = store.read_table(*sub, name, columns=wanted)
+    if sub:
+        table = table.filter(pc.starts_with(table["reason"], "teacher_"))
+    if "teacher_tokens" not in columns:
+        return 0, 0, table.num_rows
+    tokens = table["teacher_tokens"]
+    counted = len(tokens) - tokens.null_count
+    return int(pc.sum(tokens).as_py() or 0), counted, tokens.null_count
+
+
+def teacher_token_totals(store: OutputStore) -> dict[str, int]:
+    """The real tokens the teacher read for the committed rows (labeled and teacher-rejected)."""
+    totals = {"tokens": 0, "rows": 0, "rows_not_counted": 0}
+    for sub in ((), (REJECTED_DIR,)):
+        for name in store.parts(*sub):
+            tokens, counted, missing = _teacher_tokens(store, sub, name)
+            totals["tokens"] += tokens
+            totals["rows"] += counted
+            totals["rows_not_counted"] += missing
+    return totals
+
+
 def scan_output(store: OutputStore, label_names: list[str]) -> dict[str, Any]:
     """Totals of the committed output, after making sure every id is there exactly once."""
     seen: set[str] = set()
@@ -90,6 +123,7 @@ def scan_output(store: OutputStore, label_names: list[str]) -> dict[str, Any]:
             "duplicates_removed": duplicates,
         },
         "label_distribution": dict(zip(label_names, map(int, label_counts), strict=True)),
+        "teacher_tokens": teacher_token_totals(store),
         "mean_confidence": float(np.concatenate(confidences).mean()) if labeled else None,
         "gold_accuracy": None,
     }

@@ -4,12 +4,15 @@
 
 - ``part-<hash>.parquet`` — one row per accepted input row: ``id``, ``text``, ``pseudo_label``,
   ``label_index``, ``confidence`` (= max of ``probs``), ``probs`` (K floats in label-set order,
-  summing to 1), ``truncated``; plus ``gold_label`` when the pool carries hidden gold labels
+  summing to 1), ``truncated``, ``teacher_tokens`` (the real tokens the teacher read for the row:
+  what labeling it cost); plus ``gold_label`` when the pool carries hidden gold labels
   (``data.label_column``), for measuring the teacher only;
-- ``rejected/part-<hash>.parquet`` — ``id``, ``text``, ``reason`` for the rows the corpus reader
-  rejected (empty text, ...) and the rows the teacher could not label (``teacher_error: ...``);
+- ``rejected/part-<hash>.parquet`` — ``id``, ``text``, ``reason``, ``teacher_tokens`` (null for
+  the rows the corpus reader rejected: empty text, ...; counted for the rows the teacher could not
+  label: ``teacher_error: ...``);
 - ``_manifest.json`` — counts, label distribution, mean confidence, teacher identity, config hash,
-  wall time, rows/s, rows per teacher actor, and the teacher's accuracy on the hidden gold labels;
+  wall time, rows/s, rows per teacher actor, the teacher's accuracy on the hidden gold labels, and
+  the teacher's compute (``teacher_compute``: parameters, tokens, FLOPs);
 - ``_job.json`` — the config hash and teacher of the job writing the directory.
 
 Exactly once: every block leaving the teacher is committed by a Ray task that writes its Parquet
@@ -58,6 +61,7 @@ def labeled_schema(has_gold: bool) -> pa.Schema:
         pa.field("confidence", pa.float64()),
         pa.field("probs", pa.list_(pa.float64())),
         pa.field("truncated", pa.bool_()),
+        pa.field("teacher_tokens", pa.int64()),
     ]
     if has_gold:
         fields.append(pa.field("gold_label", pa.string()))
@@ -65,7 +69,12 @@ def labeled_schema(has_gold: bool) -> pa.Schema:
 
 
 REJECTED_SCHEMA = pa.schema(
-    [pa.field("id", pa.string()), pa.field("text", pa.string()), pa.field("reason", pa.string())]
+    [
+        pa.field("id", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("teacher_tokens", pa.int64()),
+    ]
 )
 
 
@@ -197,6 +206,7 @@ def commit_rejected(batch: pa.Table, *, store: OutputStore) -> pa.Table:
                 "id": rejected["id"].cast(pa.string()),
                 "text": rejected["text"].cast(pa.string()),
                 "reason": rejected["reason"].cast(pa.string()),
+                "teacher_tokens": pa.nulls(rejected.num_rows, pa.int64()),  # the teacher never read them
             },
             schema=REJECTED_SCHEMA,
         )
@@ -210,6 +220,14 @@ def part_name(ids: pd.Series | list[str]) -> str:
     return f"{PART_PREFIX}{digest}.parquet"
 
 
+def _teacher_tokens(frame: pd.DataFrame) -> pa.Array:
+    """The ``teacher_tokens`` column: null where the backend did not count (-1 or missing)."""
+    if "teacher_tokens" not in frame:
+        return pa.nulls(len(frame), pa.int64())
+    values = frame["teacher_tokens"].fillna(-1).to_numpy(dtype=np.int64)
+    return pa.array(values, type=pa.int64(), mask=values < 0)
+
+
 def labeled_table(frame: pd.DataFrame, label_names: list[str], has_gold: bool) -> pa.Table:
     probs = np.array(frame["probs"].tolist(), dtype=np.float64).reshape(len(frame), len(label_names))
     index = probs.argmax(axis=1)
@@ -221,6 +239,7 @@ def labeled_table(frame: pd.DataFrame, label_names: list[str], has_gold: bool) -
         "confidence": probs.max(axis=1),
         "probs": list(probs),
         "truncated": frame["truncated"].astype(bool).to_numpy(),
+        "teacher_tokens": _teacher_tokens(frame),
     }
     if has_gold:
         columns["gold_label"] = [None if pd.isna(v) else str(v) for v in frame.get("gold_label", [None] * len(frame))]
@@ -233,18 +252,20 @@ def rejected_table(frame: pd.DataFrame) -> pa.Table:
             "id": frame["id"].astype(str).tolist(),
             "text": [None if pd.isna(v) else str(v) for v in frame["text"]],
             "reason": frame["reason"].astype(str).tolist(),
+            "teacher_tokens": _teacher_tokens(frame),
         },
         schema=REJECTED_SCHEMA,
     )
 
 
-SUMMARY_COLUMNS = ["part", "actor", "labeled", "rejected", "score_s", "threads"]
+SUMMARY_COLUMNS = ["part", "actor", "labeled", "rejected", "score_s", "threads", "teacher_tokens"]
 
 
 def commit_block(batch: pd.DataFrame, *, store: OutputStore, label_names: list[str], has_gold: bool) -> pd.DataFrame:
     """Ray Data task: commit one block atomically (its rejected rows, then its labeled rows).
 
-    Returns one summary row per teacher actor that produced the block (counts only, no text).
+    Returns one summary row per teacher actor that produced the block (counts only, no text): the
+    block's record, with the real tokens the teacher read for it (``teacher_tokens``).
     """
     if batch.empty:
         dtypes = {"part": object, "actor": object, "score_s": np.float64}
@@ -260,6 +281,9 @@ def commit_block(batch: pd.DataFrame, *, store: OutputStore, label_names: list[s
     # The teacher's own seconds per row (the actor class records them): the manifest's profile.
     seconds = batch["teacher_s"].fillna(0.0).to_numpy(dtype=np.float64) if "teacher_s" in batch else 0.0
     threads = batch["teacher_threads"].fillna(0).to_numpy(dtype=np.int64) if "teacher_threads" in batch else 0
+    tokens = 0  # the real tokens the teacher read (-1: not counted)
+    if "teacher_tokens" in batch:
+        tokens = batch["teacher_tokens"].fillna(0).clip(lower=0).to_numpy(dtype=np.int64)
     summary = (
         pd.DataFrame(
             {
@@ -268,10 +292,11 @@ def commit_block(batch: pd.DataFrame, *, store: OutputStore, label_names: list[s
                 "rejected": bad.astype(np.int64),
                 "score_s": np.broadcast_to(seconds, len(batch)),
                 "threads": np.broadcast_to(threads, len(batch)),
+                "teacher_tokens": np.broadcast_to(tokens, len(batch)),
             }
         )
         .groupby("actor", as_index=False)
-        .agg({"labeled": "sum", "rejected": "sum", "score_s": "sum", "threads": "max"})
+        .agg({"labeled": "sum", "rejected": "sum", "score_s": "sum", "threads": "max", "teacher_tokens": "sum"})
     )
     summary.insert(0, "part", name)
     return summary[SUMMARY_COLUMNS]

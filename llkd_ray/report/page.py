@@ -1,7 +1,7 @@
 """The report's page: :func:`build_report` writes ``RUN/report/index.html`` with the plots and the numbers.
 
 Static HTML with no scripts and no external resources: the summary tables (gold set, training,
-stages) and one figure per plot of :data:`llkd_ray.report.plots.PLOTS` that had its data.
+compute by stage, stages) and one figure per plot of :data:`llkd_ray.report.plots.PLOTS` that had its data.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import STAGES, percent, write_text
+from llkd_ray.compute import compute_by_stage, compute_rows
 from llkd_ray.report.plots import PLOTS
 from llkd_ray.report.run_data import RunData, load_run
 
@@ -74,6 +75,7 @@ def _summary_html(run: RunData) -> str:
             + "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in facts)
             + "</table>"
         )
+    parts.append(_compute_html(run))
     if run.stages:
         rows = "".join(
             f"<tr><th>{html.escape(name)}</th><td>{html.escape(str(marker.get('status', '?')))}</td>"
@@ -87,6 +89,21 @@ def _summary_html(run: RunData) -> str:
             f"<th>config hash</th></tr>{rows}</table>"
         )
     return "\n".join(parts)
+
+
+def _compute_html(run: RunData) -> str:
+    """FLOPs by stage with shares: ``eval.json``'s, else worked out from the label manifest and the
+    training summary; a stage not counted (an older run) shows ``not recorded``."""
+    compute = run.evaluation.get("compute") or compute_by_stage(run.label_manifest, run.summary)
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{html.escape(flops)}</td><td>{html.escape(share)}</td></tr>"
+        for name, flops, share in compute_rows(compute)
+    )
+    return (
+        '<h2>Compute by stage</h2><p class="muted">2·N FLOPs per token of a forward, 6·N of a '
+        "forward+backward; N: non-embedding parameters (teacher or student)</p>"
+        f"<table><tr><th>stage</th><th>FLOPs</th><th>share</th></tr>{rows}</table>"
+    )
 
 
 def _ordered_stages(stages: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:

@@ -6,11 +6,11 @@ missing run directory is an error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llkd_ray.artifacts import RunLayout, read_json, read_jsonl, read_label_rows
+from llkd_ray.artifacts import MANIFEST, RunLayout, read_json, read_jsonl, read_label_rows
 from llkd_ray.errors import LlkdError
 
 
@@ -27,6 +27,7 @@ class RunData:
     labels: Any  # pandas.DataFrame | None
     selected_ids: set[str] | None
     label_names: list[str]
+    label_manifest: dict[str, Any] = field(default_factory=dict)
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -51,7 +52,8 @@ def load_run(run_dir: str | Path) -> RunData:
 
         selected_ids = {str(v) for v in pq.read_table(layout.selected_ids, columns=["id"]).column("id").to_pylist()}
     names = evaluation.get("labels") or _label_names_from_config(layout.config) or []
-    return RunData(layout.root, steps, gold_evals, evaluation, summary, stages, labels, selected_ids, names)
+    manifest = read_json(layout.labels / MANIFEST) or {}
+    return RunData(layout.root, steps, gold_evals, evaluation, summary, stages, labels, selected_ids, names, manifest)
 
 
 def _last_per_step(records) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import TRAINING_SUMMARY
-from llkd_ray.compute import ComputeMeter, all_pass_flops
+from llkd_ray.compute import ComputeMeter, all_pass_flops, format_flops
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.console import Progress, quiet_train_worker, train_logging_config, verbose
 from llkd_ray.errors import ConfigError
@@ -79,14 +79,6 @@ def _gold_payload(config: PipelineConfig, eval_data: str | None) -> dict[str, An
         "labels": [str(label) for label in frame["label"]],
         "label_names": config.task.label_names,
     }
-
-
-def format_flops(flops: float) -> str:
-    """``1.23 PFLOP``-style, for summary lines."""
-    for scale, unit in ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")):
-        if flops >= scale:
-            return f"{flops / scale:.2f} {unit}"
-    return f"{flops:.3g} FLOP"
 
 
 def format_training(summary: dict[str, Any]) -> str:

@@ -22,12 +22,15 @@ class TeacherOutput:
     """A teacher's answer for a batch of n texts.
 
     ``probs`` is (n, K), each row summing to 1 over the label set (label-set order); rows the teacher
-    could not score hold NaN and a ``reasons`` entry (None for rows that are fine).
+    could not score hold NaN and a ``reasons`` entry (None for rows that are fine). ``tokens`` is
+    the real (unpadded) tokens the teacher's forward read for each text: what labeling costs
+    (:func:`llkd_ray.compute.forward_flops`); None when the backend did not count them.
     """
 
     probs: np.ndarray
     truncated: np.ndarray
     reasons: list[str | None]
+    tokens: np.ndarray | None = None
 
 
 class Teacher(Protocol):
@@ -80,11 +83,13 @@ def normalise_scores(scores: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
 
 def label_frame(batch: pd.DataFrame, output: TeacherOutput, actor: str | Sequence[str]) -> pd.DataFrame:
     """The teacher stage's output rows: ``id``, ``text`` (``gold_label``) plus ``probs``, ``truncated``,
-    ``reason`` (None when labeled) and ``teacher_actor``."""
+    ``reason`` (None when labeled), ``teacher_tokens`` (-1 when not counted) and ``teacher_actor``."""
     frame = batch[[c for c in ("id", "text", "gold_label") if c in batch]].copy()
     frame["probs"] = [row.tolist() for row in output.probs]
     frame["truncated"] = np.asarray(output.truncated, dtype=bool)
     frame["reason"] = pd.Series(output.reasons, index=frame.index, dtype=object)
+    tokens = output.tokens if output.tokens is not None else np.full(len(frame), -1)
+    frame["teacher_tokens"] = np.asarray(tokens, dtype=np.int64)
     frame["teacher_actor"] = actor
     return frame
 

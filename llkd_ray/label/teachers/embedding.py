@@ -77,11 +77,17 @@ class PlainSentenceEncoder:
 
     def encode(self, texts: Sequence[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(n, d) float32 embeddings and (n,) truncation flags."""
+        embeddings, flags, _ = self.encode_counted(texts, batch_size)
+        return embeddings, flags
+
+    def encode_counted(self, texts: Sequence[str], batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`encode` plus the real (unpadded, truncated) tokens the encoder read per text."""
         torch = self.torch
         texts = [t.lower() for t in texts] if self.lower_case else list(texts)
         order = np.argsort([-len(t) for t in texts], kind="stable")
         embeddings: list[np.ndarray] = []
         flags = np.zeros(len(texts), dtype=bool)
+        tokens = np.zeros(len(texts), dtype=np.int64)
         for start in range(0, len(texts), batch_size):
             chunk = order[start : start + batch_size]
             encoded = self.tokenizer(
@@ -100,7 +106,9 @@ class PlainSentenceEncoder:
             encoded.pop("num_truncated_tokens", None)
             inputs = {key: value[first].to(self.device) for key, value in encoded.items()}
             # Overflow windows can be longer than the real rows: trim the padding they left.
-            width = int(inputs["attention_mask"].sum(dim=1).max())
+            lengths = inputs["attention_mask"].sum(dim=1)
+            tokens[chunk] = lengths.cpu().numpy()
+            width = int(lengths.max())
             inputs = {key: value[:, :width] for key, value in inputs.items()}
             with torch.inference_mode():
                 hidden = self.model(**inputs)[0]
@@ -115,7 +123,7 @@ class PlainSentenceEncoder:
         out = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), dtype=np.float32)
         result = np.empty_like(out)
         result[order] = out
-        return result, flags
+        return result, flags, tokens
 
 
 class EmbeddingTeacher:
@@ -148,33 +156,30 @@ class EmbeddingTeacher:
             )
         self.label_embeddings = _unit_rows(label_embeddings)
 
-    def _truncated(self, texts: Sequence[str]) -> np.ndarray:
-        # A token covers at least one character, so only texts longer than the limit can overflow it.
-        flags = np.zeros(len(texts), dtype=bool)
-        long = [i for i, t in enumerate(texts) if len(t) > self.max_tokens - 2]
-        if long:
-            lengths = [len(ids) for ids in self.tokenizer([texts[i] for i in long])["input_ids"]]
-            flags[long] = np.asarray(lengths) > self.max_tokens
-        return flags
+    def _truncated(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Truncation flags and the tokens sentence-transformers reads (at most ``max_tokens``)."""
+        lengths = np.array([len(ids) for ids in self.tokenizer(list(texts))["input_ids"]], dtype=np.int64)
+        return lengths > self.max_tokens, np.minimum(lengths, self.max_tokens)
 
-    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Unit-norm embeddings of the texts and whether each was truncated to the model's limit."""
+    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Unit-norm embeddings of the texts, whether each was truncated to the model's limit, and
+        the real tokens the encoder read for each."""
         if self.plain is not None:
-            embeddings, truncated = self.plain.encode(texts, self.batch_size)
-            return _unit_rows(embeddings), truncated
+            embeddings, truncated, tokens = self.plain.encode_counted(texts, self.batch_size)
+            return _unit_rows(embeddings), truncated, tokens
         embeddings = self.model.encode(
             list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
         )
-        return embeddings, self._truncated(texts)
+        return embeddings, *self._truncated(texts)
 
     def score(self, texts: Sequence[str]) -> TeacherOutput:
         texts = list(texts)
         if not texts:
             return TeacherOutput(np.zeros((0, len(self.label_embeddings))), np.zeros(0, dtype=bool), [])
-        embeddings, truncated = self.embed(texts)
+        embeddings, truncated, tokens = self.embed(texts)
         similarities = embeddings.astype(np.float64) @ self.label_embeddings.astype(np.float64).T
         probs, reasons = normalise_scores(similarities / self.temperature)
-        return TeacherOutput(probs, truncated, reasons)
+        return TeacherOutput(probs, truncated, reasons, tokens)
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:

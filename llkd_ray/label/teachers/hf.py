@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from llkd_ray.label.teachers.base import TeacherOutput, TeacherPlan, normalise_scores
-from llkd_ray.label.teachers.prompts import ANSWER_TOKENS, PromptEncoder, load_tokenizer
+from llkd_ray.label.teachers.prompts import ANSWER_TOKENS, PromptEncoder, forward_tokens, load_tokenizer
 
 
 class HFTeacher:
@@ -113,4 +113,5 @@ class HFTeacher:
             else:
                 scores[rows] = self._sequence_scores(chunk)
         probs, reasons = normalise_scores(scores)
-        return TeacherOutput(probs, np.asarray(truncated, dtype=bool), reasons)
+        tokens = forward_tokens([len(p) for p in prompts], self.continuations, self.scoring)
+        return TeacherOutput(probs, np.asarray(truncated, dtype=bool), reasons, tokens)

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from llkd_ray.config import TaskConfig
@@ -125,6 +126,15 @@ def check_first_tokens(task: TaskConfig, continuations: list[list[int]], tokeniz
         seen[first] = label.name
 
 
+def forward_tokens(prompt_lengths: Sequence[int], continuations: list[list[int]], scoring: str) -> np.ndarray:
+    """Real tokens an LLM teacher's forward reads per prompt (what labeling costs): the prompt, or
+    with ``scoring: sequence`` K sequences of the prompt and one label's answer. Padding excluded."""
+    lengths = np.asarray(prompt_lengths, dtype=np.int64)
+    if scoring != "sequence":
+        return lengths
+    return len(continuations) * lengths + sum(map(len, continuations))
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
@@ -153,4 +163,5 @@ def encode_prompts(
     out = batch.copy()
     out["tokenized_prompt"] = ids
     out["truncated"] = truncated
+    out["teacher_tokens"] = [len(prompt) for prompt in ids]  # what the engine reads: labeling's cost
     return out

@@ -21,7 +21,7 @@ from llkd_ray.label.teachers.prompts import encode_prompts
 
 
 def _passthrough_columns(row: dict[str, Any]) -> dict[str, Any]:
-    return {c: row[c] for c in ("id", "text", "gold_label", "truncated") if c in row}
+    return {c: row[c] for c in ("id", "text", "gold_label", "truncated", "teacher_tokens") if c in row}
 
 
 def vllm_label_logprobs(row: dict[str, Any], token_ids: Sequence[int]) -> list[float]:
@@ -53,7 +53,8 @@ def finish_vllm_rows(batch: pd.DataFrame, *, label_names: list[str], sink: Sink 
     reasons = [f"teacher_error: {str(e)[:300]}" if e else r for e, r in zip(errors, reasons, strict=True)]
     truncated = column("truncated", False).fillna(False).astype(bool).to_numpy()
     actors = column("teacher_actor", "").fillna("").astype(str).to_numpy()
-    frame = label_frame(batch, TeacherOutput(probs, truncated, reasons), actors)
+    tokens = column("teacher_tokens", -1).fillna(-1).to_numpy(dtype=np.int64)
+    frame = label_frame(batch, TeacherOutput(probs, truncated, reasons, tokens), actors)
     return sink(frame) if sink else frame
 
 
@@ -205,6 +206,7 @@ class VLLMTeacher:
             np.array(frame["probs"].tolist(), dtype=np.float64).reshape(len(rows), -1),
             frame["truncated"].to_numpy(dtype=bool),
             [None if r is None or (isinstance(r, float) and math.isnan(r)) else r for r in frame["reason"]],
+            frame["teacher_tokens"].to_numpy(dtype=np.int64),
         )
 
 
