@@ -61,6 +61,8 @@ class StepCompute:
     training_tokens: int = 0
     scored_samples: int = 0
     trained_samples: int = 0
+    reused_samples: int = 0
+    """Candidates whose kept score was reused instead of scored (0 FLOPs; ``selection.score_ttl``)."""
     scoring_s: float = 0.0
     training_s: float = 0.0
     selection_s: float = 0.0
@@ -74,6 +76,7 @@ class StepCompute:
             training_tokens=sum(s.training_tokens for s in shares),
             scored_samples=sum(s.scored_samples for s in shares),
             trained_samples=sum(s.trained_samples for s in shares),
+            reused_samples=sum(s.reused_samples for s in shares),
             scoring_s=head.scoring_s,
             training_s=head.training_s,
             selection_s=head.selection_s,

@@ -270,6 +270,11 @@ class SelectionConfig(_Section):
     until the kept rows fill a batch or ``candidates_per_step`` batches were drawn (the cap). A
     step then back-propagates a full batch while the selection is generous and scores more while
     it is strict, instead of taking optimizer steps on one or two rows."""
+    score_ttl: Annotated[float, Field(ge=0)] = 0.0
+    """Score reuse, in passes over the pool: a candidate whose information need ``u_i`` was computed
+    less than this long ago (and that was not selected since) is not scored again; its kept ``u_i``
+    enters the thresholds and the mask at 0 FLOPs (``llkd_ray/train/scores.py``, docs/method.md).
+    0 (the default until measured at equal compute) scores every candidate as the strategy needs."""
 
 
 class StudentConfig(_Section):

@@ -270,6 +270,13 @@ def reusable_runs(paths: Sequence[Path], data: BenchData, settings: BenchSetting
     return reused
 
 
+def _reused_share(compute: dict[str, Any]) -> float | None:
+    """Reused scores over all scores the selection read (reused + computed); None when none was read."""
+    reused = compute.get("reused_samples", 0)
+    looked = reused + compute.get("scored_samples", 0)
+    return reused / looked if looked else None
+
+
 def run_record(summary: dict[str, Any], variant: Variant, seed: int, key: str) -> dict[str, Any]:
     """One run's line in ``results.json``, from its training summary (its curve's last point is final)."""
     curve = summary.get("curve") or []
@@ -295,6 +302,7 @@ def run_record(summary: dict[str, Any], variant: Variant, seed: int, key: str) -
         "compute": compute["all_passes"],
         "flops": compute["flops"],
         "scoring_share": compute["scoring_flops"] / compute["flops"] if compute["flops"] else None,
+        "reused_share": _reused_share(compute),
         "compute_detail": compute,
         "budget_spent": summary.get("budget_spent"),
     }

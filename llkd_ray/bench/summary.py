@@ -76,6 +76,7 @@ def summarize(
         }
         for key in (
             "accuracy", "macro_f1", "data_usage", "sample_step_usage", "wall_time_s", "scoring_share", "compute",
+            "reused_share",
         ):  # fmt: skip
             values = [float(run[key]) for run in mine if run.get(key) is not None]
             if values:

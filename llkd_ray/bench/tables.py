@@ -106,15 +106,17 @@ def _quality_table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) 
 
 
 def _compute_table(summary: dict[str, dict[str, Any]]) -> list[str]:
-    """Spent compute, its scoring share, sample-steps trained and wall time, per variant."""
+    """Spent compute, its scoring share, the share of scores reused, sample-steps trained and wall time."""
     lines = [
-        "| strategy | FLOPs spent (passes of `all`) | scoring share of FLOPs | sample-steps trained | wall time (s) |",
-        "|---|---:|---:|---:|---:|",
+        "| strategy | FLOPs spent (passes of `all`) | scoring share of FLOPs | scores reused "
+        "| sample-steps trained | wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, entry in summary.items():
         lines.append(
             f"| {name} | {_cell(entry.get('compute_mean'), entry.get('compute_std'), digits=2)} | "
             f"{_cell(entry.get('scoring_share_mean'), entry.get('scoring_share_std'), as_percent=True)} | "
+            f"{_cell(entry.get('reused_share_mean'), entry.get('reused_share_std'), as_percent=True)} | "
             f"{_cell(entry.get('sample_step_usage_mean'), entry.get('sample_step_usage_std'), as_percent=True)} | "
             f"{_cell(entry.get('wall_time_s_mean'), entry.get('wall_time_s_std'), digits=0)} |"
         )

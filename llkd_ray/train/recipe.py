@@ -33,6 +33,7 @@ from llkd_ray.tracking import TrackingRun
 from llkd_ray.train.checkpoint import TrainState, read_state, state_payload, write_selected_ids, write_state
 from llkd_ray.train.data import Batch, CandidateStream
 from llkd_ray.train.plan import TrainingPlan
+from llkd_ray.train.scores import ScoreStore
 from llkd_ray.train.selection import Selection, Selector
 from llkd_ray.train.step import StepContext, StepResult, fill_step, train_step, unwrap_model
 
@@ -183,6 +184,7 @@ class StudentTrainingRecipe:
         self.label_names = config.task.label_names
         self.state = TrainState()
         self.compute = ComputeMeter()
+        self.scores = ScoreStore(plan.score_ttl)
 
     @staticmethod
     def from_loop_config(loop_config: dict[str, Any]) -> StudentTrainingRecipe:
@@ -269,6 +271,8 @@ class StudentTrainingRecipe:
         self.state = TrainState(**saved["state"])
         self.compute = ComputeMeter(**saved["compute"])
         self.selector.load_state_dict(saved["selector"])
+        if "scores" in saved:
+            self.scores.load_state_dict(saved["scores"])
         if "optimizer" in saved:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
@@ -343,6 +347,7 @@ class StudentTrainingRecipe:
                 micro_batches=plan.accumulation,
                 scoring=plan.scoring,
                 sample_rate=plan.sample_rate,
+                scores=self.scores,
             )
         return train_step(
             self.model,
@@ -353,6 +358,7 @@ class StudentTrainingRecipe:
             micro_batches=plan.accumulation,
             scoring=plan.scoring,
             sample_rate=plan.sample_rate,
+            scores=self.scores,
         )
 
     def _account(self, result: StepResult) -> StepCompute:
@@ -360,7 +366,11 @@ class StudentTrainingRecipe:
         return the step's global compute."""
         state = self.state
         clock = time.perf_counter()
-        gathered = self.all_gather((result.selected_ids, result.loss, asdict(result.compute)))
+        shares = (result.selected_ids, result.loss, asdict(result.compute), self.scores.take_pending())
+        gathered = self.all_gather(shares)
+        if self.scores.enabled:  # every worker keeps every worker's new scores (docs: train/scores.py)
+            selected = {row_id for share in gathered for row_id in share[0]}
+            self.scores.commit([entry for share in gathered for entry in share[3]], selected)
         step = StepCompute.total([StepCompute(**share[2]) for share in gathered])
         step.selection_s += time.perf_counter() - clock  # gathering the ids is selection's bookkeeping
         self.compute.add(step)
@@ -369,7 +379,7 @@ class StudentTrainingRecipe:
         state.rows_selected += result.selection.selected
         state.last_loss = sum(share[1] for share in gathered)
         if self.rank == 0:
-            for ids, _, _ in gathered:
+            for ids, *_ in gathered:
                 for row_id in ids:
                     state.selected_counts[row_id] = state.selected_counts.get(row_id, 0) + 1
         self.schedule.progress = self.progress()
@@ -482,6 +492,7 @@ class StudentTrainingRecipe:
         save_classifier(unwrap_model(self.model), self.tokenizer, directory / "student", self.ctx.max_length)
         optimizer, scheduler = (None, None) if final else (self.optimizer.state_dict(), self.scheduler.state_dict())
         payload = state_payload(self.state, self.compute, self.selector.state_dict(), optimizer, scheduler)
+        payload["scores"] = self.scores.state_dict()
         write_state(directory, payload)
         if self.metrics_path.is_file():
             shutil.copyfile(self.metrics_path, directory / "metrics.jsonl")

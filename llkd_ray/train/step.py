@@ -24,6 +24,7 @@ from llkd_ray.compute import StepCompute
 from llkd_ray.serve.predictor import inference
 from llkd_ray.train.data import Batch, pad_token_ids
 from llkd_ray.train.plan import Scoring
+from llkd_ray.train.scores import ScoreStore
 from llkd_ray.train.selection import Selection, Selector, normalized_entropy, scoring_sample, selection_loss
 
 
@@ -153,6 +154,7 @@ def train_step(
     micro_batches: int = 1,
     scoring: Scoring = "full",
     sample_rate: float = 1.0,
+    scores: ScoreStore | None = None,
 ) -> StepResult:
     """Select, weight and back-propagate one optimizer step's rows on this worker (no optimizer step).
 
@@ -168,7 +170,7 @@ def train_step(
     candidates.token_ids(ctx.tokenizer, ctx.max_length)  # scoring and training share the rows' tokens
     if scoring != "train":
         selection, rows, weights = _score_and_select(
-            model, candidates, selector, ctx, capacity, compute, scoring=scoring, sample_rate=sample_rate
+            model, candidates, selector, ctx, capacity, compute, scoring=scoring, sample_rate=sample_rate, scores=scores
         )
         kept = len(rows)
         if not kept:
@@ -211,11 +213,13 @@ def _score_and_select(
     *,
     scoring: Scoring = "full",
     sample_rate: float = 1.0,
+    scores: ScoreStore | None = None,
 ) -> tuple[Selection, Batch, torch.Tensor]:
     """Score the candidates in inference mode as ``scoring`` says and select; the kept rows and weights.
 
     Unscored rows carry ``u = NaN``; with ``gated`` scoring, the rows outside the teacher gate
     that the sample left out get their class's mean over the sampled ones (``fill_unscored``).
+    Rows with a fresh kept score in ``scores`` (:mod:`llkd_ray.train.scores`) reuse it unscored.
     """
     clock = time.perf_counter()
     uncertainty = torch.full((len(candidates),), math.nan)
@@ -229,10 +233,18 @@ def _score_and_select(
     else:
         to_score = torch.zeros(len(candidates), dtype=torch.bool)
     index = to_score.nonzero().squeeze(1)
+    if scores is not None and scores.enabled and len(index):
+        kept = scores.lookup([candidates.ids[i] for i in index.tolist()], selector.steps)
+        fresh = ~torch.isnan(kept)
+        uncertainty[index[fresh]] = kept[fresh]
+        compute.reused_samples += int(fresh.sum())
+        index = index[~fresh]
     if len(index):
         scored = candidates.take(index) if len(index) < len(candidates) else candidates
         needs, tokens = score_candidates(model, scored, ctx, chunk=max(capacity or 0, 32))
         uncertainty[index] = needs
+        if scores is not None:
+            scores.record(scored.ids, needs, selector.steps)
         compute.scoring_tokens += tokens
         compute.scored_samples += len(index)
     compute.scoring_s += time.perf_counter() - clock
@@ -282,6 +294,7 @@ def fill_step(
     micro_batches: int = 1,
     scoring: Scoring = "full",
     sample_rate: float = 1.0,
+    scores: ScoreStore | None = None,
 ) -> StepResult:
     """Adaptive M: draw one batch of candidates at a time until the kept rows fill a batch.
 
@@ -299,7 +312,15 @@ def fill_step(
         candidates = draw()
         candidates.token_ids(ctx.tokenizer, ctx.max_length)
         selection, rows, weights = _score_and_select(
-            model, candidates, selector, ctx, capacity - kept, compute, scoring=scoring, sample_rate=sample_rate
+            model,
+            candidates,
+            selector,
+            ctx,
+            capacity - kept,
+            compute,
+            scoring=scoring,
+            sample_rate=sample_rate,
+            scores=scores,
         )
         selections.append(selection)
         kept_rows.append(rows)

@@ -1,0 +1,91 @@
+"""Score reuse (``selection.score_ttl``, ``llkd_ray/train/scores.py``) on a tiny BERT without dropout:
+TTL 0 is today's step bit for bit; a reused score costs 0 FLOPs and, when the model did not change,
+gives the mask and weights a fresh score gives (plain torch, no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SST2_LABELS
+from train_fixtures import review_batch
+
+
+@pytest.fixture()
+def student(tiny_classifier_dir):
+    from llkd_ray.train.recipe import load_student
+    from llkd_ray.train.step import StepContext
+
+    model, tokenizer = load_student(str(tiny_classifier_dir), SST2_LABELS, seed=0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model, StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"))
+
+
+def _selector():
+    from llkd_ray.train.selection import Selector
+
+    return Selector(2, strategy="llkd", momentum=0.9, seed=1)
+
+
+def _gradients(model) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("scoring", ["full", "gated"])
+def test_ttl_zero_is_todays_step_bit_for_bit(student, scoring):
+    from llkd_ray.train.scores import ScoreStore
+    from llkd_ray.train.step import train_step
+
+    model, ctx = student
+    today = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5)
+    today_grads = _gradients(model)
+    store = ScoreStore(ttl=0)
+    off = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5, scores=store)
+    off_grads = _gradients(model)
+    assert off.selection.mask.tolist() == today.selection.mask.tolist()
+    assert torch.equal(off.selection.weights, today.selection.weights)
+    assert torch.equal(off.selection.student_thresholds, today.selection.student_thresholds)
+    assert off.compute.scoring_tokens == today.compute.scoring_tokens and off.compute.reused_samples == 0
+    assert off_grads.keys() == today_grads.keys()
+    assert all(torch.equal(off_grads[k], today_grads[k]) for k in today_grads)
+    assert store.take_pending() == [] and store.scores == {}
+
+
+@pytest.mark.parametrize("scoring", ["full", "gated"])
+def test_a_reused_score_costs_nothing_and_changes_no_mask(student, scoring):
+    from llkd_ray.train.scores import ScoreStore
+    from llkd_ray.train.step import train_step
+
+    model, ctx = student
+    store = ScoreStore(ttl=10)
+    first = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5, scores=store)
+    first_grads = _gradients(model)
+    pending = store.take_pending()
+    assert len(pending) == first.compute.scored_samples > 0
+    store.commit(pending, selected=set())  # keep every score: the model has not changed
+    again = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5, scores=store)
+    again_grads = _gradients(model)
+    assert again.compute.scoring_tokens == 0 and again.compute.scored_samples == 0
+    assert again.compute.reused_samples == first.compute.scored_samples
+    assert again.selection.mask.tolist() == first.selection.mask.tolist()
+    assert torch.equal(again.selection.weights, first.selection.weights)
+    assert all(torch.equal(again_grads[k], first_grads[k]) for k in first_grads)
+
+
+def test_store_drops_selected_rows_ages_out_and_round_trips():
+    from llkd_ray.train.scores import ScoreStore
+
+    store = ScoreStore(ttl=3)
+    store.record(["a", "b", "c"], torch.tensor([0.1, 0.2, 0.3]), clock=5)
+    store.commit(store.take_pending(), selected={"b"})  # a trained row is out of date
+    fresh = store.lookup(["a", "b", "c", "d"], clock=7)
+    assert fresh[0].item() == pytest.approx(0.1) and fresh[2].item() == pytest.approx(0.3)
+    assert torch.isnan(fresh[1]) and torch.isnan(fresh[3])
+    assert torch.isnan(store.lookup(["a"], clock=8)).all()  # age 3 is not younger than the TTL
+    restored = ScoreStore(ttl=3)
+    restored.load_state_dict(store.state_dict())
+    assert restored.scores == store.scores
+    assert torch.isnan(ScoreStore(ttl=0).lookup(["a"], clock=0)).all()
