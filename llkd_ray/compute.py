@@ -89,6 +89,8 @@ class ComputeMeter(StepCompute):
 
     parameters: int = 0
     """N: the student's non-embedding parameters."""
+    probe_tokens: int = 0
+    """Tokens predicted by ``training.stop: auto``'s churn probe (inference mode, 2·N each)."""
 
     @property
     def scoring_flops(self) -> float:
@@ -99,8 +101,12 @@ class ComputeMeter(StepCompute):
         return float(TRAINING_FLOPS_PER_TOKEN_PARAM * self.parameters * self.training_tokens)
 
     @property
+    def probe_flops(self) -> float:
+        return float(FORWARD_FLOPS_PER_TOKEN_PARAM * self.parameters * self.probe_tokens)
+
+    @property
     def flops(self) -> float:
-        return self.scoring_flops + self.training_flops
+        return self.scoring_flops + self.training_flops + self.probe_flops
 
     def add(self, step: StepCompute) -> None:
         for name in (f.name for f in fields(StepCompute)):
@@ -110,6 +116,7 @@ class ComputeMeter(StepCompute):
         """The numbers written to ``metrics.jsonl`` and ``training_summary.json``."""
         out: dict[str, float | int | None] = asdict(self)
         out |= {"scoring_flops": self.scoring_flops, "training_flops": self.training_flops, "flops": self.flops}
+        out["probe_flops"] = self.probe_flops
         out["all_passes"] = self.flops / unit_flops if unit_flops else None
         return out
 
@@ -183,14 +190,31 @@ class ProgressSchedule:
     both, so a compute-budgeted run decays its learning rate as its compute runs out, whatever
     its strategy spends per step. A ``torch.optim.lr_scheduler.LambdaLR`` lambda; being an object
     (not a function), its ``progress`` is saved and restored with the scheduler's state.
+
+    A stop called early (``training.stop: auto``; :meth:`stop`) ends the schedule there: from its
+    value at the stop, the factor decays linearly to 0 at ``end``.
     """
 
     def __init__(self, warmup: float) -> None:
         self.warmup = warmup
         self.progress = 0.0
+        self.stop_at: float | None = None
+        self.end = 1.0
 
-    def __call__(self, _step: int) -> float:
-        p = min(max(self.progress, 0.0), 1.0)
+    def stop(self, at: float, end: float) -> None:
+        """Decay from the factor at ``at`` to 0 at ``end`` (the run ends there)."""
+        self.stop_at, self.end = at, max(end, at)
+
+    def factor(self, progress: float) -> float:
+        """The budgeted schedule: linear warm-up, then linear decay to 0 at the end of the budget."""
+        p = min(max(progress, 0.0), 1.0)
         if p < self.warmup:
             return p / self.warmup
         return max(0.0, (1.0 - p) / max(1e-12, 1.0 - self.warmup))
+
+    def __call__(self, _step: int) -> float:
+        if self.stop_at is None:
+            return self.factor(self.progress)
+        span = self.end - self.stop_at
+        left = (self.end - self.progress) / span if span > 0 else 0.0
+        return self.factor(self.stop_at) * min(1.0, max(0.0, left))

@@ -12,7 +12,7 @@ from train_fixtures import review_batch
 
 @pytest.fixture()
 def student(tiny_classifier_dir):
-    from llkd_ray.train.recipe import load_student
+    from llkd_ray.train.model import load_student
     from llkd_ray.train.step import StepContext
 
     model, tokenizer = load_student(str(tiny_classifier_dir), SST2_LABELS, seed=0)

@@ -353,3 +353,13 @@ def test_estimated_levels_select_as_often_as_the_full_rule():
     full = selected_fraction(None)
     assert selected_fraction(0.25) == pytest.approx(full, rel=0.06)
     assert selected_fraction(1.0) == pytest.approx(full, abs=1e-12)
+
+
+def test_annealing_drops_the_student_gate_with_unit_weights():
+    # selection.anneal_fraction's end phase: llkd keeps what the teacher passes, weight 1, u unused
+    annealed = Selector(2)
+    annealed.annealing = True
+    result = annealed.select(C1, Y1, torch.full((4,), math.nan))
+    reference = Selector(2, strategy="teacher_confidence").select(C1, Y1, torch.full((4,), math.nan))
+    assert result.mask.tolist() == reference.mask.tolist() == [True, False, False, True]
+    assert result.weights.tolist() == [1.0, 0.0, 0.0, 1.0]

@@ -33,6 +33,15 @@ QUICK = {
     "batch_size": 16,
     "max_length": 32,
 }
+#: ``--quick`` also exercises score reuse and the label-free stop; a churn bar of 1 (always under it)
+#: makes the stop deterministic: called at the third of 8 checks (3/8 of the budget, the first has
+#: nothing to compare), the run ends 5 % of the budget later.
+QUICK_OVERRIDES = [
+    "selection.score_ttl=1",
+    "training.stop=auto",
+    "training.stop_checks=8",
+    "training.stop_churn=1",
+]
 
 
 # --------------------------------------------------------------------------- command line
@@ -116,6 +125,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)
+        settings.overrides = [*QUICK_OVERRIDES, *settings.overrides]
     keys = ("seeds", "budget", "steps", "eval_points", "batch_size", "learning_rate", "max_length", "momentum")
     for key in (*keys, "workers", "gold_size"):
         value = getattr(args, key)

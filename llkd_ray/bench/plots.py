@@ -37,6 +37,12 @@ def render_plot(results: dict[str, Any], path: Path) -> None:
                 color=color, alpha=0.15, linewidth=0,
             )  # fmt: skip
         seeds = [run for run in results["runs"] if run["variant"] == name]
+        stops = [run for run in seeds if (run.get("stop") or {}).get("all_passes") is not None]
+        if stops:  # training.stop: auto — where each run ended after its stop was called
+            curves.scatter(
+                [100 * run["compute"] / full for run in stops], [run["macro_f1"] for run in stops],
+                marker="X", s=60, color=color, edgecolors="black", zorder=5, label=f"{name}: stop (auto)",
+            )  # fmt: skip
         usage.scatter(
             [100 * run["data_usage"] for run in seeds], [run["macro_f1"] for run in seeds],
             color=color, alpha=0.3, s=18, linewidths=0,

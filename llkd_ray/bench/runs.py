@@ -305,4 +305,13 @@ def run_record(summary: dict[str, Any], variant: Variant, seed: int, key: str) -
         "reused_share": _reused_share(compute),
         "compute_detail": compute,
         "budget_spent": summary.get("budget_spent"),
+        "stop": _stop_point(summary.get("stop")),
     }
+
+
+def _stop_point(stop: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where ``training.stop: auto`` was called (progress and passes of ``all``) and the churn it saw."""
+    if not stop:
+        return None
+    churn = [check.get("churn") for check in stop.get("checks", [])]
+    return {"stopped_at": stop.get("stopped_at"), "all_passes": stop.get("all_passes_at_stop"), "churn": churn}

@@ -62,6 +62,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         *_compute_table(results["summary"]),
         "",
+        *_stop_table(results.get("runs", [])),
         *_notes(results.get("plateau"), results["teacher"]),
     ]
     return "\n".join(lines) + "\n"
@@ -121,6 +122,28 @@ def _compute_table(summary: dict[str, dict[str, Any]]) -> list[str]:
             f"{_cell(entry.get('wall_time_s_mean'), entry.get('wall_time_s_std'), digits=0)} |"
         )
     return lines
+
+
+def _stop_table(runs: list[dict[str, Any]]) -> list[str]:
+    """``training.stop: auto``: per run, where the stop was called and the macro-F1 the run ended at."""
+    stopped = [run for run in runs if run.get("stop")]
+    if not stopped:
+        return []
+    lines = [
+        "## Label-free stop (`training.stop: auto`)",
+        "",
+        "| run | stop called at (passes of `all`) | run ended at (passes of `all`) | macro-F1 at the end "
+        "| churn checks |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for run in stopped:
+        stop = run["stop"]
+        at = "not called" if stop.get("all_passes") is None else f"{stop['all_passes']:.2f}"
+        churn = ", ".join("–" if c is None else f"{c:.3f}" for c in stop.get("churn", []))
+        lines.append(
+            f"| {run['variant']} seed {run['seed']} | {at} | {run['compute']:.2f} | {run['macro_f1']:.3f} | {churn} |"
+        )
+    return [*lines, ""]
 
 
 def _notes(plateau: dict[str, Any] | None, teacher: dict[str, Any]) -> list[str]:

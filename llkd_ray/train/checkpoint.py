@@ -50,6 +50,8 @@ class TrainState:
     """Rank 0 only: the gold-set evaluations so far (the learning curve)."""
     resumed_from: list[int] = field(default_factory=list)
     last_loss: float | None = None
+    stop: dict[str, Any] = field(default_factory=dict)
+    """``training.stop: auto``: its churn checks and, once called, where it stopped (progress, compute)."""
 
     @property
     def last_eval(self) -> dict[str, Any] | None:

@@ -300,6 +300,7 @@ def _training_summary(
         "final_loss": state.last_loss,
         "final_metrics": state.last_eval,
         "curve": state.curve,
+        "stop": state.stop or None,
         "attempts": state.attempt + 1,
         "resumed_from_steps": state.resumed_from,
         "train_loop_s": round(seconds, 3),

@@ -74,6 +74,8 @@ class TrainingPlan:
     eval_points: int | None
     passes: int
     """Copies of the pool the candidate stream is made of (enough for the run)."""
+    anneal: float = 0.0
+    """``selection.anneal_fraction`` for ``llkd`` (0 for every other strategy)."""
     score_ttl: float = 0.0
     """Score reuse (``selection.score_ttl``) in selector steps (draws): a pass over the pool is
     ``pool_rows / global candidates per draw`` of them; 0 when the strategy scores nothing."""
@@ -127,6 +129,7 @@ class TrainingPlan:
             warmup=training.warmup_ratio,
             eval_points=training.eval_points,
             passes=passes,
+            anneal=selection.anneal_fraction if selection.strategy == "llkd" else 0.0,
             score_ttl=selection.score_ttl * pool_rows / (training.batch_size * (1 if selection.fill_batch else m))
             if scored
             else 0.0,

@@ -32,56 +32,12 @@ from llkd_ray.serve.predictor import Predictor, save_classifier
 from llkd_ray.tracking import TrackingRun
 from llkd_ray.train.checkpoint import TrainState, read_state, state_payload, write_selected_ids, write_state
 from llkd_ray.train.data import Batch, CandidateStream
+from llkd_ray.train.model import build_optimizer, load_student
 from llkd_ray.train.plan import TrainingPlan
 from llkd_ray.train.scores import ScoreStore
 from llkd_ray.train.selection import Selection, Selector
 from llkd_ray.train.step import StepContext, StepResult, fill_step, train_step, unwrap_model
-
-
-def build_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation weights; the fused kernel where torch has one.
-
-    Fused matters for selection: an LLKD step back-propagates a few rows, and the optimizer step
-    over every parameter (the embedding table included) is then most of its cost. Measured on
-    2 CPU cores with the MiniLM student (22.7M parameters): 0.158 s per step with the default
-    (foreach) implementation, 0.027 s fused, against 0.07 s for forward + backward of 5 rows.
-    """
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, lr=learning_rate)
-
-
-def load_student(reference: str, label_names: list[str], seed: int) -> tuple[torch.nn.Module, Any]:
-    """Any ``AutoModelForSequenceClassification`` with id2label/label2id from the label set.
-
-    A checkpoint without a classification head (or with one of another size) gets a fresh head,
-    initialised from ``seed``.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    torch.manual_seed(seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is the point here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            reference,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-            ignore_mismatched_sizes=True,
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    tokenizer = AutoTokenizer.from_pretrained(reference)
-    return model, tokenizer
+from llkd_ray.train.stopping import ProbeStopper, check
 
 
 def _finite(value: float | None) -> float | None:
@@ -185,6 +141,7 @@ class StudentTrainingRecipe:
         self.state = TrainState()
         self.compute = ComputeMeter()
         self.scores = ScoreStore(plan.score_ttl)
+        self.stopper: ProbeStopper | None = None
 
     @staticmethod
     def from_loop_config(loop_config: dict[str, Any]) -> StudentTrainingRecipe:
@@ -215,6 +172,11 @@ class StudentTrainingRecipe:
         if self.rank == 0:
             self.output.mkdir(parents=True, exist_ok=True)
 
+        if training.stop == "auto":
+            probe = max(1, training.stop_probe // self.world)
+            self.stopper = ProbeStopper(
+                probe, training.stop_checks, training.stop_churn, training.stop_window, training.stop_decay
+            )
         checkpoint = ray.train.get_checkpoint()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as restored:
             source = str(Path(restored) / "student") if restored else self.student_path
@@ -273,6 +235,8 @@ class StudentTrainingRecipe:
         self.selector.load_state_dict(saved["selector"])
         if "scores" in saved:
             self.scores.load_state_dict(saved["scores"])
+        if self.stopper is not None and saved.get("stopper"):
+            self.stopper.load_state_dict(saved["stopper"])
         if "optimizer" in saved:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
@@ -291,7 +255,8 @@ class StudentTrainingRecipe:
         return self.state.step / self.plan.total_steps
 
     def finished(self) -> bool:
-        return self.progress() >= 1.0 - 1e-9 or self.state.step >= self.plan.total_steps
+        end = self.stopper.end() if self.stopper else 1.0
+        return self.progress() >= end - 1e-9 or self.state.step >= self.plan.total_steps
 
     def _evaluation_due(self) -> bool:
         if not self.gold:
@@ -322,6 +287,8 @@ class StudentTrainingRecipe:
             if self._evaluation_due():
                 self.evaluate()
                 started = time.perf_counter() - state.train_seconds  # evaluation is not training time
+            if self.stopper is not None and self.stopper.due(self.progress()):
+                self._stop_check()
             for callback in self.callbacks:
                 callback.on_step_end(self)
             if self.finished():
@@ -332,9 +299,29 @@ class StudentTrainingRecipe:
                 self._report()
         self._report(final=True)
 
+    def _stop_check(self) -> None:
+        """``stop: auto``: one churn check on the probe; once the stop is called, the schedule's decay."""
+        predictor = Predictor(unwrap_model(self.model), self.tokenizer, max_length=self.ctx.max_length, batch_size=64)
+        record, tokens = check(self.stopper, predictor.predict_indices, self.progress(), self.all_gather)
+        self.model.train()
+        self.compute.probe_tokens += tokens
+        record |= {
+            "step": self.state.step,
+            "all_passes": self.compute.flops / self.unit_flops if self.unit_flops else None,
+        }
+        self.state.stop.setdefault("checks", []).append(record)
+        if self.stopper.stopped_at is not None:
+            self.schedule.stop(self.stopper.stopped_at, self.stopper.end())
+            self.state.stop |= {"stopped_at": self.stopper.stopped_at, "all_passes_at_stop": record["all_passes"]}
+        if self.rank == 0:
+            _write_jsonl(self.metrics_path, record)
+
     def _step(self) -> StepResult:
         """This worker's part of one optimizer step, up to the gradients: adaptive M or one draw."""
         plan = self.plan
+        end = self.stopper.end() if self.stopper else 1.0
+        self.selector.annealing = plan.anneal > 0 and self.progress() >= end - plan.anneal - 1e-9
+        scoring = "none" if self.selector.annealing else plan.scoring
         if plan.fill:
             return fill_step(
                 self.model,
@@ -345,7 +332,7 @@ class StudentTrainingRecipe:
                 target=plan.batch_size,
                 max_draws=plan.candidates_per_step,
                 micro_batches=plan.accumulation,
-                scoring=plan.scoring,
+                scoring=scoring,
                 sample_rate=plan.sample_rate,
                 scores=self.scores,
             )
@@ -356,7 +343,7 @@ class StudentTrainingRecipe:
             self.ctx,
             capacity=plan.worker_rows if plan.scored else None,
             micro_batches=plan.accumulation,
-            scoring=plan.scoring,
+            scoring=scoring,
             sample_rate=plan.sample_rate,
             scores=self.scores,
         )
@@ -390,7 +377,10 @@ class StudentTrainingRecipe:
 
     def _draw(self) -> Batch:
         self.state.batches_consumed += 1
-        return self.stream.next()
+        batch = self.stream.next()
+        if self.stopper is not None:
+            self.stopper.collect(batch.texts, self.tokenizer, self.ctx.max_length)
+        return batch
 
     def _optimizer_step(self, any_selected: bool) -> None:
         if any_selected:
@@ -424,6 +414,7 @@ class StudentTrainingRecipe:
             "elapsed_s": round(state.train_seconds, 3),
             "samples_per_s": state.candidates_seen / state.train_seconds if state.train_seconds else None,
             "attempt": state.attempt,
+            "annealing": self.selector.annealing,
         }
 
     def evaluate(self) -> None:
@@ -493,6 +484,7 @@ class StudentTrainingRecipe:
         optimizer, scheduler = (None, None) if final else (self.optimizer.state_dict(), self.scheduler.state_dict())
         payload = state_payload(self.state, self.compute, self.selector.state_dict(), optimizer, scheduler)
         payload["scores"] = self.scores.state_dict()
+        payload["stopper"] = self.stopper.state_dict() if self.stopper else None
         write_state(directory, payload)
         if self.metrics_path.is_file():
             shutil.copyfile(self.metrics_path, directory / "metrics.jsonl")

@@ -151,6 +151,8 @@ class Selector:
         self.student_class = torch.zeros(num_classes, dtype=_STAT_DTYPE)
         self.seen = torch.zeros(num_classes, dtype=torch.bool)
         self.steps = 0
+        self.annealing = False
+        """The end phase (``selection.anneal_fraction``): ``llkd`` keeps what the teacher passes, weight 1."""
 
     # ------------------------------------------------------------------ state
 
@@ -345,13 +347,14 @@ class Selector:
         tau_t, tau_s = self.thresholds()
         teacher_ok = c >= tau_t[y]
         student_ok = u >= tau_s[y]  # False where u is NaN (not scored)
-        if self.strategy == "llkd":
+        strategy = "teacher_confidence" if self.annealing and self.strategy == "llkd" else self.strategy
+        if strategy == "llkd":
             mask = _cap(teacher_ok & student_ok, capacity)
-        elif self.strategy == "all":
+        elif strategy == "all":
             mask = _cap(torch.ones_like(teacher_ok), capacity)
-        elif self.strategy == "teacher_confidence":
+        elif strategy == "teacher_confidence":
             mask = _cap(teacher_ok, capacity)
-        elif self.strategy == "student_uncertainty":
+        elif strategy == "student_uncertainty":
             mask = _cap(student_ok, capacity)
         else:  # random: as many as llkd keeps over the global batch, drawn uniformly
             llkd_kept = _cap(teacher_ok & student_ok, capacity).sum().to(_STAT_DTYPE).reshape(1)
@@ -359,7 +362,7 @@ class Selector:
             mask = _cap(self._random_mask(budget, offset, len(c), total), capacity)
 
         m = mask.to(_STAT_DTYPE)
-        use_cu = self.strategy == "llkd" and self.weighting == "confidence_uncertainty"
+        use_cu = strategy == "llkd" and self.weighting == "confidence_uncertainty"
         raw = c * torch.nan_to_num(u, nan=0.0) if use_cu else torch.ones_like(c)
         sums = self._reduce(torch.stack([m.sum(), (m * raw).sum(), (m * c).sum(), ((1 - m) * c).sum()]))
         selected, selected_raw, c_selected, c_rejected = sums.tolist()

@@ -1,0 +1,123 @@
+"""A label-free stop (``training.stop: auto``): end the run when the student has stopped changing its mind.
+
+Production has no gold set, so the budget is a guess and a student trained on every pseudo-label
+degrades past its peak (docs/quality.md). The signal here needs no label: **prediction churn** on
+a fixed probe of pool rows — the fraction of probe rows whose predicted class changed since the
+previous check. Decided here:
+
+- **The probe** is the first ``stop_probe`` pool rows the candidate stream hands the workers (each
+  worker keeps its share, ``stop_probe / workers``), fixed for the run and checkpointed as texts.
+- **Checks** at every ``1 / stop_checks`` of the run (budget or steps), independent of the gold-set
+  evaluations; churn is summed over the workers (one all-gather), so every worker decides alike.
+- **The rule** (:class:`ChurnStop`): stop once churn stays below ``stop_churn`` for ``stop_window``
+  consecutive checks. The first check has nothing to compare with and counts for nothing.
+- **The schedule ends properly**: when the stop is called at progress ``p``, the learning rate goes
+  from its value at ``p`` linearly to 0 over the next ``stop_decay`` of the budget
+  (:class:`~llkd_ray.compute.ProgressSchedule`), and the run ends there. Until the stop the run is
+  the budgeted run exactly (same schedule), so F1 at the stop compares with the full budget's.
+- **The probe's forwards are compute**: 2·N FLOPs per probe token and check, counted in the run's
+  FLOPs (``probe_tokens``) and therefore against the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ChurnStop:
+    """Stop once churn is below ``threshold`` for ``window`` consecutive checks (pure, no torch)."""
+
+    threshold: float
+    window: int
+    history: list[float] = field(default_factory=list)
+
+    def observe(self, churn: float) -> bool:
+        """Record one check's churn; True when the run should stop now."""
+        self.history.append(churn)
+        recent = self.history[-self.window :]
+        return len(recent) == self.window and all(c < self.threshold for c in recent)
+
+
+def churn(previous: list[int], current: list[int]) -> tuple[int, int]:
+    """Rows whose prediction changed, and rows compared (the rows predicted at both checks)."""
+    compared = min(len(previous), len(current))
+    return sum(a != b for a, b in zip(previous[:compared], current[:compared], strict=True)), compared
+
+
+class ProbeStopper:
+    """One worker's side of ``stop: auto``: its probe rows, their last predictions, the rule's state."""
+
+    def __init__(self, probe_rows: int, checks: int, threshold: float, window: int, decay: float) -> None:
+        self.probe_rows, self.checks, self.decay = probe_rows, checks, decay
+        self.rule = ChurnStop(threshold, window)
+        self.texts: list[str] = []
+        self.tokens = 0
+        """Real tokens of the probe (what one check costs, at 2·N FLOPs a token)."""
+        self.previous: list[int] = []
+        self.next_check = 1
+        self.stopped_at: float | None = None
+        """Progress at which the stop was called (None: not yet)."""
+        self.records: list[dict[str, Any]] = []
+
+    def collect(self, texts: list[str], tokenizer: Any, max_length: int) -> None:
+        """Keep the first rows the stream hands this worker until the probe is full."""
+        room = self.probe_rows - len(self.texts)
+        if room <= 0:
+            return
+        taken = texts[:room]
+        self.texts.extend(taken)
+        self.tokens += sum(len(ids) for ids in tokenizer(taken, truncation=True, max_length=max_length)["input_ids"])
+
+    def due(self, progress: float) -> bool:
+        return self.stopped_at is None and progress >= self.next_check / self.checks - 1e-9
+
+    def observe(self, predicted: list[int], shares: list[tuple[int, int]], progress: float) -> dict[str, Any]:
+        """Record a check: this worker's predictions and every worker's (changed, compared)."""
+        self.previous = predicted
+        self.next_check = int(progress * self.checks + 1e-9) + 1
+        changed, compared = sum(s[0] for s in shares), sum(s[1] for s in shares)
+        record: dict[str, Any] = {"kind": "stop_check", "progress": progress, "probe_rows": compared}
+        if compared:
+            record["churn"] = changed / compared
+            if self.rule.observe(record["churn"]):
+                self.stopped_at = progress
+                record["stop"] = True
+        self.records.append(record)
+        return record
+
+    def end(self) -> float:
+        """The progress the run ends at: the budget, or the stop plus the learning rate's decay."""
+        return 1.0 if self.stopped_at is None else min(1.0, self.stopped_at + self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "texts": list(self.texts),
+            "tokens": self.tokens,
+            "previous": list(self.previous),
+            "next_check": self.next_check,
+            "stopped_at": self.stopped_at,
+            "history": list(self.rule.history),
+            "records": list(self.records),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.texts, self.tokens, self.previous = list(state["texts"]), int(state["tokens"]), list(state["previous"])
+        self.next_check, self.stopped_at = int(state["next_check"]), state["stopped_at"]
+        self.rule.history, self.records = list(state["history"]), list(state["records"])
+
+
+def check(
+    stopper: ProbeStopper,
+    predict: Callable[[list[str]], list[int]],
+    progress: float,
+    all_gather: Callable[[Any], list[Any]],
+) -> tuple[dict[str, Any], int]:
+    """One churn check on every worker: predict the probe, compare, decide. Returns the check's record
+    and the probe tokens predicted over all workers (the check's compute)."""
+    predicted = predict(stopper.texts)
+    shares = all_gather((*churn(stopper.previous, predicted), stopper.tokens))
+    record = stopper.observe(predicted, [share[:2] for share in shares], progress)
+    return record, sum(share[2] for share in shares)
