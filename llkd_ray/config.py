@@ -270,14 +270,8 @@ class SelectionConfig(_Section):
     until the kept rows fill a batch or ``candidates_per_step`` batches were drawn (the cap). A
     step then back-propagates a full batch while the selection is generous and scores more while
     it is strict, instead of taking optimizer steps on one or two rows."""
-    anneal_fraction: Fraction = 0.0
-    """InfoBatch-style end phase for ``llkd``: over the last fraction of the run, drop the student gate
-    and train on every teacher-confident row (weight 1, nothing scored). 0: off (docs/method.md)."""
-    score_ttl: Annotated[float, Field(ge=0)] = 0.0
-    """Score reuse, in passes over the pool: a candidate whose information need ``u_i`` was computed
-    less than this long ago (and that was not selected since) is not scored again; its kept ``u_i``
-    enters the thresholds and the mask at 0 FLOPs (``llkd_ray/train/scores.py``, docs/method.md).
-    0 (the default until measured at equal compute) scores every candidate as the strategy needs."""
+    anneal_fraction: Fraction = 0.0  # llkd's last fraction of the run: teacher bar only, weight 1 (docs/method.md)
+    score_ttl: Annotated[float, Field(ge=0)] = 0.0  # passes a kept u_i is reused, not re-scored (train/scores.py)
 
 
 class StudentConfig(_Section):
@@ -305,22 +299,10 @@ class TrainingConfig(_Section):
     once it has spent that much, candidate scoring included, so strategies compare at equal
     compute; the learning-rate schedule follows the fraction spent. Overrides ``epochs``; not
     combinable with ``max_steps``."""
-    stop: Literal["budget", "auto"] = "budget"
-    """``budget``: train until the budget (or the steps) is spent. ``auto``: a label-free stop — the run
-    ends once the student's predictions on a fixed probe of pool rows stop changing (churn below
-    ``stop_churn`` for ``stop_window`` consecutive checks), with a short learning-rate decay
-    (``stop_decay``); the budget stays the upper bound (``llkd_ray/train/stopping.py``)."""
-    stop_probe: PositiveInt = 256
-    """``stop: auto``: pool rows in the churn probe (the first the stream hands out; split over workers)."""
-    stop_checks: PositiveInt = 16
-    """``stop: auto``: churn checks along the run (every 1/n of the budget or the steps)."""
-    stop_churn: Fraction = 0.02
-    """``stop: auto``: the churn (fraction of probe predictions changed between checks) below which
-    the student counts as no longer learning from the pool."""
-    stop_window: PositiveInt = 2
-    """``stop: auto``: consecutive checks below ``stop_churn`` before the stop is called."""
-    stop_decay: Fraction = 0.05
-    """``stop: auto``: fraction of the budget over which the learning rate decays to 0 after the stop."""
+    stop: Literal["budget", "auto"] = "budget"  # auto: a label-free stop, llkd_ray/train/stopping.py
+    stop_checks: PositiveInt = 16  # stop: auto — churn checks along the run (every 1/n of it)
+    stop_churn: Fraction = 0.02  # stop: auto — churn (share of probe predictions changed) to stop below
+    stop_window: PositiveInt = 2  # stop: auto — consecutive checks below stop_churn
     eval_points: PositiveInt | None = None
     """Gold-set evaluations at 1/n, 2/n, ..., n/n of the run (the budget or the steps): a learning
     curve. Default: at the end of each epoch and of training."""

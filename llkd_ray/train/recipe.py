@@ -37,7 +37,7 @@ from llkd_ray.train.plan import TrainingPlan
 from llkd_ray.train.scores import ScoreStore
 from llkd_ray.train.selection import Selection, Selector
 from llkd_ray.train.step import StepContext, StepResult, fill_step, train_step, unwrap_model
-from llkd_ray.train.stopping import ProbeStopper, check
+from llkd_ray.train.stopping import PROBE_ROWS, STOP_DECAY, ProbeStopper, check
 
 
 def _finite(value: float | None) -> float | None:
@@ -173,9 +173,9 @@ class StudentTrainingRecipe:
             self.output.mkdir(parents=True, exist_ok=True)
 
         if training.stop == "auto":
-            probe = max(1, training.stop_probe // self.world)
+            probe = max(1, PROBE_ROWS // self.world)
             self.stopper = ProbeStopper(
-                probe, training.stop_checks, training.stop_churn, training.stop_window, training.stop_decay
+                probe, training.stop_checks, training.stop_churn, training.stop_window, STOP_DECAY
             )
         checkpoint = ray.train.get_checkpoint()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as restored:
