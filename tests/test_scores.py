@@ -89,3 +89,21 @@ def test_store_drops_selected_rows_ages_out_and_round_trips():
     restored.load_state_dict(store.state_dict())
     assert restored.scores == store.scores
     assert torch.isnan(ScoreStore(ttl=0).lookup(["a"], clock=0)).all()
+
+
+def test_plan_turns_the_ttl_in_passes_into_selector_steps():
+    from pathlib import Path
+
+    from llkd_ray.config import load_config
+    from llkd_ray.train.plan import TrainingPlan
+
+    config = str(Path(__file__).resolve().parents[1] / "llkd_ray" / "configs" / "demo.yaml")
+    base = ["training.batch_size=32", "selection.score_ttl=2", "selection.anneal_fraction=0.1"]
+    plan = TrainingPlan.build(load_config(config, base), pool_rows=1600)
+    assert plan.score_ttl == 2 * 1600 / 32 and plan.anneal == 0.1  # a pass is 50 draws of 32 candidates
+    pooled = TrainingPlan.build(load_config(config, [*base, "selection.candidates_per_step=4"]), pool_rows=1600)
+    assert pooled.score_ttl == 2 * 1600 / (32 * 4)  # M = 4: a draw is 4 batches of candidates
+    filled = ["selection.candidates_per_step=4", "selection.fill_batch=true"]
+    assert TrainingPlan.build(load_config(config, [*base, *filled]), pool_rows=1600).score_ttl == 100
+    everything = TrainingPlan.build(load_config(config, [*base, "selection.strategy=all"]), pool_rows=1600)
+    assert everything.score_ttl == 0 and everything.anneal == 0  # `all` scores nothing and has no gate
