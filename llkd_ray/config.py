@@ -300,7 +300,7 @@ class TrainingConfig(_Section):
     compute; the learning-rate schedule follows the fraction spent. Overrides ``epochs``; not
     combinable with ``max_steps``."""
     stop: Literal["budget", "auto"] = "budget"  # auto: a label-free stop, llkd_ray/train/stopping.py
-    stop_checks: PositiveInt = 16  # stop: auto — churn checks along the run (every 1/n of it)
+    stop_checks: PositiveInt = 8  # stop: auto — churn checks along the run (every 1/n of it)
     stop_churn: Fraction = 0.02  # stop: auto — churn (share of probe predictions changed) to stop below
     stop_window: PositiveInt = 2  # stop: auto — consecutive checks below stop_churn
     eval_points: PositiveInt | None = None
