@@ -159,6 +159,19 @@ def test_write_results_writes_json_markdown_and_png(tmp_path: Path) -> None:
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_reuse_share_and_the_stop_go_into_the_tables_and_the_plot(tmp_path: Path) -> None:
+    runs = [_run("llkd (M=1)", s, 0.7, 0.7, 0.2, "llkd") | {"reused_share": 0.5 + s / 10} for s in range(2)]
+    runs[1] |= {"compute": 0.45, "stop": {"stopped_at": 0.4, "all_passes": 0.4, "churn": [None, 0.01, 0.0]}}
+    paths = write_results(_results(runs), tmp_path)
+    table = paths["md"].read_text()
+    compute_row = next(line for line in table.split("## Where the compute goes")[1].splitlines() if "llkd" in line)
+    assert "55.0% ± 7.1" in compute_row  # the share of scores reused, mean ± std over the seeds
+    assert "## Label-free stop" in table
+    assert "| llkd (M=1) seed 1 | 0.40 | 0.45 | 0.700 | –, 0.010, 0.000 |" in table
+    assert "seed 0 |" not in table.split("## Label-free stop")[1]  # a run without the stop has no row
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize(
     "content",
     [
