@@ -18,7 +18,7 @@ def test_churn_rule_stops_after_the_window_below_the_threshold():
 
 
 def test_probe_stopper_compares_the_same_rows_and_checks_on_schedule():
-    from llkd_ray.train.stopping import ProbeStopper, churn
+    from llkd_ray.train.stopping import ProbeStopper, churn, probe_size
 
     assert churn([0, 1, 1, 0], [0, 0, 1, 1]) == (2, 4)
     assert churn([], [1, 0]) == (0, 0)
@@ -29,6 +29,7 @@ def test_probe_stopper_compares_the_same_rows_and_checks_on_schedule():
     second = stopper.observe([0, 1, 1, 1], [(1, 4), (0, 4)], progress=0.5)  # 1 of 8 rows changed
     assert second["churn"] == pytest.approx(0.125) and second["stop"]
     assert stopper.stopped_at == 0.5 and stopper.end() == pytest.approx(0.6) and not stopper.due(0.75)
+    assert probe_size(1500, 1) == 128 and probe_size(1500, 2) == 64 and probe_size(96, 1) == 12
     restored = ProbeStopper(4, 4, 0.3, 1, 0.1)
     restored.load_state_dict(stopper.state_dict())
     assert restored.state_dict() == stopper.state_dict()

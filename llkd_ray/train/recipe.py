@@ -37,7 +37,7 @@ from llkd_ray.train.plan import TrainingPlan
 from llkd_ray.train.scores import ScoreStore
 from llkd_ray.train.selection import Selection, Selector
 from llkd_ray.train.step import StepContext, StepResult, fill_step, train_step, unwrap_model
-from llkd_ray.train.stopping import PROBE_ROWS, STOP_DECAY, ProbeStopper, check
+from llkd_ray.train.stopping import STOP_DECAY, ProbeStopper, check, probe_size
 
 
 def _finite(value: float | None) -> float | None:
@@ -173,7 +173,7 @@ class StudentTrainingRecipe:
             self.output.mkdir(parents=True, exist_ok=True)
 
         if training.stop == "auto":
-            probe = max(1, PROBE_ROWS // self.world)
+            probe = probe_size(self.plan.pool_rows, self.world)
             self.stopper = ProbeStopper(
                 probe, training.stop_checks, training.stop_churn, training.stop_window, STOP_DECAY
             )

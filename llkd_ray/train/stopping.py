@@ -34,6 +34,12 @@ PROBE_ROWS = 128
 STOP_DECAY = 0.05
 
 
+def probe_size(pool_rows: int, workers: int) -> int:
+    """This worker's probe rows: :data:`PROBE_ROWS`, at most an eighth of the pool (a small pool's
+    probe would otherwise repeat rows and cost passes of the budget per check), split over workers."""
+    return max(1, min(PROBE_ROWS, pool_rows // 8) // workers)
+
+
 @dataclass
 class ChurnStop:
     """Stop once churn is below ``threshold`` for ``window`` consecutive checks (pure, no torch)."""
