@@ -189,6 +189,8 @@ class Progress:
         self.done: float = 0
         self._next = every
         self._last_line = self.started
+        self._first: tuple[float, float] | None = None
+        """When the first progress came and how much: the rate leaves out the start-up before it."""
         tty = self.stream.isatty() if tty is None else tty
         self._bar = None
         if tty:
@@ -205,6 +207,7 @@ class Progress:
             return
         self.done = done
         now = time.monotonic()
+        self._first = self._first or (now, done)
         if self.total:
             if done / self.total + 1e-9 < self._next:
                 return
@@ -217,8 +220,10 @@ class Progress:
 
     def line(self) -> str:
         """``train: 40% 125/312 steps (3.1 steps/s, ETA 1:00)``."""
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.done / elapsed
+        now = time.monotonic()
+        rate = self.done / max(now - self.started, 1e-9)
+        if self._first and now > self._first[0] and self.done > self._first[1]:
+            rate = (self.done - self._first[1]) / (now - self._first[0])
         if not self.total:
             return f"{self.stage}: {self.done:g} {self.unit} ({rate:.1f} {self.unit}/s)"
         fraction = min(self.done / self.total, 1.0)
