@@ -37,7 +37,7 @@ from llkd_ray.compute import compute_by_stage, compute_rows, format_flops
 from llkd_ray.config import PipelineConfig, load_config
 from llkd_ray.console import verbose
 from llkd_ray.errors import ConfigError, LlkdError
-from llkd_ray.tracking import TrackingRun, start_run
+from llkd_ray.tracking import TrackingRun, ending, start_run
 
 #: Config sections each stage's output depends on (its hash decides whether it is redone).
 _LABEL_SECTIONS = ("task", "data", "teacher")
@@ -256,16 +256,11 @@ def run_pipeline(
 
         ensure_ray(config, log_dir=layout.logs)
     tracking = _start_tracking(config, layout)
-    try:
+    with ending(tracking):
         _run_stages(config, layout, plan, result, log)
         if tracking is not None:
             tracking.log_artifacts([layout.config, layout.eval_json, layout.report])
-    except BaseException:
-        if tracking is not None:
-            tracking.end(failed=True)
-        raise
     if tracking is not None:
-        tracking.end()
         log(f"tracking: MLflow run {tracking.run_id} in {tracking.uri}")
     result.eval = read_json(layout.eval_json) or {}
     if serve:  # blocks until interrupted: nothing to record or skip

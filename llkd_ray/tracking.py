@@ -20,10 +20,11 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,20 @@ class TrackingRun:
 
     def end(self, failed: bool = False) -> None:
         self.client().set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+@contextlib.contextmanager
+def ending(run: TrackingRun | None) -> Iterator[TrackingRun | None]:
+    """Ends ``run`` (when there is one) as the block leaves: FAILED on any exception, interrupts
+    included, FINISHED otherwise — so no command leaves an MLflow run marked running."""
+    try:
+        yield run
+    except BaseException:
+        if run is not None:
+            run.end(failed=True)
+        raise
+    if run is not None:
+        run.end()
 
 
 def step_metrics(record: dict[str, Any]) -> dict[str, float | None]:

@@ -23,7 +23,7 @@ from llkd_ray.bench.settings import BenchSettings, Variant, base_config, run_con
 from llkd_ray.bench.summary import plateau_check, summarize
 from llkd_ray.config import PipelineConfig
 from llkd_ray.errors import ConfigError, DataError
-from llkd_ray.tracking import TrackingRun, start_run
+from llkd_ray.tracking import TrackingRun, ending, start_run
 
 # --------------------------------------------------------------------------- stages (the contracts)
 
@@ -128,14 +128,8 @@ def _train_run(
     started = time.perf_counter()
     tags = {"llkd.strategy": variant.name, "llkd.seed": str(seed)}
     tracking = start_run(config, run_dir, f"{variant.slug}-seed{seed}", parent=parent, tags=tags) if parent else None
-    try:
+    with ending(tracking):
         summary = _train(config, labels, run_dir / "train", tracking)
-    except BaseException:
-        if tracking is not None:
-            tracking.end(failed=True)
-        raise
-    if tracking is not None:
-        tracking.end()
     train_time = time.perf_counter() - started
     run = run_record(summary, variant, seed, key)
     run["train_wall_time_s"] = train_time
@@ -181,14 +175,8 @@ def run_benchmark(
     reused = reusable_runs(reuse, data, settings)
     # One MLflow run for the benchmark (tracking.backend: mlflow), a nested one per strategy and seed.
     parent = start_run(base, output, f"bench-{output.resolve().name}", tags={"llkd.command": "bench"})
-    try:
+    with ending(parent):
         runs = _run_all(base, settings, variants, labels_dir, work, reused, train, parent, log)
-    except BaseException:
-        if parent is not None:
-            parent.end(failed=True)
-        raise
-    if parent is not None:
-        parent.end()
     return benchmark_results(data, settings, variants, base, teacher, runs)
 
 

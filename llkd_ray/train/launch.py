@@ -26,7 +26,7 @@ from llkd_ray.compute import ComputeMeter, all_pass_flops, format_flops
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.console import Progress, quiet_train_worker, train_logging_config, verbose
 from llkd_ray.errors import ConfigError
-from llkd_ray.tracking import TrackingRun, start_run
+from llkd_ray.tracking import TrackingRun, ending, start_run
 from llkd_ray.train.checkpoint import SELECTED_IDS, TrainState, read_state
 from llkd_ray.train.data import LabeledPool, build_dataset, estimate_pool_tokens, validate_labels_dir
 from llkd_ray.train.plan import TrainingPlan
@@ -141,7 +141,7 @@ def train_student(
     gold = _gold_payload(config, eval_data)
     own_run = None if tracking is not None else start_run(config, output, f"train-{config.selection.strategy}")
     tracking = tracking or own_run
-    try:
+    with ending(own_run):
         state, compute = _fit(config, plan, pool, output, student_path, gold, fault_injection, tracking)
         summary = _training_summary(config, plan, pool, pool_tokens, state, compute)
         summary["labels"], summary["student"] = str(labels), str(output / "student")
@@ -151,12 +151,6 @@ def train_student(
         if tracking is not None:
             tracked = [output / TRAINING_SUMMARY, output / "metrics.jsonl", output / SELECTED_IDS]
             tracking.log_artifacts([*tracked, *([output / "student"] if track_student else [])])
-    except BaseException:
-        if own_run:
-            own_run.end(failed=True)
-        raise
-    if own_run:
-        own_run.end()
     return summary
 
 
