@@ -23,7 +23,7 @@ def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None
     (e.g. ``VLLM_TARGET_DEVICE`` for vLLM on CPU). ``log_dir`` (``RUN/logs``) takes Ray's own logs
     off the console (:mod:`llkd_ray.console`) unless verbose.
     """
-    from llkd_ray.console import attach_ray_logs, prepare_ray_logs
+    from llkd_ray.console import attach_ray_logs, prepare_ray_logs, quiet_ray_worker, verbose
 
     if ray.is_initialized():
         return
@@ -31,6 +31,9 @@ def init_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None
         prepare_ray_logs(log_dir)
     runtime_env: dict[str, Any] = {"env_vars": env_vars} if env_vars else {}
     address = os.environ.get("RAY_ADDRESS")
+    if log_dir is not None and not address and not verbose():
+        # A local Ray has no dashboard, hence no State API: see quiet_ray_worker.
+        runtime_env["worker_process_setup_hook"] = f"{quiet_ray_worker.__module__}.{quiet_ray_worker.__name__}"
     ray.init(
         address=address or "local",
         num_cpus=None if address else num_cpus,

@@ -67,6 +67,15 @@ _RAY_DATA_RUN = textwrap.dedent(
     (shard,) = ray.data.range(500).streaming_split(1)  # executed in a SplitCoordinator actor, as Ray Train does
     assert sum(len(b["id"]) for b in shard.iter_batches()) == 500
     logging.getLogger("ray.data").warning("a warning from ray.data")
+
+    @ray.remote
+    def warn_as_the_placement_group_cleaner():
+        from ray.train.v2._internal.execution.controller import placement_group_cleaner
+        logger = logging.getLogger(placement_group_cleaner.__name__)
+        logger.warning("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
+        logger.warning("another warning from a Ray worker")
+
+    ray.get(warn_as_the_placement_group_cleaner.remote())
     ray.shutdown()
     """
 )
@@ -92,3 +101,8 @@ def test_ray_info_logs_go_to_the_run_directory_and_warnings_to_the_console(tmp_p
     assert "Starting execution of Dataset" in (logs / DATA_LOG).read_text()
     assert (logs / DRIVER_LOG).is_file()
     assert (logs / SESSION_LINK).is_dir()
+    # A local Ray has no State API: the cleaner's once-a-second warning is dropped in the workers,
+    # any other warning of theirs is kept (their stderr files are what Ray streams to the console).
+    workers_stderr = "".join(path.read_text() for path in (logs / SESSION_LINK).glob("worker-*.err"))
+    assert "another warning from a Ray worker" in workers_stderr
+    assert "State API may be temporarily unavailable" not in workers_stderr

@@ -1,6 +1,7 @@
 """Score reuse (``selection.score_ttl``, ``llkd_ray/train/scores.py``) on a tiny BERT without dropout:
 TTL 0 is today's step bit for bit; a reused score costs 0 FLOPs and, when the model did not change,
-gives the mask and weights a fresh score gives (plain torch, no Ray)."""
+gives the mask and weights a fresh score gives; a selected row's training forward re-scores it
+(plain torch, no Ray)."""
 
 from __future__ import annotations
 
@@ -64,8 +65,13 @@ def test_a_reused_score_costs_nothing_and_changes_no_mask(student, scoring):
     first = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5, scores=store)
     first_grads = _gradients(model)
     pending = store.take_pending()
-    assert len(pending) == first.compute.scored_samples > 0
-    store.commit(pending, selected=set())  # keep every score: the model has not changed
+    assert first.compute.scored_samples > 0 and first.compute.trained_samples > 0
+    assert len(pending) == first.compute.scored_samples + first.compute.trained_samples
+    # The training forward re-scores each selected row (no dropout here: the same u as its scoring).
+    scored = {row_id: need for row_id, need, _ in pending[: first.compute.scored_samples]}
+    for row_id, need, _ in pending[first.compute.scored_samples :]:
+        assert row_id in first.selected_ids and need == pytest.approx(scored[row_id], abs=1e-5)
+    store.commit(pending)  # keep every score: the model has not changed
     again = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5, scores=store)
     again_grads = _gradients(model)
     assert again.compute.scoring_tokens == 0 and again.compute.scored_samples == 0
@@ -75,16 +81,17 @@ def test_a_reused_score_costs_nothing_and_changes_no_mask(student, scoring):
     assert all(torch.equal(again_grads[k], first_grads[k]) for k in first_grads)
 
 
-def test_store_drops_selected_rows_ages_out_and_round_trips():
+def test_store_keeps_the_latest_score_ages_out_and_round_trips():
     from llkd_ray.train.scores import ScoreStore
 
     store = ScoreStore(ttl=3)
-    store.record(["a", "b", "c"], torch.tensor([0.1, 0.2, 0.3]), clock=5)
-    store.commit(store.take_pending(), selected={"b"})  # a trained row is out of date
+    store.record(["a", "b", "c"], torch.tensor([0.1, 0.2, 0.3]), clock=5)  # the scoring forward
+    store.record(["b"], torch.tensor([0.25]), clock=6)  # b's training forward, recorded after
+    store.commit(store.take_pending())
     fresh = store.lookup(["a", "b", "c", "d"], clock=7)
-    assert fresh[0].item() == pytest.approx(0.1) and fresh[2].item() == pytest.approx(0.3)
-    assert torch.isnan(fresh[1]) and torch.isnan(fresh[3])
+    assert fresh[:3].tolist() == pytest.approx([0.1, 0.25, 0.3]) and torch.isnan(fresh[3])
     assert torch.isnan(store.lookup(["a"], clock=8)).all()  # age 3 is not younger than the TTL
+    assert store.lookup(["b"], clock=8)[0].item() == pytest.approx(0.25)  # b's score is a tick younger
     restored = ScoreStore(ttl=3)
     restored.load_state_dict(store.state_dict())
     assert restored.scores == store.scores

@@ -356,8 +356,7 @@ class StudentTrainingRecipe:
         shares = (result.selected_ids, result.loss, asdict(result.compute), self.scores.take_pending())
         gathered = self.all_gather(shares)
         if self.scores.enabled:  # every worker keeps every worker's new scores (docs: train/scores.py)
-            selected = {row_id for share in gathered for row_id in share[0]}
-            self.scores.commit([entry for share in gathered for entry in share[3]], selected)
+            self.scores.commit([entry for share in gathered for entry in share[3]])
         step = StepCompute.total([StepCompute(**share[2]) for share in gathered])
         step.selection_s += time.perf_counter() - clock  # gathering the ids is selection's bookkeeping
         self.compute.add(step)

@@ -8,12 +8,12 @@ draws selected so far, identical on every worker); a candidate whose kept score 
 ``selection.score_ttl`` passes over the pool is not scored again: its kept ``u_i`` enters the
 thresholds and the mask at 0 FLOPs. Decided here:
 
-- **Only rejected rows keep their score.** A selected row is trained on in the same step, so its
-  ``u_i`` (computed before that update) is out of date by construction; keeping it would select the
-  row again, unchecked, on its next appearance. Rejected rows are the ones reuse is for.
-- **The training forward's logits are not stored.** For a selected row they come from the same
-  weights as its scoring forward (the optimizer step follows both), with dropout on: no newer
-  information than the inference-mode score, and the row is dropped anyway (above).
+- **Both forwards keep a score.** The scoring forward (inference mode) keeps every scored row's
+  ``u_i``; the training forward of a selected row computes its logits anyway, so its ``u_i`` (from
+  the same weights, with dropout on) replaces the scoring one at 0 FLOPs. A row that was reused and
+  then selected is thereby re-scored for free by its training forward. Consequence, measured in
+  docs/quality.md: a row the student is uncertain of stays selected, unscored, until its score ages
+  out — reuse trains more and scores less, the way InfoBatch reuses the training loss.
 - **The store is global.** Rows need not keep their shard across passes (Ray Data's streaming
   split), so new scores are gathered over the workers once per optimizer step (the recipe's
   existing all-gather) and every worker commits the same entries at the step's end: the decision to
@@ -64,12 +64,11 @@ class ScoreStore:
         pending, self.pending = self.pending, []
         return pending
 
-    def commit(self, entries: list[tuple[str, float, int]], selected: set[str]) -> None:
-        """Keep ``entries`` (all workers' new scores), drop the rows ``selected`` this step."""
+    def commit(self, entries: list[tuple[str, float, int]]) -> None:
+        """Keep ``entries`` (all workers' new scores, in the order recorded: a training forward's
+        score of a row follows, and replaces, its scoring forward's)."""
         for row_id, need, clock in entries:
             self.scores[row_id] = (need, clock)
-        for row_id in selected:
-            self.scores.pop(row_id, None)
 
     # ------------------------------------------------------------------ state
 

@@ -177,11 +177,12 @@ def train_step(
             # Nothing kept here: one row with weight 0 keeps this worker in DDP's gradient all-reduce.
             rows, weights = candidates.take(torch.tensor([0])), torch.zeros(1)
         clock = time.perf_counter()
-        loss, compute.training_tokens, _ = backward_weighted(
+        loss, compute.training_tokens, logits = backward_weighted(
             model, rows, weights, selection.normaliser, ctx, micro_batches
         )
         compute.training_s = time.perf_counter() - clock
         compute.trained_samples = kept
+        _keep_training_scores(scores, rows, logits, kept, selector.steps)
     else:
         clock = time.perf_counter()
         weights = torch.ones(len(candidates))
@@ -201,6 +202,12 @@ def train_step(
         selected_ids=[i for i, keep in zip(candidates.ids, mask, strict=True) if keep],
         compute=compute,
     )
+
+
+def _keep_training_scores(scores: ScoreStore | None, rows: Batch, logits: torch.Tensor, kept: int, clock: int) -> None:
+    """The kept rows' ``u_i`` from their training forward (logits it computed anyway), for reuse."""
+    if scores is not None and scores.enabled and kept:
+        scores.record(rows.ids, normalized_entropy(logits.float()).cpu(), clock)
 
 
 def _score_and_select(
@@ -333,9 +340,12 @@ def fill_step(
     rows = Batch.concat(kept_rows) if kept else Batch.concat([candidates.take(torch.tensor([0]))])
     weights = torch.cat(kept_weights) if kept else torch.zeros(1)
     clock = time.perf_counter()
-    loss, compute.training_tokens, _ = backward_weighted(model, rows, weights, selection.normaliser, ctx, micro_batches)
+    loss, compute.training_tokens, logits = backward_weighted(
+        model, rows, weights, selection.normaliser, ctx, micro_batches
+    )
     compute.training_s = time.perf_counter() - clock
     compute.trained_samples = kept
+    _keep_training_scores(scores, rows, logits, kept, selector.steps)
     mask = selection.mask.cpu().tolist()
     return StepResult(
         selection=selection,
