@@ -285,8 +285,7 @@ class TrainingConfig(_Section):
     workers: PositiveInt = 2
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
-    batch_size: PositiveInt = 32
-    """Global batch size, split evenly over the workers."""
+    batch_size: PositiveInt = 32  # global, split evenly over the workers
     learning_rate: PositiveFloat = 5e-5
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     warmup_ratio: Fraction = 0.1
@@ -302,7 +301,8 @@ class TrainingConfig(_Section):
     stop: Literal["budget", "auto"] = "budget"  # auto: a label-free stop, llkd_ray/train/stopping.py
     stop_checks: PositiveInt = 8  # stop: auto — churn checks along the run (every 1/n of it)
     stop_churn: Fraction = 0.02  # stop: auto — churn (share of probe predictions changed) to stop below
-    stop_window: PositiveInt = 2  # stop: auto — consecutive checks below stop_churn
+    stop_window: PositiveInt = 2  # stop: auto — consecutive quiet checks (churn or selection below its bar)
+    stop_selected: Fraction = 0.05  # stop: auto — also quiet: share of candidates selected since the last check below
     eval_points: PositiveInt | None = None
     """Gold-set evaluations at 1/n, 2/n, ..., n/n of the run (the budget or the steps): a learning
     curve. Default: at the end of each epoch and of training."""

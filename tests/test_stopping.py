@@ -17,6 +17,31 @@ def test_churn_rule_stops_after_the_window_below_the_threshold():
     assert decisions == [False, False, False, False, False, True, True]
 
 
+def test_a_dried_up_selection_is_quiet_too():
+    from llkd_ray.train.stopping import ChurnStop
+
+    rule = ChurnStop(threshold=0.02, window=2, selected_threshold=0.05)
+    # (churn, selected fraction since the last check): the first check has no churn to compare
+    script = [(None, 0.30), (0.20, 0.04), (0.30, 0.10), (0.15, 0.03), (0.01, 0.20)]
+    assert [rule.observe(c, f) for c, f in script] == [False, False, False, False, True]
+    assert rule.history == [False, True, False, True, True]
+    never = ChurnStop(threshold=0.02, window=1)  # no selection bar (``all``: every row selected)
+    assert not never.observe(0.5, 0.0) and not never.observe(None, None) and never.observe(0.0, None)
+
+
+def test_probe_stopper_counts_the_selection_between_checks():
+    from llkd_ray.train.stopping import ProbeStopper
+
+    stopper = ProbeStopper(probe_rows=2, checks=4, threshold=0.0, window=2, decay=0.05, selected_threshold=0.05)
+    first = stopper.observe([0, 1], [(0, 0)], progress=0.25, counts=(1000, 40))  # 4 % since the start
+    second = stopper.observe([0, 1], [(0, 2)], progress=0.5, counts=(2000, 70))  # 30 of 1000: 3 %
+    assert first["selected_fraction"] == pytest.approx(0.04) and "stop" not in first
+    assert second["selected_fraction"] == pytest.approx(0.03) and second["stop"] and stopper.stopped_at == 0.5
+    restored = ProbeStopper(2, 4, 0.0, 2, 0.05, 0.05)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored.state_dict() == stopper.state_dict() and restored.counts == (2000, 70)
+
+
 def test_probe_stopper_compares_the_same_rows_and_checks_on_schedule():
     from llkd_ray.train.stopping import ProbeStopper, churn, probe_size
 

@@ -34,13 +34,14 @@ QUICK = {
     "max_length": 32,
 }
 #: ``--quick`` also exercises score reuse and the label-free stop; a churn bar of 1 (always under it)
-#: makes the stop deterministic: called at the third of 8 checks (3/8 of the budget, the first has
-#: nothing to compare), the run ends 5 % of the budget later.
+#: and no selection bar make the stop deterministic: called at the third of 8 checks (3/8 of the
+#: budget, the first has no churn to compare), the run ends 5 % of the budget later.
 QUICK_OVERRIDES = [
     "selection.score_ttl=1",
     "training.stop=auto",
     "training.stop_checks=8",
     "training.stop_churn=1",
+    "training.stop_selected=0",
 ]
 
 

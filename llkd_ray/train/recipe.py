@@ -175,7 +175,12 @@ class StudentTrainingRecipe:
         if training.stop == "auto":
             probe = probe_size(self.plan.pool_rows, self.world)
             self.stopper = ProbeStopper(
-                probe, training.stop_checks, training.stop_churn, training.stop_window, STOP_DECAY
+                probe,
+                training.stop_checks,
+                training.stop_churn,
+                training.stop_window,
+                STOP_DECAY,
+                training.stop_selected,
             )
         checkpoint = ray.train.get_checkpoint()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as restored:
@@ -302,7 +307,8 @@ class StudentTrainingRecipe:
     def _stop_check(self) -> None:
         """``stop: auto``: one churn check on the probe; once the stop is called, the schedule's decay."""
         predictor = Predictor(unwrap_model(self.model), self.tokenizer, max_length=self.ctx.max_length, batch_size=64)
-        record, tokens = check(self.stopper, predictor.predict_indices, self.progress(), self.all_gather)
+        counts = (self.state.candidates_seen, self.state.rows_selected)
+        record, tokens = check(self.stopper, predictor.predict_indices, self.progress(), self.all_gather, counts)
         self.model.train()
         self.compute.probe_tokens += tokens
         record |= {

@@ -9,8 +9,14 @@ previous check. Decided here:
   worker keeps its share), fixed for the run and checkpointed as texts.
 - **Checks** at every ``1 / stop_checks`` of the run (budget or steps), independent of the gold-set
   evaluations; churn is summed over the workers (one all-gather), so every worker decides alike.
-- **The rule** (:class:`ChurnStop`): stop once churn stays below ``stop_churn`` for ``stop_window``
-  consecutive checks. The first check has nothing to compare with and counts for nothing.
+- **The rule** (:class:`ChurnStop`): stop once ``stop_window`` consecutive checks are *quiet*. A
+  check is quiet when churn is below ``stop_churn``, or when the strategy selected less than
+  ``stop_selected`` of the candidates it saw since the previous check — LLKD's own verdict that the
+  pool has little left to teach this student (the eligible set, teacher-confident and
+  student-uncertain, has dried up; the rest of the budget would mostly score rows it rejects). The
+  second signal is free (the selector's all-reduced counts) and reads the strategy's own rule;
+  churn alone never reached a bar under a learning rate that is still decaying (docs/quality.md).
+  ``all`` selects every row, so only churn can stop it. The first check has no churn to compare.
 - **The schedule ends properly**: when the stop is called at progress ``p``, the learning rate goes
   from its value at ``p`` linearly to 0 over the next :data:`STOP_DECAY` of the budget
   (:class:`~llkd_ray.compute.ProgressSchedule`), and the run ends there. Until the stop the run is
@@ -42,17 +48,24 @@ def probe_size(pool_rows: int, workers: int) -> int:
 
 @dataclass
 class ChurnStop:
-    """Stop once churn is below ``threshold`` for ``window`` consecutive checks (pure, no torch)."""
+    """Stop once ``window`` consecutive checks are quiet: churn below ``threshold`` or the selected
+    fraction below ``selected_threshold`` (pure, no torch)."""
 
     threshold: float
     window: int
-    history: list[float] = field(default_factory=list)
+    selected_threshold: float = 0.0
+    history: list[bool] = field(default_factory=list)
+    """Whether each check so far was quiet."""
 
-    def observe(self, churn: float) -> bool:
-        """Record one check's churn; True when the run should stop now."""
-        self.history.append(churn)
+    def observe(self, churn: float | None, selected: float | None = None) -> bool:
+        """Record one check (churn None: nothing to compare; selected None: no candidates seen);
+        True when the run should stop now."""
+        quiet = (churn is not None and churn < self.threshold) or (
+            selected is not None and selected < self.selected_threshold
+        )
+        self.history.append(quiet)
         recent = self.history[-self.window :]
-        return len(recent) == self.window and all(c < self.threshold for c in recent)
+        return len(recent) == self.window and all(recent)
 
 
 def churn(previous: list[int], current: list[int]) -> tuple[int, int]:
@@ -64,9 +77,13 @@ def churn(previous: list[int], current: list[int]) -> tuple[int, int]:
 class ProbeStopper:
     """One worker's side of ``stop: auto``: its probe rows, their last predictions, the rule's state."""
 
-    def __init__(self, probe_rows: int, checks: int, threshold: float, window: int, decay: float) -> None:
+    def __init__(
+        self, probe_rows: int, checks: int, threshold: float, window: int, decay: float, selected_threshold: float = 0.0
+    ) -> None:
         self.probe_rows, self.checks, self.decay = probe_rows, checks, decay
-        self.rule = ChurnStop(threshold, window)
+        self.rule = ChurnStop(threshold, window, selected_threshold)
+        self.counts = (0, 0)
+        """Candidates seen and rows selected (global) at the previous check."""
         self.texts: list[str] = []
         self.tokens = 0
         """Real tokens of the probe (what one check costs, at 2·N FLOPs a token)."""
@@ -88,17 +105,28 @@ class ProbeStopper:
     def due(self, progress: float) -> bool:
         return self.stopped_at is None and progress >= self.next_check / self.checks - 1e-9
 
-    def observe(self, predicted: list[int], shares: list[tuple[int, int]], progress: float) -> dict[str, Any]:
-        """Record a check: this worker's predictions and every worker's (changed, compared)."""
+    def observe(
+        self,
+        predicted: list[int],
+        shares: list[tuple[int, int]],
+        progress: float,
+        counts: tuple[int, int] = (0, 0),
+    ) -> dict[str, Any]:
+        """Record a check: this worker's predictions, every worker's (changed, compared), and the
+        run's (candidates seen, rows selected) so far."""
         self.previous = predicted
         self.next_check = int(progress * self.checks + 1e-9) + 1
         changed, compared = sum(s[0] for s in shares), sum(s[1] for s in shares)
+        seen, selected = counts[0] - self.counts[0], counts[1] - self.counts[1]
+        self.counts = (int(counts[0]), int(counts[1]))
         record: dict[str, Any] = {"kind": "stop_check", "progress": progress, "probe_rows": compared}
         if compared:
             record["churn"] = changed / compared
-            if self.rule.observe(record["churn"]):
-                self.stopped_at = progress
-                record["stop"] = True
+        if seen > 0:
+            record["selected_fraction"] = selected / seen
+        if self.rule.observe(record.get("churn"), record.get("selected_fraction")):
+            self.stopped_at = progress
+            record["stop"] = True
         self.records.append(record)
         return record
 
@@ -113,6 +141,7 @@ class ProbeStopper:
             "previous": list(self.previous),
             "next_check": self.next_check,
             "stopped_at": self.stopped_at,
+            "counts": list(self.counts),
             "history": list(self.rule.history),
             "records": list(self.records),
         }
@@ -120,7 +149,10 @@ class ProbeStopper:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.texts, self.tokens, self.previous = list(state["texts"]), int(state["tokens"]), list(state["previous"])
         self.next_check, self.stopped_at = int(state["next_check"]), state["stopped_at"]
-        self.rule.history, self.records = list(state["history"]), list(state["records"])
+        # Checkpoints before the selection bar kept churn values: quiet meant below the churn bar.
+        history = [q < self.rule.threshold if isinstance(q, float) else bool(q) for q in state["history"]]
+        self.rule.history, self.records = history, list(state["records"])
+        self.counts = tuple(state.get("counts", (0, 0)))
 
 
 def check(
@@ -128,10 +160,12 @@ def check(
     predict: Callable[[list[str]], list[int]],
     progress: float,
     all_gather: Callable[[Any], list[Any]],
+    counts: tuple[int, int] = (0, 0),
 ) -> tuple[dict[str, Any], int]:
-    """One churn check on every worker: predict the probe, compare, decide. Returns the check's record
-    and the probe tokens predicted over all workers (the check's compute)."""
+    """One check on every worker: predict the probe, compare, decide (``counts``: the run's global
+    candidates seen and rows selected). Returns the check's record and the probe tokens predicted
+    over all workers (the check's compute)."""
     predicted = predict(stopper.texts)
     shares = all_gather((*churn(stopper.previous, predicted), stopper.tokens))
-    record = stopper.observe(predicted, [share[:2] for share in shares], progress)
+    record = stopper.observe(predicted, [share[:2] for share in shares], progress, counts)
     return record, sum(share[2] for share in shares)
