@@ -13,7 +13,8 @@ thresholds and the mask at 0 FLOPs. Decided here:
   the same weights, with dropout on) replaces the scoring one at 0 FLOPs. A row that was reused and
   then selected is thereby re-scored for free by its training forward. Consequence, measured in
   docs/quality.md: a row the student is uncertain of stays selected, unscored, until its score ages
-  out — reuse trains more and scores less, the way InfoBatch reuses the training loss.
+  out — reuse trains more and scores less, the way InfoBatch reuses the training loss. With
+  dropout on, that score depends on the worker's dropout mask, as the gradients already do.
 - **The store is global.** Rows need not keep their shard across passes (Ray Data's streaming
   split), so new scores are gathered over the workers once per optimizer step (the recipe's
   existing all-gather) and every worker commits the same entries at the step's end: the decision to
