@@ -1,0 +1,204 @@
+"""Student-guided labeling rounds, the pure part (``llkd_ray/rounds.py``): the plan, the slice chooser
+and its per-class quota, the budget split, the records; the config's ``labeling`` section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llkd_ray.artifacts import RunLayout, write_json
+from llkd_ray.config import load_config
+from llkd_ray.errors import ConfigError
+from llkd_ray.pipeline import stage_hash
+from llkd_ray.rounds import (
+    choose_slice,
+    class_quotas,
+    random_slice,
+    read_rounds,
+    round_training,
+    rounds_lines,
+    slice_sizes,
+    with_earlier_rounds,
+)
+
+QUICK = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_labeling_is_off_by_default_and_bad_values_name_the_key():
+    config = load_config(QUICK)
+    assert (config.labeling.budget, config.labeling.rounds, config.labeling.enabled) == (1.0, 1, False)
+    assert load_config(QUICK, ["labeling.budget=0.3", "labeling.rounds=4"]).labeling.enabled
+    assert load_config(QUICK, ["labeling.rounds=2"]).labeling.enabled  # the whole pool, in two rounds
+    for override, message in [
+        ("labeling.budget=0", "labeling.budget: Input should be greater than 0"),
+        ("labeling.budget=1.2", "labeling.budget: Input should be less than or equal to 1"),
+        ("labeling.rounds=0", "labeling.rounds: Input should be greater than 0"),
+        ("labeling.rounds=two", "labeling.rounds"),
+        ("labeling.scoring_concurrency=[2,1]", "labeling.scoring_concurrency"),
+        ("labeling.bugdet=0.3", "labeling.bugdet: unknown key; allowed in labeling: budget, rounds"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            load_config(QUICK, [override])
+
+
+def test_the_stage_hashes_of_a_run_without_rounds_do_not_change():
+    config = load_config(QUICK)
+    assert stage_hash(config, "label") == config.section_hash("task", "data", "teacher")
+    rounds = load_config(QUICK, ["labeling.budget=0.5"])
+    assert stage_hash(rounds, "label") != stage_hash(config, "label")
+    assert stage_hash(rounds, "train") != stage_hash(config, "train")
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_slice_sizes_split_the_budget_evenly_and_refuse_fewer_rows_than_rounds():
+    assert slice_sizes(1000, 0.3, 4) == [75, 75, 75, 75]
+    assert slice_sizes(10, 0.5, 3) == [2, 2, 1]
+    assert slice_sizes(7, 1.0, 1) == [7]
+    assert sum(slice_sizes(5322, 0.3, 4)) == 1596
+    with pytest.raises(ConfigError, match=r"labeling.budget 0.1 of a pool of 20 rows is 2 row\(s\), fewer than"):
+        slice_sizes(20, 0.1, 3)
+
+
+def test_the_training_budget_is_split_across_rounds():
+    training = load_config(QUICK).training  # max_steps: 30
+    assert [round_training(training, k, [10, 10, 10, 10])["max_steps"] for k in range(4)] == [8, 8, 7, 7]
+    budget = load_config(QUICK, ["training.max_steps=null", "training.budget=2"]).training
+    # each round spends about 1/R of 2 passes over the final labeled set, in passes over its own
+    shares = [round_training(budget, k, [10, 10, 10, 10])["budget"] for k in range(4)]
+    assert shares == pytest.approx([2.0, 1.0, 2 / 3, 0.5])
+    assert sum(s * 10 * (k + 1) for k, s in enumerate(shares)) == pytest.approx(2 * 40)
+    epochs = load_config(QUICK, ["training.max_steps=null", "training.epochs=3"]).training
+    assert round_training(epochs, 1, [5, 5]) == {"epochs": pytest.approx(1.5)}
+
+
+# --------------------------------------------------------------------------- the choice of rows
+
+
+def test_the_random_slice_is_seeded_and_ignores_the_order_of_the_ids():
+    ids = [f"r{i}" for i in range(100)]
+    first = random_slice(ids, 10, seed=3)
+    assert len(set(first)) == 10 and set(first) <= set(ids)
+    assert random_slice(list(reversed(ids)), 10, seed=3) == first
+    assert random_slice(ids, 10, seed=4) != first
+
+
+def test_quotas_are_equal_shares_with_the_unused_water_filled():
+    assert class_quotas([50, 50, 50], 30) == [10, 10, 10]
+    assert class_quotas([2, 50, 50], 30) == [2, 14, 14]
+    assert class_quotas([0, 3, 100], 10) == [0, 3, 7]
+    assert class_quotas([50, 50, 50], 31) == [10, 10, 10]  # one left over: the chooser gives it by uncertainty
+    assert class_quotas([1, 1], 5) == [1, 1]
+
+
+def test_the_slice_is_the_most_uncertain_rows_within_per_class_quotas():
+    ids = [f"r{i}" for i in range(12)]
+    # class 0 holds every very uncertain row; class 1 and 2 would starve on uncertainty alone
+    uncertainty = [0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.2, 0.1, 0.3, 0.05, 0.5, 0.4]
+    predicted = [0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    chosen = choose_slice(ids, uncertainty, predicted, 6, 3, labeled={"r0"})
+    assert "r0" not in chosen  # disjoint from what is labeled
+    assert chosen == ["r1", "r2", "r10", "r11", "r8", "r6"]  # most uncertain first, 2 per class
+    assert sorted(chosen, key=lambda i: -uncertainty[ids.index(i)]) == chosen
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=6).flatmap(
+        lambda k: st.tuples(
+            st.just(k),
+            st.lists(st.tuples(st.floats(0, 1), st.integers(0, k - 1), st.booleans()), min_size=1, max_size=80),
+            st.integers(min_value=1, max_value=90),
+        )
+    )
+)
+def test_choose_slice_properties(case):
+    k, rows, size = case
+    ids = [f"id{i:03d}" for i in range(len(rows))]
+    uncertainty = [u for u, _, _ in rows]
+    predicted = [p for _, p, _ in rows]
+    labeled = {i for i, (_, _, done) in zip(ids, rows, strict=True) if done}
+    chosen = choose_slice(ids, uncertainty, predicted, size, k, labeled)
+    open_rows = [i for i in range(len(ids)) if ids[i] not in labeled]
+    assert len(chosen) == len(set(chosen)) == min(size, len(open_rows))
+    assert not set(chosen) & labeled
+    counts = np.bincount([predicted[ids.index(i)] for i in chosen], minlength=k)
+    available = np.bincount([predicted[i] for i in open_rows], minlength=k)
+    for c in range(k):  # the quota: no class gets less than its fair share of what it has
+        assert counts[c] >= min(available[c], size // k)
+    # within a class, nothing left out is more uncertain than what was taken
+    for c in range(k):
+        taken = [uncertainty[ids.index(i)] for i in chosen if predicted[ids.index(i)] == c]
+        left = [uncertainty[i] for i in open_rows if predicted[i] == c and ids[i] not in chosen]
+        if taken and left:
+            assert max(left) <= min(taken)
+
+
+# --------------------------------------------------------------------------- the records
+
+
+def _rounds_document(tmp_path: Path) -> RunLayout:
+    layout = RunLayout(tmp_path)
+    training = {"dir": "x", "steps": 5, "scoring_flops": 1e9, "training_flops": 4e9, "student_parameters": 10}
+    write_json(
+        layout.rounds_json,
+        {
+            "budget": 0.3,
+            "rounds_planned": 2,
+            "pool_rows": 100,
+            "budget_rows": 30,
+            "sizes": [15, 15],
+            "rounds": [
+                {
+                    "round": 0,
+                    "kind": "random",
+                    "size": 15,
+                    "labeled_rows": 15,
+                    "teacher": {"flops": 2e12},
+                    "training": training,
+                },
+                {
+                    "round": 1,
+                    "kind": "uncertainty",
+                    "size": 15,
+                    "labeled_rows": 30,
+                    "teacher": {"flops": 3e12},
+                    "scoring": {"flops": 5e8},
+                    "training": None,
+                },
+            ],
+        },
+    )
+    summary = {"compute": {"parameters": 10, "scoring_flops": 2e9, "training_flops": 6e9}}
+    write_json(layout.training_summary, summary)
+    return layout
+
+
+def test_the_records_give_each_round_its_flops_and_the_run_its_totals(tmp_path):
+    layout = _rounds_document(tmp_path)
+    document = read_rounds(layout)
+    first, last = document["rounds"]
+    assert first["flops"] == {"teacher_labeling": 2e12, "student_scoring": 1e9, "student_training": 4e9}
+    # the last round's training is the train stage's summary; its scoring adds the pool pass
+    assert last["flops"] == {"teacher_labeling": 3e12, "student_scoring": 2.5e9, "student_training": 6e9}
+    total = with_earlier_rounds(layout, {"compute": {"scoring_flops": 2e9, "training_flops": 6e9}})
+    assert total["compute"]["scoring_flops"] == pytest.approx(2e9 + 1e9 + 5e8)
+    assert total["compute"]["training_flops"] == pytest.approx(6e9 + 4e9)
+    lines = rounds_lines(document)
+    assert lines[0].startswith("Labeling rounds: 30 of 100 pool rows (budget 0.3) in 2 round(s)")
+    assert "uncertainty" in lines[3] and "3.00 TFLOP" in lines[3] and "6.00 GFLOP" in lines[3]
+
+
+def test_a_run_without_rounds_has_no_records(tmp_path):
+    layout = RunLayout(tmp_path)
+    assert read_rounds(layout) is None and rounds_lines(None) == []
+    summary = {"compute": {"scoring_flops": 1.0}}
+    assert with_earlier_rounds(layout, summary) is summary
