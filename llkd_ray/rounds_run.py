@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llkd_ray.artifacts import MANIFEST, RunLayout, atomic_output, read_json, write_json
+from llkd_ray.artifacts import MANIFEST, TRAINING_SUMMARY, RunLayout, atomic_output, read_json, write_json
 from llkd_ray.compute import forward_flops
 from llkd_ray.config import PipelineConfig, validate_config
 from llkd_ray.rounds import choose_slice, random_slice, round_training, slice_sizes, training_record
@@ -62,10 +62,12 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
         if record is None:
             chosen, scoring = _slice(config, layout, index, size, pool, student, records)
             _call(hook, "sliced", index)
-            log(label_corpus(config, layout.labels, ids=chosen).summary())
+            wanted = pa.array(chosen, type=pa.string())
+            if not _committed(layout, wanted):  # a rerun after the labels were committed skips the pass
+                log(label_corpus(config, layout.labels, ids=chosen).summary())
             _call(hook, "labeled", index)
             parameters = ((read_json(layout.labels / MANIFEST) or {}).get("teacher_compute") or {}).get("parameters")
-            tokens = teacher_tokens_of(OutputStore(layout.labels), pa.array(chosen, type=pa.string()))
+            tokens = teacher_tokens_of(OutputStore(layout.labels), wanted)
             training = None
             if index < len(sizes) - 1:
                 training = _train_round(config, layout, index, sizes, student, log)
@@ -100,6 +102,17 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
     return document
 
 
+def _committed(layout: RunLayout, ids: pa.Array) -> bool:
+    """Whether every row of ``ids`` is committed in the labels directory (labeled or rejected)."""
+    import pyarrow.compute as pc
+
+    from llkd_ray.label.store import OutputStore, committed_ids
+
+    if not (layout.labels / MANIFEST).is_file():
+        return False
+    return bool(pc.all(pc.is_in(ids, value_set=committed_ids(OutputStore(layout.labels)))).as_py())
+
+
 def _call(hook: Hook | None, step: str, index: int) -> None:
     if hook is not None:
         hook(step, index)
@@ -126,10 +139,14 @@ def final_round_config(config: PipelineConfig, layout: RunLayout) -> PipelineCon
 def _train_round(
     config: PipelineConfig, layout: RunLayout, index: int, sizes: list[int], student: Path | None, log: Log
 ) -> dict[str, Any] | None:
-    """Train round ``index``'s student on every label so far (no gold-set evaluation along the way)."""
+    """Train round ``index``'s student on every label so far (no gold-set evaluation along the way);
+    a training finished before a kill (its summary is written last) is not run again."""
     from llkd_ray.train.launch import format_training, train_student
 
     output = layout.round_dir(index) / "train"
+    finished = read_json(output / TRAINING_SUMMARY)
+    if finished and (output / "student" / "config.json").is_file():
+        return training_record(finished, output)
     round_settings = round_config(config, index, sizes, student)
     summary = train_student(round_settings, labels=layout.labels, output=output, eval_data=None)
     log(format_training(summary))

@@ -202,3 +202,79 @@ def test_a_run_without_rounds_has_no_records(tmp_path):
     assert read_rounds(layout) is None and rounds_lines(None) == []
     summary = {"compute": {"scoring_flops": 1.0}}
     assert with_earlier_rounds(layout, summary) is summary
+
+
+# --------------------------------------------------------------------------- a round-based run on Ray
+
+
+class Killed(Exception):
+    """Stands for a run killed between two rounds."""
+
+
+@pytest.mark.heavy
+def test_rounds_on_tiny_models_label_each_row_once_and_resume_after_a_kill(ray_local, tmp_path, tiny_classifier_dir):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from llkd_ray.corpus import builtin_path
+    from llkd_ray.label.store import OutputStore, committed_ids
+    from llkd_ray.rounds_run import SCORING, SLICE, final_round_config, label_rounds
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(builtin_path("builtin:sst2/train").read_text().splitlines(keepends=True)[:60]))
+    config = load_config(
+        QUICK,
+        [
+            f"data.input={pool}",
+            "data.limit=null",
+            "data.gold=null",
+            "teacher.block_rows=8",
+            "teacher.embedding.concurrency=1",
+            f"student.model={tiny_classifier_dir}",
+            "training.workers=1",
+            "training.cpus_per_worker=0.5",
+            "training.batch_size=8",
+            "training.max_steps=4",
+            "labeling.budget=0.5",
+            "labeling.rounds=2",
+            "labeling.scoring_concurrency=1",
+        ],
+    )
+    layout = RunLayout(tmp_path / "run")
+
+    def kill_after_round_0(step: str, index: int) -> None:
+        if (step, index) == ("trained", 0):
+            raise Killed
+
+    with pytest.raises(Killed):
+        label_rounds(config, layout, log=lambda _: None, hook=kill_after_round_0)
+    assert not (layout.round_dir(1) / SLICE).exists()
+    first_training = (layout.round_dir(0) / "train" / "training_summary.json").stat().st_mtime
+
+    document = label_rounds(config, layout, log=lambda _: None)  # the rerun resumes
+    assert document["sizes"] == [15, 15] and document["pool_rows"] == 60
+    slices = [pq.read_table(layout.round_dir(k) / SLICE) for k in range(2)]
+    ids = [set(t["id"].to_pylist()) for t in slices]
+    assert [len(s) for s in ids] == [15, 15] and not ids[0] & ids[1]  # disjoint
+    committed = committed_ids(OutputStore(layout.labels)).to_pylist()
+    assert len(committed) == len(set(committed)) == 30  # nothing labeled twice
+    assert set(committed) == ids[0] | ids[1]  # the union of the slices is what the teacher labeled
+    manifest = json.loads((layout.labels / "_manifest.json").read_text())
+    assert manifest["counts"]["duplicates_removed"] == 0
+    assert manifest["run"]["labeled"] == 15 and manifest["run"]["skipped_already_committed"] == 15
+    # round 0 was not redone; round 1 scored only the unlabeled rows and kept the quota
+    assert (layout.round_dir(0) / "train" / "training_summary.json").stat().st_mtime == first_training
+    scoring = json.loads((layout.round_dir(1) / SCORING).read_text())
+    assert scoring["rows"] == 45 and scoring["flops"] > 0
+    available = list(scoring["pool_by_predicted_class"].values())
+    counts = np.bincount(slices[1]["predicted"].to_numpy(), minlength=2)
+    assert all(counts[c] >= min(available[c], 15 // 2) for c in range(2))
+    uncertainty = slices[1]["uncertainty"].to_numpy()
+    assert list(uncertainty) == sorted(uncertainty, reverse=True)
+    records = read_rounds(layout)["rounds"]
+    assert [r["kind"] for r in records] == ["random", "uncertainty"]
+    assert records[0]["flops"]["teacher_labeling"] > 0 and records[0]["flops"]["student_training"] > 0
+    assert records[1]["flops"]["teacher_labeling"] > 0 and records[1]["training"] is None  # the train stage's
+    final = final_round_config(config, layout)
+    assert final.student.model == str(layout.round_dir(0) / "train" / "student") and final.training.max_steps == 2
