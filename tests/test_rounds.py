@@ -204,6 +204,54 @@ def test_a_run_without_rounds_has_no_records(tmp_path):
     assert with_earlier_rounds(layout, summary) is summary
 
 
+def test_the_report_the_summary_and_the_compute_by_stage_count_every_round(tmp_path):
+    from llkd_ray.pipeline import PipelineResult, format_summary, run_compute
+    from llkd_ray.report.page import build_report
+
+    layout = _rounds_document(tmp_path)
+    write_json(layout.labels / "_manifest.json", {"teacher_compute": {"flops": 5e12, "parameters": 7}})
+    compute = run_compute(layout, json_of(layout.training_summary))
+    assert compute["flops"] == {"teacher_labeling": 5e12, "student_scoring": 3.5e9, "student_training": 1e10}
+    page = build_report(tmp_path).read_text()
+    assert "<h2>Labeling rounds</h2>" in page and "<td>uncertainty</td>" in page and "<td>3.00 TFLOP</td>" in page
+    summary = format_summary(PipelineResult(run_dir=tmp_path, eval={"compute": compute}))
+    assert "Labeling rounds: 30 of 100 pool rows" in summary and "student scoring" in summary
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_with_rounds_on_the_stages_label_in_rounds_and_train_the_last_round(tmp_path, monkeypatch):
+    from llkd_ray import pipeline
+
+    config = load_config(QUICK, ["labeling.budget=0.3", "labeling.rounds=2"])
+    calls = {}
+
+    def fake_rounds(config, layout, log):
+        calls["rounds"] = config.labeling.rounds
+        _rounds_document(layout.root)
+        write_json(layout.labels / "_manifest.json", {"counts": {"labeled": 30}})
+
+    def fake_train(config, labels, output, tracking=None):
+        calls["train"] = config
+        return {}
+
+    monkeypatch.setattr("llkd_ray.rounds_run.label_rounds", fake_rounds)
+    monkeypatch.setattr("llkd_ray.label.run.label_corpus", lambda *a, **k: pytest.fail("labeled the whole pool"))
+    monkeypatch.setattr("llkd_ray.train.launch.train_student", fake_train)
+    monkeypatch.setattr("llkd_ray.train.launch.format_training", lambda summary: "trained")
+    layout = RunLayout(tmp_path)
+    assert pipeline.label_stage(config, layout, log=lambda _: None) == {"counts": {"labeled": 30}}
+    pipeline.train_stage(config, layout, log=lambda _: None)
+    trained = calls["train"]
+    assert calls["rounds"] == 2
+    assert trained.student.model == str(Path("x") / "student") and trained.training.max_steps == 15
+    assert layout.rounds in layout.outputs("label")  # a label stage redone from scratch starts the rounds over
+
+
 # --------------------------------------------------------------------------- a round-based run on Ray
 
 
