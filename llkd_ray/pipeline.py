@@ -4,6 +4,7 @@
 
     RUN/config.yaml           the resolved config of the latest run
     RUN/labels/               teacher pseudo-labels of the pool (label stage)
+    RUN/rounds/               with ``labeling`` on: each round's slice, records and student (label stage)
     RUN/train/                the student, metrics.jsonl, training_summary.json (train stage)
     RUN/eval/teacher_gold/    the teacher's labels of the gold set (evaluate stage)
     RUN/eval.json             teacher and student metrics on the gold set (evaluate stage)
