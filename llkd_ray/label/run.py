@@ -10,6 +10,7 @@ teacher's compute (:mod:`llkd_ray.label.cost`).
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from llkd_ray import __version__
 from llkd_ray.artifacts import MANIFEST, REJECTED_DIR, stable_hash
@@ -140,12 +143,16 @@ def _machine_use(run: dict[str, Any]) -> str:
     return text
 
 
-def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool = False) -> LabelResult:
+def label_corpus(
+    config: PipelineConfig, output: str | Path, *, overwrite: bool = False, ids: Collection[str] | None = None
+) -> LabelResult:
     """Label ``config.data.input`` (at most ``data.limit`` rows) with ``config.teacher`` into ``output``.
 
     Resumes a directory written with the same config (labels only the ids not yet committed);
     refuses one written with another config unless ``overwrite``. The teacher (model path,
-    tokenizer, verbalizers) is checked before any data is read.
+    tokenizer, verbalizers) is checked before any data is read. ``ids`` restricts the run to those
+    rows (a labeling round's slice): the directory then grows round by round, each row committed
+    once, and its manifest counts every round. The ids are not part of the config hash.
     """
     from llkd_ray.runtime import init_ray
 
@@ -165,7 +172,8 @@ def label_corpus(config: PipelineConfig, output: str | Path, *, overwrite: bool 
         "teacher": plan.identity.to_dict(),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    labelled = _label_pass(config, plan, store, job, overwrite)
+    wanted = None if ids is None else pa.array(sorted(set(ids)), type=pa.string())
+    labelled = _label_pass(config, plan, store, job, overwrite, wanted)
     wall = time.perf_counter() - started
     totals = scan_output(store, plan.label_names)
     if not store.parts():
@@ -210,19 +218,18 @@ class _LabelPass:
 
 
 def _label_pass(
-    config: PipelineConfig, plan: TeacherPlan, store: OutputStore, job: dict[str, Any], overwrite: bool
+    config: PipelineConfig,
+    plan: TeacherPlan,
+    store: OutputStore,
+    job: dict[str, Any],
+    overwrite: bool,
+    ids: pa.Array | None = None,
 ) -> _LabelPass:
-    """Claim the (checked) directory for ``job`` and run the stages over the rows not committed yet."""
-    import ray.data
+    """Claim the (checked) directory for ``job`` and run the stages over the rows not committed yet
+    (of ``ids``, when given)."""
+    from llkd_ray.corpus import read_corpus, read_order
 
-    from llkd_ray.corpus import read_corpus
-
-    context = ray.data.DataContext.get_current()
-    preserve_order = context.execution_options.preserve_order
-    if config.data.limit:
-        # The first N rows in read order, the same rows on every pass and every rerun.
-        context.execution_options.preserve_order = True
-    try:
+    with read_order(config.data):
         corpus = read_corpus(config.data)
         claim_output(store, job, overwrite)
         committed = committed_ids(store)
@@ -234,15 +241,18 @@ def _label_pass(
             block_rows=config.teacher.block_rows,
             has_gold=bool(config.data.label_column),
             pool=plan_actor_pool(getattr(config.teacher, plan.backend)) if backend_spec(plan.backend).local else None,
+            ids=ids,
         )
         committed_blocks = build_pipeline(corpus.classified, LABEL_STAGES, run)
         summaries = []
-        with Progress("label", _rows_to_label(config, len(committed)), "rows") as progress:
+        if ids is None:
+            total = _rows_to_label(config, len(committed))
+        else:
+            total = len(ids) - int(pc.sum(pc.is_in(ids, value_set=committed)).as_py() or 0)
+        with Progress("label", total, "rows") as progress:
             for summary in committed_blocks.iter_batches(batch_format="pandas", batch_size=None):
                 summaries.append(summary)
                 progress.update(progress.done + int(summary["labeled"].sum()) + int(summary["rejected"].sum()))
-    finally:
-        context.execution_options.preserve_order = preserve_order
     blocks = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=SUMMARY_COLUMNS)
     return _LabelPass(blocks, len(committed), rejected_before, run.pool)
 

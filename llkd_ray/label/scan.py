@@ -82,6 +82,19 @@ def teacher_token_totals(store: OutputStore) -> dict[str, int]:
     return totals
 
 
+def teacher_tokens_of(store: OutputStore, ids: pa.Array) -> int:
+    """The real tokens the teacher read for the committed rows among ``ids`` (a labeling round's slice)."""
+    total = 0
+    for sub in ((), (REJECTED_DIR,)):
+        for name in store.parts(*sub):
+            if "teacher_tokens" not in store.schema_names(*sub, name):
+                continue
+            table = store.read_table(*sub, name, columns=["id", "teacher_tokens"])
+            table = table.filter(pc.is_in(table["id"], value_set=ids))
+            total += int(pc.sum(table["teacher_tokens"]).as_py() or 0)
+    return total
+
+
 def scan_output(store: OutputStore, label_names: list[str]) -> dict[str, Any]:
     """Totals of the committed output, after making sure every id is there exactly once."""
     seen: set[str] = set()

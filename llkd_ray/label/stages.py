@@ -16,7 +16,14 @@ from typing import Any
 import pyarrow as pa
 
 from llkd_ray.label.pool import ActorPool, teacher_stage
-from llkd_ray.label.store import SUMMARY_COLUMNS, OutputStore, commit_block, commit_rejected, drop_committed
+from llkd_ray.label.store import (
+    SUMMARY_COLUMNS,
+    OutputStore,
+    commit_block,
+    commit_rejected,
+    drop_committed,
+    keep_ids,
+)
 from llkd_ray.label.teachers.base import TeacherPlan
 
 
@@ -30,6 +37,8 @@ class StageContext:
     block_rows: int
     has_gold: bool
     pool: ActorPool | None
+    ids: pa.Array | None = None
+    """Label only these rows (a round's slice, ``labeling.rounds``); None: every row."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,13 @@ class Stage:
     drops: tuple[str, ...] = ()
     replaces: bool = False
     """The stage's output is a new table (``adds`` only), not its input plus ``adds``."""
+
+
+def _keep_ids_stage(dataset, run: StageContext):
+    if run.ids is None:
+        return dataset
+    # Fused into the reading tasks like the next stage: rows outside the slice never leave them.
+    return dataset.map_batches(keep_ids, batch_format="pyarrow", batch_size=None, fn_kwargs={"ids": run.ids})
 
 
 def _drop_committed_stage(dataset, run: StageContext):
@@ -75,6 +91,7 @@ CLASSIFIED_COLUMNS = ("id", "text", "reason")
 #: The labeling pipeline, in order. Scoring and committing run in the same actor (the commit is
 #: the teacher's sink) so that the teacher is the last operator; see docs/labeling.md.
 LABEL_STAGES: tuple[Stage, ...] = (
+    Stage("keep_ids", needs=("id",), adds=(), apply=_keep_ids_stage),
     Stage("drop_committed", needs=("id",), adds=(), apply=_drop_committed_stage),
     Stage("commit_rejected", needs=("id", "text", "reason"), adds=(), drops=("reason",), apply=_commit_rejected_stage),
     Stage("repartition", needs=(), adds=(), apply=_repartition_stage),

@@ -186,6 +186,11 @@ def committed_ids(store: OutputStore) -> pa.Array:
 # --------------------------------------------------------------------------- Ray Data tasks: exactly-once commits
 
 
+def keep_ids(batch: pa.Table, *, ids: pa.Array) -> pa.Table:
+    """Ray Data task: only the rows whose id is in ``ids`` (a labeling round's slice of the pool)."""
+    return batch.filter(pc.is_in(batch["id"], value_set=ids))
+
+
 def drop_committed(batch: pa.Table, *, committed: pa.Array) -> pa.Table:
     """Ray Data task: rows whose id is not committed yet."""
     keep = pc.invert(pc.is_in(batch["id"], value_set=committed))

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llkd_ray.artifacts import STAGES, percent, write_text
+from llkd_ray.artifacts import STAGES, RunLayout, percent, write_text
 from llkd_ray.compute import compute_by_stage, compute_rows
 from llkd_ray.report.plots import PLOTS
 from llkd_ray.report.run_data import RunData, load_run
+from llkd_ray.rounds import ROUNDS_HEADER, read_rounds, rounds_rows
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -76,6 +77,7 @@ def _summary_html(run: RunData) -> str:
             + "</table>"
         )
     parts.append(_compute_html(run))
+    parts.append(_rounds_html(run.root))
     if run.stages:
         rows = "".join(
             f"<tr><th>{html.escape(name)}</th><td>{html.escape(str(marker.get('status', '?')))}</td>"
@@ -103,6 +105,23 @@ def _compute_html(run: RunData) -> str:
         '<h2>Compute by stage</h2><p class="muted">2·N FLOPs per token of a forward, 6·N of a '
         "forward+backward; N: non-embedding parameters (teacher or student)</p>"
         f"<table><tr><th>stage</th><th>FLOPs</th><th>share</th></tr>{rows}</table>"
+    )
+
+
+def _rounds_html(root: Path) -> str:
+    """Student-guided labeling rounds (``labeling``): each round's slice, its size and FLOPs by stage."""
+    document = read_rounds(RunLayout(root))
+    if not document:
+        return ""
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in ROUNDS_HEADER)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rounds_rows(document)
+    )
+    return (
+        f"<h2>Labeling rounds</h2><p>the teacher labeled {document.get('budget_rows', 0):,} of "
+        f"{document.get('pool_rows', 0):,} pool rows (labeling.budget {_fmt(document.get('budget'), 2)}); "
+        "each round's slice ids are in <code>rounds/round-K/slice.parquet</code></p>"
+        f"<table><tr>{header}</tr>{rows}</table>"
     )
 
 

@@ -220,6 +220,12 @@ class Predictor:
         encoded = self.preprocess(texts)
         return self._forward(encoded), encoded.truncated
 
+    def scored(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+        """Probabilities and the real tokens each text's forward read (padding excluded): what
+        scoring a pool costs by the FLOPs rule (``llkd_ray.compute``)."""
+        encoded = self.preprocess(texts)
+        return self._forward(encoded), encoded.lengths
+
     def predict_indices(self, texts: Sequence[str]) -> list[int]:
         """The most probable class index per text."""
         return self.probabilities(texts)[0].argmax(dim=-1).tolist()
