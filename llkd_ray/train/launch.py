@@ -165,11 +165,16 @@ def _fit(
     tracking: TrackingRun | None = None,
 ) -> tuple[TrainState, ComputeMeter]:
     """Run the Ray Train job; copy the final student and records into ``output``; return its state."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     training = config.training
     dataset = build_dataset(pool, plan, training.seed, student_path, config.student.max_length)
+    # The tokenising map's tasks finish in any order; without preserve_order a worker's rows would
+    # too, so one seed would not give one run, and a restored worker's skip (a count of batches)
+    # would not skip the rows it had consumed.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     storage = training.storage_path or str(output / "ray")
     run_name = f"llkd-train-{config.selection.strategy}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(
@@ -197,6 +202,7 @@ def _fit(
             logging_config=train_logging_config(),
         ),
         datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest),
     )
     with _metrics_progress(output / "metrics.jsonl", plan):
         result = trainer.fit()
