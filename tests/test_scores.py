@@ -8,18 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SST2_LABELS
-from train_fixtures import review_batch
+from train_fixtures import review_batch, student_without_dropout
 
 
 @pytest.fixture()
 def student(tiny_classifier_dir):
-    from llkd_ray.train.model import load_student
     from llkd_ray.train.step import StepContext
 
-    model, tokenizer = load_student(str(tiny_classifier_dir), SST2_LABELS, seed=0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    model, tokenizer = student_without_dropout(tiny_classifier_dir, SST2_LABELS)
     return model, StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"))
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import SST2_LABELS
-from train_fixtures import TEXTS, review_batch
+from train_fixtures import TEXTS, review_batch, student_without_dropout
 
 from llkd_ray.testing import build_tiny_llama
 
@@ -96,16 +96,12 @@ def test_take_and_concat_keep_the_ids(minilm_tokenizer):
 def test_pre_tokenised_steps_equal_text_steps(tiny_classifier_dir, strategy):
     """Same selection, loss, gradients and FLOP token counts whether the rows arrive tokenised or not."""
     from llkd_ray.train.plan import scoring_mode
-    from llkd_ray.train.recipe import load_student
     from llkd_ray.train.selection import Selector
     from llkd_ray.train.step import StepContext, train_step
 
     outcomes = []
     for pre_tokenised in (False, True):
-        model, tokenizer = load_student(str(tiny_classifier_dir), SST2_LABELS, seed=0)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        model, tokenizer = student_without_dropout(tiny_classifier_dir, SST2_LABELS)
         ctx = StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"))
         batch = review_batch()
         if pre_tokenised:
@@ -164,16 +160,12 @@ def test_compile_auto_is_cuda_only_and_the_key_is_checked():
 @pytest.mark.heavy
 def test_a_compiled_student_padded_to_max_length_trains_like_the_eager_one(tiny_classifier_dir):
     """``training.compile``: the same selection and loss (float tolerance), the same parameter names."""
-    from llkd_ray.train.recipe import load_student
     from llkd_ray.train.selection import Selector
     from llkd_ray.train.step import StepContext, train_step
 
     outcomes = []
     for compiled in (False, True):
-        model, tokenizer = load_student(str(tiny_classifier_dir), SST2_LABELS, seed=0)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        model, tokenizer = student_without_dropout(tiny_classifier_dir, SST2_LABELS)
         names = list(model.state_dict())
         if compiled:
             model.compile()

@@ -87,3 +87,14 @@ def review_batch(rows: list[int] | None = None):
         confidence=torch.tensor([CONFIDENCE[i] for i in rows]),
         probs=torch.tensor([probs[i] for i in rows]),
     )
+
+
+def student_without_dropout(model_dir, labels: list[str]):
+    """A tiny student (seed 0) with dropout off, and its tokenizer: two steps compare exactly."""
+    from llkd_ray.train.model import load_student
+
+    model, tokenizer = load_student(str(model_dir), labels, seed=0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model, tokenizer
