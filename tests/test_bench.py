@@ -255,8 +255,8 @@ def test_run_configs_share_everything_but_strategy_m_and_seed(tmp_path: Path) ->
     )  # fmt: skip
     settings = BenchSettings(steps=7, overrides=["selection.weighting=none"])
     base = base_config(data, settings)
-    one = run_config(base, Variant("llkd", 4), seed=2)
-    two = run_config(base, Variant("random"), seed=0)
+    one = run_config(base, Variant("llkd", 4), seed=2, pool_rows=10)
+    two = run_config(base, Variant("random"), seed=0, pool_rows=10)
     assert (one.selection.strategy, one.selection.candidates_per_step, one.training.seed) == ("llkd", 4, 2)
     assert (two.selection.strategy, two.selection.candidates_per_step, two.training.seed) == ("random", 1, 0)
     for config in (one, two):

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from llkd_ray.bench.data import dataset_name, prepare_data
 from llkd_ray.bench.runs import run_benchmark
-from llkd_ray.bench.settings import DEFAULT_BUDGET, BenchSettings, build_variants, parse_candidates
+from llkd_ray.bench.settings import (
+    DEFAULT_BUDGET,
+    BenchSettings,
+    build_variants,
+    labeling_variants,
+    parse_candidates,
+    parse_fractions,
+)
 from llkd_ray.bench.tables import write_results
 from llkd_ray.config import DEFAULT_MOMENTUM, MINILM, STRATEGIES
 from llkd_ray.errors import ConfigError, run_reporting_errors
@@ -43,6 +50,10 @@ QUICK_OVERRIDES = [
     "training.stop_churn=1",
     "training.stop_selected=0",
 ]
+
+
+#: ``--quick``'s student-guided arm: two rounds (a random slice, then one the student chooses).
+QUICK_LABELING_ROUNDS = 2
 
 
 # --------------------------------------------------------------------------- command line
@@ -99,6 +110,19 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument(
         "--cpus-per-worker", type=float, help="CPUs (torch threads) per worker (default: cores / workers)"
     )
+    labeling = parser.add_argument_group("labeling axis (how much of the pool must the teacher label? docs/quality.md)")
+    labeling.add_argument(
+        "--labeling-budgets",
+        help="fractions of the pool the teacher labels, e.g. 0.1,0.2,0.3,0.5: for each, a random subset "
+        "then the strategy, and student-guided rounds to the same fraction, at equal student compute",
+    )
+    labeling.add_argument(
+        "--labeling-rounds", type=int, help="rounds of the student-guided arm (default 3; --quick: 2)"
+    )
+    labeling.add_argument("--labeling-strategy", help="strategy the labeling arms train with (default llkd)")
+    labeling.add_argument(
+        "--count-teacher", action="store_true", help="total the teacher's FLOPs with the student's in that table"
+    )
     runs.add_argument(
         "--set",
         dest="overrides",
@@ -127,6 +151,12 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         for key, value in QUICK.items():
             setattr(settings, key, value)
         settings.overrides = [*QUICK_OVERRIDES, *settings.overrides]
+    if args.labeling_budgets:
+        settings.labeling_budgets = parse_fractions(args.labeling_budgets)
+    if args.labeling_rounds is not None or args.quick:
+        settings.labeling_rounds = args.labeling_rounds or QUICK_LABELING_ROUNDS
+    settings.labeling_strategy = args.labeling_strategy or settings.labeling_strategy
+    settings.count_teacher = args.count_teacher
     keys = ("seeds", "budget", "steps", "eval_points", "batch_size", "learning_rate", "max_length", "momentum")
     for key in (*keys, "workers", "gold_size"):
         value = getattr(args, key)
@@ -153,10 +183,12 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """``llkd bench quality``: run the benchmark and write results.json, results.md, quality.png."""
+    settings = settings_from_args(args)
     variants = build_variants(
         [s.strip() for s in args.strategies.split(",") if s.strip()], parse_candidates(args.candidates)
     )
-    settings = settings_from_args(args)
+    if settings.labeling_budgets:
+        variants += labeling_variants(settings.labeling_strategy, settings.labeling_budgets, settings.labeling_rounds)
     dataset = args.dataset or (None if args.pool else "builtin:sst2")
     name = dataset_name(dataset, args.pool)
     output = Path(args.output or f"runs/bench-quality-{name}{'-quick' if args.quick else ''}")

@@ -19,7 +19,15 @@ from typing import Any
 
 from llkd_ray.artifacts import MANIFEST, percent, read_json, read_label_table, stable_hash, write_json
 from llkd_ray.bench.data import BenchData
-from llkd_ray.bench.settings import BenchSettings, Variant, base_config, run_config
+from llkd_ray.bench.labeling import (
+    claim_run_dir,
+    full_pool_tokens,
+    labeling_record,
+    labeling_summary,
+    teacher_pool_flops,
+    train_labeling_run,
+)
+from llkd_ray.bench.settings import LABELING_SETTINGS, BenchSettings, Variant, base_config, run_config
 from llkd_ray.bench.summary import plateau_check, summarize
 from llkd_ray.config import PipelineConfig
 from llkd_ray.errors import ConfigError, DataError
@@ -89,6 +97,7 @@ def teacher_scores(
     }
     pool_rows = read_label_table(pool_labels, ["id", "pseudo_label", "confidence"]).to_pylist()
     teacher["pool_labelled"] = len(pool_rows)
+    teacher["pool_flops"] = teacher_pool_flops(pool_labels)
     teacher["pool_mean_confidence"] = statistics.fmean(row["confidence"] for row in pool_rows) if pool_rows else None
     if data.pool_labels:
         agree = [
@@ -123,15 +132,26 @@ def _train_run(
     labels: Path,
     run_dir: Path,
     parent: TrackingRun | None = None,
+    pool_tokens: Callable[[], int] | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict:
-    """Train one run and record its result in ``run_dir/result.json`` (and a nested MLflow run)."""
+    """Train one run and record its result in ``run_dir/result.json`` (and a nested MLflow run); a
+    labeling variant labels its share of the pool in rounds first (:mod:`llkd_ray.bench.labeling`)."""
     started = time.perf_counter()
+    if variant.labeling:
+        claim_run_dir(run_dir, key)
     tags = {"llkd.strategy": variant.name, "llkd.seed": str(seed)}
     tracking = start_run(config, run_dir, f"{variant.slug}-seed{seed}", parent=parent, tags=tags) if parent else None
     with ending(tracking):
-        summary = _train(config, labels, run_dir / "train", tracking)
+        if variant.labeling:
+            summary, total, document = train_labeling_run(config, run_dir, tracking, log)
+        else:
+            summary = _train(config, labels, run_dir / "train", tracking)
     train_time = time.perf_counter() - started
     run = run_record(summary, variant, seed, key)
+    if variant.labeling:
+        assert pool_tokens is not None, "a labeling run needs the whole pool's tokens"
+        run = labeling_record(run, summary["compute"], total, document, pool_tokens())
     run["train_wall_time_s"] = train_time
     run["wall_time_s"] = time.perf_counter() - started
     write_json(run_dir / "result.json", run)
@@ -176,7 +196,7 @@ def run_benchmark(
     # One MLflow run for the benchmark (tracking.backend: mlflow), a nested one per strategy and seed.
     parent = start_run(base, output, f"bench-{output.resolve().name}", tags={"llkd.command": "bench"})
     with ending(parent):
-        runs = _run_all(base, settings, variants, labels_dir, work, reused, train, parent, log)
+        runs = _run_all(base, settings, variants, labels_dir, work, reused, train, parent, log, data.pool_rows)
     return benchmark_results(data, settings, variants, base, teacher, runs)
 
 
@@ -190,13 +210,21 @@ def _run_all(
     train: bool,
     parent: TrackingRun | None,
     log: Callable[[str], None],
+    pool_rows: int,
 ) -> list[dict[str, Any]]:
     """Every variant and seed: a finished run is read back, the others trained (``train``)."""
     runs: list[dict[str, Any]] = []
     total = len(variants) * settings.seeds
+    tokens: list[int] = []
+
+    def pool_tokens() -> int:  # counted once, when the first labeling run needs it
+        if not tokens:
+            tokens.append(full_pool_tokens(base, labels_dir))
+        return tokens[0]
+
     for seed in range(settings.seeds):
         for variant in variants:
-            config = run_config(base, variant, seed)
+            config = run_config(base, variant, seed, pool_rows)
             key = run_key(config, labels_dir)
             run_dir = work / "runs" / variant.slug / f"seed{seed}"
             run = _finished_run(run_dir / "result.json", key, reused.get((variant.name, seed)))
@@ -204,7 +232,7 @@ def _run_all(
                 runs.append(run)
                 log(f"[{len(runs)}/{total}] {variant.name} seed {seed}: done before, macro-F1 {run['macro_f1']:.3f}")
             elif train:
-                runs.append(_train_run(config, variant, seed, key, labels_dir, run_dir, parent))
+                runs.append(_train_run(config, variant, seed, key, labels_dir, run_dir, parent, pool_tokens, log))
                 log(f"[{len(runs)}/{total}] {variant.name} seed {seed}: {_trained_line(runs[-1])}")
     return runs
 
@@ -236,6 +264,7 @@ def benchmark_results(
         "runs": runs,
         "summary": summary,
         "plateau": plateau_check(summary),
+        "labeling": labeling_summary(runs, teacher),
     }
 
 
@@ -249,7 +278,8 @@ def reusable_runs(paths: Sequence[Path], data: BenchData, settings: BenchSetting
         except (OSError, ValueError) as error:
             raise DataError(f"--reuse {path}: not a readable results.json ({error})") from None
         theirs = {k: v for k, v in earlier.get("settings", {}).items() if k in mine}
-        differing = sorted(k for k in mine if k != "cpus_per_worker" and theirs.get(k) != mine[k])
+        ignored = ("cpus_per_worker", *LABELING_SETTINGS)  # no fully labeled run depends on these
+        differing = sorted(k for k in mine if k not in ignored and theirs.get(k) != mine[k])
         same_data = all(earlier.get("data", {}).get(k) == getattr(data, k) for k in ("name", "pool_rows", "gold_rows"))
         if differing or not same_data:
             what = ", ".join(differing) if differing else "the data set"

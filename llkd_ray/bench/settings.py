@@ -22,6 +22,7 @@ from llkd_ray.config import (
     validate_config,
 )
 from llkd_ray.errors import ConfigError
+from llkd_ray.rounds import slice_sizes
 
 # --------------------------------------------------------------------------- variants
 
@@ -34,18 +35,38 @@ class Variant:
     strategy: str
     candidates_per_step: int = 1
     fill: bool = False
+    labeled: float = 1.0
+    """The labeling axis: the fraction B of the pool the teacher labels (1: all of it, as always)."""
+    rounds: int = 1
+    """With ``labeled`` < 1: 1 = a random subset of B, then training; R > 1 = student-guided rounds."""
+
+    @property
+    def labeling(self) -> bool:
+        return self.labeled < 1.0
 
     @property
     def name(self) -> str:
         if self.strategy != "llkd":
-            return self.strategy
-        return f"llkd (fill, M≤{self.candidates_per_step})" if self.fill else f"llkd (M={self.candidates_per_step})"
+            name = self.strategy
+        elif self.fill:
+            name = f"llkd (fill, M≤{self.candidates_per_step})"
+        else:
+            name = f"llkd (M={self.candidates_per_step})"
+        if not self.labeling:
+            return name
+        how = "random subset" if self.rounds == 1 else f"{self.rounds} rounds"
+        return f"{name}, {100 * self.labeled:g} % labeled ({how})"
 
     @property
     def slug(self) -> str:
         if self.strategy != "llkd":
-            return self.strategy
-        return f"llkd-fill{self.candidates_per_step}" if self.fill else f"llkd-m{self.candidates_per_step}"
+            slug = self.strategy
+        else:
+            slug = f"llkd-fill{self.candidates_per_step}" if self.fill else f"llkd-m{self.candidates_per_step}"
+        if not self.labeling:
+            return slug
+        how = "random" if self.rounds == 1 else f"rounds{self.rounds}"
+        return f"{slug}-{how}-{100 * self.labeled:g}pct"
 
 
 def parse_candidates(text: str) -> list[tuple[int, bool]]:
@@ -77,6 +98,27 @@ def build_variants(strategies: Sequence[str], candidates: Sequence[int | tuple[i
         else:
             variants.append(Variant(strategy))
     return variants
+
+
+def parse_fractions(text: str) -> list[float]:
+    """``--labeling-budgets 0.1,0.2,0.3,0.5``: fractions of the pool in (0, 1)."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--labeling-budgets takes fractions of the pool, e.g. 0.1,0.3; got {text!r}") from None
+    if not values or any(not 0.0 < value < 1.0 for value in values):
+        raise ConfigError(f"--labeling-budgets takes fractions of the pool in (0, 1), e.g. 0.1,0.3; got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def labeling_variants(strategy: str, budgets: Sequence[float], rounds: int) -> list[Variant]:
+    """The labeling axis (issue 21): for each fraction B, a random subset of B then ``strategy``, and
+    ``rounds`` student-guided rounds to the same B (M = 1, the default)."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown --labeling-strategy {strategy}; known: {', '.join(STRATEGIES)}")
+    if rounds < 2:
+        raise ConfigError("--labeling-rounds must be at least 2 (1 round is the random subset, always compared)")
+    return [Variant(strategy, labeled=b, rounds=r) for b in budgets for r in (1, rounds)]
 
 
 # --------------------------------------------------------------------------- settings
@@ -113,6 +155,12 @@ class BenchSettings:
     gold_size: int | None = None
     sample_seed: int = 0
     overrides: list[str] = field(default_factory=list)
+    labeling_budgets: list[float] = field(default_factory=list)
+    """The labeling axis: fractions of the pool a teacher labels (none: the axis is off)."""
+    labeling_rounds: int = 3
+    labeling_strategy: str = "llkd"
+    count_teacher: bool = False
+    """Count the teacher's FLOPs in the labeling table's total compute."""
 
     @property
     def budget_text(self) -> str:
@@ -153,10 +201,39 @@ def base_config(data: BenchData, settings: BenchSettings) -> PipelineConfig:
     return validate_config(raw, "benchmark settings")
 
 
-def run_config(base: PipelineConfig, variant: Variant, seed: int) -> PipelineConfig:
+#: Settings that change no run of a fully labeled pool: ``--reuse`` ignores them.
+LABELING_SETTINGS = ("labeling_budgets", "labeling_rounds", "labeling_strategy", "count_teacher")
+
+
+def run_config(base: PipelineConfig, variant: Variant, seed: int, pool_rows: int) -> PipelineConfig:
+    """One run's config; a labeling variant also gets the teacher's share and the equal-compute budget."""
     config = base.model_copy(deep=True)
     config.selection.strategy = variant.strategy  # type: ignore[assignment]
     config.selection.candidates_per_step = variant.candidates_per_step
     config.selection.fill_batch = variant.fill
     config.training.seed = seed
+    if variant.labeling:
+        config.labeling.budget = variant.labeled
+        config.labeling.rounds = variant.rounds
+        if config.training.budget is not None:
+            config.training.budget = labeling_training_budget(config.training.budget, pool_rows, variant)
     return config
+
+
+def labeling_training_budget(budget: float, pool_rows: int, variant: Variant) -> float:
+    """``training.budget`` (passes over the labeled rows) that gives a labeling variant the student
+    compute of ``budget`` passes of ``all`` over the whole pool: the rounds' training spends
+    ``training.budget`` passes of the labeled rows in all (:func:`llkd_ray.rounds.round_training`),
+    and every round after the first also scores the unlabeled rows (2·N a token against 6·N
+    trained: a third of a pass per row), which comes out of the same budget. Rows stand in for
+    tokens; the run's FLOPs as recorded are what the benchmark reports."""
+    sizes = slice_sizes(pool_rows, variant.labeled, variant.rounds)
+    labeled_before = [sum(sizes[:k]) for k in range(1, len(sizes))]
+    scoring = sum(pool_rows - before for before in labeled_before) / 3
+    training_rows = budget * pool_rows - scoring
+    if training_rows <= 0:
+        raise ConfigError(
+            f"--budget {budget:g} is too small for {variant.rounds} labeling rounds: scoring the pool "
+            f"{variant.rounds - 1} time(s) alone costs {scoring / pool_rows:.2f} passes of `all`"
+        )
+    return training_rows / sum(sizes)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import write_json, write_text
+from llkd_ray.bench.labeling import labeling_lines
 from llkd_ray.bench.plots import render_plot
 from llkd_ray.bench.settings import BenchSettings
 
@@ -63,6 +64,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         *_compute_table(results["summary"]),
         "",
         *_stop_table(results.get("runs", [])),
+        *labeling_lines(results),
         *_notes(results.get("plateau"), results["teacher"]),
     ]
     return "\n".join(lines) + "\n"

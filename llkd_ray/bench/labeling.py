@@ -1,0 +1,258 @@
+"""The quality benchmark's labeling axis (issue 21): how much of the pool must the teacher label?
+
+``--labeling-budgets 0.1,0.2,0.3,0.5`` adds, for each fraction B of the pool, two runs per seed at
+the student compute of the fully labeled strategies (``--budget`` passes of ``all`` over the whole
+pool): **a random subset** of B labeled by the teacher, then the strategy (``labeling.rounds: 1``),
+and **student-guided rounds** to the same B (``labeling.rounds: R``, :mod:`llkd_ray.rounds`). Both
+are ``llkd run``'s own label and train stages (:func:`~llkd_ray.rounds_run.label_rounds`, then the
+last round's training), in the run's directory, so a killed benchmark resumes them. Decided here:
+
+- **Equal student compute, scoring counted**: the rounds' pool scoring comes out of the training
+  budget (:func:`~llkd_ray.bench.settings.labeling_training_budget`).
+- **One compute axis**: FLOPs in passes of ``all`` over the *whole* pool (6·N x its student tokens),
+  so a labeling run's compute and curve read like the fully labeled runs'. Only the last round
+  evaluates on the gold set; its points are placed at the compute spent by then, earlier rounds
+  and scoring passes included.
+- **The answer**: per B, the mean final macro-F1 of each arm; the smallest B whose mean reaches
+  ``all``'s best with the whole pool labeled (the mean over ``all``'s seeds of their best point,
+  the main table's target). With ``--count-teacher`` the table also totals student and teacher FLOPs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llkd_ray.artifacts import RunLayout, read_json, write_text
+from llkd_ray.compute import all_pass_flops, format_flops
+from llkd_ray.config import PipelineConfig
+from llkd_ray.tracking import TrackingRun
+
+KEY_FILE = "run-key.txt"
+
+
+def full_pool_tokens(config: PipelineConfig, labels: Path) -> int:
+    """The whole pool's student tokens (truncated at ``student.max_length``): the compute unit's size."""
+    from transformers import AutoTokenizer
+
+    from llkd_ray.train.data import estimate_pool_tokens, validate_labels_dir
+
+    pool = validate_labels_dir(labels, config.task.label_names)
+    tokenizer = AutoTokenizer.from_pretrained(config.student.model)
+    return estimate_pool_tokens(pool, tokenizer, config.student.max_length)
+
+
+def claim_run_dir(run_dir: Path, key: str) -> None:
+    """A labeling run resumes what its directory holds (its rounds, its labels): one left by a run
+    of another key (other settings) is cleared first, so nothing of it is reused."""
+    marker = run_dir / KEY_FILE
+    if run_dir.exists() and (not marker.is_file() or marker.read_text() != key):
+        shutil.rmtree(run_dir)
+    write_text(marker, key)
+
+
+def train_labeling_run(
+    config: PipelineConfig, run_dir: Path, tracking: TrackingRun | None, log: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Label in rounds and train the last round on the gold-evaluated curve; the final training's
+    summary, the same with the earlier rounds' FLOPs added, and ``rounds.json``."""
+    from llkd_ray.rounds import with_earlier_rounds
+    from llkd_ray.rounds_run import final_round_config, label_rounds
+    from llkd_ray.train.launch import train_student
+
+    layout = RunLayout(run_dir)
+    document = label_rounds(config, layout, log)
+    final = final_round_config(config, layout)
+    summary = train_student(
+        final, labels=layout.labels, output=layout.train, eval_data=config.data.gold, tracking=tracking,
+        track_student=False,
+    )  # fmt: skip
+    return summary, with_earlier_rounds(layout, summary), document
+
+
+def labeling_record(
+    run: dict[str, Any], final_compute: dict[str, Any], total: dict[str, Any], document: dict[str, Any], tokens: int
+) -> dict[str, Any]:
+    """A labeling run's ``results.json`` line: compute and curve on the whole pool's axis, and what
+    was labeled. ``final_compute`` is the last round's training alone, ``total`` every round's."""
+    parameters = int(total["compute"]["parameters"])
+    unit = all_pass_flops(parameters, tokens)
+    earlier = sum(
+        float(total["compute"].get(k) or 0.0) - float(final_compute.get(k) or 0.0)
+        for k in ("scoring_flops", "training_flops")
+    )
+    flops = float(final_compute["flops"]) + earlier
+    scoring = float(total["compute"].get("scoring_flops") or 0.0)
+    rounds = document.get("rounds") or []
+    teacher = [(r.get("teacher") or {}).get("flops") for r in rounds]
+    curve = [
+        point | {"flops": float(point["flops"]) + earlier, "all_passes": (float(point["flops"]) + earlier) / unit}
+        for point in run["curve"]
+    ]
+    stop = run.get("stop")
+    if stop and stop.get("all_passes") is not None and final_compute.get("all_passes"):
+        final_unit = float(final_compute["flops"]) / float(final_compute["all_passes"])  # a pass of the labeled rows
+        stop = stop | {"all_passes": (earlier + float(stop["all_passes"]) * final_unit) / unit}
+    return run | {
+        "curve": curve,
+        "stop": stop,
+        "compute": flops / unit,
+        "flops": flops,
+        "scoring_share": scoring / flops if flops else None,
+        "labeling": {
+            "fraction": document["budget"],
+            "rounds": document["rounds_planned"],
+            "pool_rows": document["pool_rows"],
+            "labeled_rows": sum(r.get("size", 0) for r in rounds),
+            "teacher_flops": sum(teacher) if teacher and None not in teacher else None,
+            "pool_scoring_flops": sum(float((r.get("scoring") or {}).get("flops") or 0.0) for r in rounds),
+            "sizes": document["sizes"],
+            "kinds": [r.get("kind") for r in rounds],
+        },
+    }
+
+
+# --------------------------------------------------------------------------- the summary and the table
+
+
+def _mean_std(values: list[float]) -> tuple[float, float] | None:
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def labeling_summary(runs: list[dict[str, Any]], teacher: dict[str, Any]) -> dict[str, Any] | None:
+    """Per fraction and arm: mean ± std of the final macro-F1, student compute and teacher FLOPs;
+    the target (``all``'s best, whole pool labeled) and the smallest fraction reaching it per arm."""
+    labeled = [run for run in runs if run.get("labeling")]
+    if not labeled:
+        return None
+    everything = [run for run in runs if run["strategy"] == "all" and run.get("curve")]
+    target = statistics.fmean(max(p["macro_f1"] for p in run["curve"]) for run in everything) if everything else None
+    rows: dict[str, dict[str, Any]] = {}
+    for run in labeled:
+        info = run["labeling"]
+        arm = "random" if info["rounds"] == 1 else "rounds"
+        entry = rows.setdefault(f"{info['fraction']:g}", {"fraction": info["fraction"], "pool_rows": info["pool_rows"]})
+        entry["labeled_rows"] = info["labeled_rows"]
+        cell = entry.setdefault(arm, {"runs": []})
+        cell["runs"].append(run)
+        cell["rounds"] = info["rounds"]
+    for entry in rows.values():
+        for arm in ("random", "rounds"):
+            cell = entry.get(arm)
+            if not cell:
+                continue
+            mine = cell.pop("runs")
+            cell["seeds"] = len(mine)
+            cell["macro_f1"] = _mean_std([r["macro_f1"] for r in mine])
+            cell["compute"] = _mean_std([r["compute"] for r in mine])
+            teacher_flops = [r["labeling"]["teacher_flops"] for r in mine if r["labeling"]["teacher_flops"] is not None]
+            cell["teacher_flops"] = statistics.fmean(teacher_flops) if teacher_flops else None
+            cell["student_flops"] = statistics.fmean(r["flops"] for r in mine)
+            cell["reaches_target"] = None if target is None else cell["macro_f1"][0] >= target - 1e-12
+    ordered = dict(sorted(rows.items(), key=lambda item: item[1]["fraction"]))
+    smallest = {
+        arm: next((e["fraction"] for e in ordered.values() if (e.get(arm) or {}).get("reaches_target")), None)
+        for arm in ("random", "rounds")
+    }
+    whole = [run for run in runs if not run.get("labeling") and run.get("flops")]
+    return {
+        "target_all_best": target,
+        "fractions": ordered,
+        "smallest_fraction_reaching_target": smallest,
+        "whole_pool": {
+            "teacher_flops": teacher.get("pool_flops"),
+            "student_flops": statistics.fmean(r["flops"] for r in everything) if everything else None,
+            "pool_rows": teacher.get("pool_labelled"),
+        }
+        if whole
+        else None,
+    }
+
+
+def _f1(cell: dict[str, Any] | None) -> str:
+    if not cell or cell.get("macro_f1") is None:
+        return "–"
+    mean, std = cell["macro_f1"]
+    text = f"{mean:.3f} ± {std:.3f}"
+    return f"**{text}**" if cell.get("reaches_target") else text
+
+
+def _flops(value: float | None) -> str:
+    return "–" if value is None else format_flops(value)
+
+
+def labeling_lines(results: dict[str, Any]) -> list[str]:
+    """``results.md``'s labeling section (empty without the axis)."""
+    axis = results.get("labeling")
+    if not axis:
+        return []
+    settings = results["settings"]
+    count_teacher = bool(settings.get("count_teacher"))
+    rounds = settings.get("labeling_rounds", "R")
+    strategy = settings.get("labeling_strategy", "llkd")
+    target = axis.get("target_all_best")
+    header = (
+        f"| labeled by the teacher | random subset, then {strategy}: macro-F1 | {rounds} student-guided rounds: "
+        "macro-F1 | rounds − random | student compute, random / rounds (passes of `all`) | teacher FLOPs"
+    )
+    lines = [
+        "## Labeling axis: how much of the pool must the teacher label?",
+        "",
+        "Every run at the same student compute as the fully labeled strategies (the rounds' scoring of the "
+        "unlabeled pool included); macro-F1 at the end of the budget, mean ± std over seeds; **bold**: "
+        f"reaches `all`'s best with the whole pool labeled ({'–' if target is None else f'{target:.3f}'}).",
+        "",
+        header + (" | total FLOPs, teacher counted |" if count_teacher else " |"),
+        "|---|" + "---:|" * (6 if count_teacher else 5),
+    ]
+    for entry in axis["fractions"].values():
+        random_cell, rounds_cell = entry.get("random"), entry.get("rounds")
+        delta = (
+            f"{rounds_cell['macro_f1'][0] - random_cell['macro_f1'][0]:+.3f}" if random_cell and rounds_cell else "–"
+        )
+        compute = " / ".join("–" if not c else f"{c['compute'][0]:.2f}" for c in (random_cell, rounds_cell))
+        teacher_flops = next((c["teacher_flops"] for c in (random_cell, rounds_cell) if c), None)
+        cells = [
+            f"{100 * entry['fraction']:g} % ({entry['labeled_rows']:,} rows)",
+            _f1(random_cell),
+            _f1(rounds_cell),
+            delta,
+            compute,
+            _flops(teacher_flops),
+        ]
+        if count_teacher:
+            totals = [c["student_flops"] + (c["teacher_flops"] or 0.0) for c in (random_cell, rounds_cell) if c]
+            cells.append(" / ".join(format_flops(t) for t in totals))
+        lines.append("| " + " | ".join(cells) + " |")
+    whole = axis.get("whole_pool")
+    if whole:
+        cells = [
+            f"100 % ({whole['pool_rows'] or 0:,} rows)", "see the main table", "–", "–", "1.00 (`all`)",
+            _flops(whole["teacher_flops"]),
+        ]  # fmt: skip
+        if count_teacher:
+            total = (whole["student_flops"] or 0.0) + (whole["teacher_flops"] or 0.0)
+            cells.append(format_flops(total) + " (`all`)")
+        lines.append("| " + " | ".join(cells) + " |")
+    smallest = axis["smallest_fraction_reaching_target"]
+    said = {arm: "not within the fractions measured" if f is None else f"{100 * f:g} %" for arm, f in smallest.items()}
+    lines += [
+        "",
+        f"Smallest fraction labeled whose mean macro-F1 reaches `all`'s best: random subset {said['random']}, "
+        f"student-guided rounds {said['rounds']}." + ("" if target is not None else " (`all` was not run: no target.)"),
+        "",
+    ]
+    return lines
+
+
+def teacher_pool_flops(labels: Path) -> float | None:
+    """The teacher's FLOPs on the whole pool, from its labels' manifest."""
+    from llkd_ray.artifacts import MANIFEST
+
+    manifest = read_json(labels / MANIFEST) or {}
+    return (manifest.get("teacher_compute") or {}).get("flops")

@@ -1,0 +1,198 @@
+"""The quality benchmark's labeling axis (issue 21): variants, the equal-compute budget, the records
+and the table, on made-up runs (the real runs: ``test_bench_quick.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llkd_ray.bench.data import prepare_data
+from llkd_ray.bench.labeling import claim_run_dir, labeling_lines, labeling_record, labeling_summary
+from llkd_ray.bench.runs import reusable_runs
+from llkd_ray.bench.settings import (
+    BenchSettings,
+    Variant,
+    base_config,
+    labeling_training_budget,
+    labeling_variants,
+    parse_fractions,
+    run_config,
+)
+from llkd_ray.errors import ConfigError
+from llkd_ray.rounds import round_training, slice_sizes
+
+
+def test_labeling_variants_pair_a_random_subset_with_rounds_per_fraction() -> None:
+    variants = labeling_variants("llkd", parse_fractions("0.1, 0.3,0.1"), 3)
+    assert [(v.labeled, v.rounds) for v in variants] == [(0.1, 1), (0.1, 3), (0.3, 1), (0.3, 3)]
+    assert variants[0].name == "llkd (M=1), 10 % labeled (random subset)"
+    assert variants[3].name == "llkd (M=1), 30 % labeled (3 rounds)"
+    assert len({v.slug for v in variants}) == 4 and variants[1].slug == "llkd-m1-rounds3-10pct"
+    assert not Variant("all").labeling and Variant("all").name == "all" and Variant("llkd").slug == "llkd-m1"
+
+
+@pytest.mark.parametrize("text", ["0", "1", "0.2,1.5", "a", ""])
+def test_fractions_outside_zero_one_name_the_flag(text: str) -> None:
+    with pytest.raises(ConfigError, match="--labeling-budgets"):
+        parse_fractions(text)
+
+
+def test_labeling_needs_two_rounds_and_a_known_strategy() -> None:
+    with pytest.raises(ConfigError, match="--labeling-rounds"):
+        labeling_variants("llkd", [0.5], 1)
+    with pytest.raises(ConfigError, match="--labeling-strategy"):
+        labeling_variants("best", [0.5], 2)
+
+
+@pytest.mark.parametrize(("pool", "fraction", "rounds"), [(1500, 0.1, 1), (1500, 0.3, 3), (5322, 0.2, 4), (96, 0.5, 2)])
+def test_the_labeling_budget_spends_the_whole_pool_budget_with_scoring_counted(
+    pool: int, fraction: float, rounds: int
+) -> None:
+    variant = Variant("llkd", labeled=fraction, rounds=rounds)
+    budget = labeling_training_budget(5.0, pool, variant)
+    sizes = slice_sizes(pool, fraction, rounds)
+    training = round_training  # each round's passes over the rows labeled so far, in row-passes
+    trained = sum(training(_training(budget), k, sizes)["budget"] * sum(sizes[: k + 1]) for k in range(rounds))
+    scored = sum(pool - sum(sizes[:k]) for k in range(1, rounds)) / 3  # 2·N of 6·N per row
+    assert trained + scored == pytest.approx(5.0 * pool)
+
+
+def _training(budget: float):
+    from llkd_ray.config import TrainingConfig
+
+    return TrainingConfig(budget=budget)
+
+
+def test_a_budget_smaller_than_the_scoring_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="too small for 5 labeling rounds"):
+        labeling_training_budget(0.5, 1000, Variant("llkd", labeled=0.5, rounds=5))
+
+
+def test_run_config_sets_the_labeling_section_and_the_budget(tmp_path: Path) -> None:
+    data = prepare_data(
+        dataset="builtin:trec", pool=None, gold=None, labels_file=None,
+        pool_size=20, gold_size=10, sample_seed=0, directory=tmp_path,
+    )  # fmt: skip
+    base = base_config(data, BenchSettings())
+    variant = Variant("llkd", labeled=0.5, rounds=2)
+    config = run_config(base, variant, seed=1, pool_rows=20)
+    assert (config.labeling.budget, config.labeling.rounds, config.training.seed) == (0.5, 2, 1)
+    assert config.training.budget == pytest.approx(labeling_training_budget(5.0, 20, variant))
+    plain = run_config(base, Variant("llkd"), seed=1, pool_rows=20)
+    assert not plain.labeling.enabled and plain.training.budget == 5.0
+    steps = run_config(base_config(data, BenchSettings(steps=9, budget=None)), variant, seed=0, pool_rows=20)
+    assert steps.training.max_steps == 9 and steps.training.budget is None  # equal steps: split by the rounds
+
+
+def _final(flops: float, passes: float) -> dict:
+    return {"flops": flops, "all_passes": passes, "scoring_flops": 0.2 * flops, "training_flops": 0.8 * flops}
+
+
+def test_a_labeling_record_puts_compute_and_curve_on_the_whole_pools_axis() -> None:
+    # the last round trained 3 passes of its 300 labeled rows (3e9 FLOPs); the rounds before and the
+    # pool scoring cost 1e9 more; one pass of `all` over the whole pool is 6 x 1000 x 100_000 = 6e8
+    final = _final(3e9, 3.0)
+    total = {"compute": final | {"parameters": 1000, "scoring_flops": 0.2 * 3e9 + 4e8, "training_flops": 2.4e9 + 6e8}}
+    run = {
+        "macro_f1": 0.6,
+        "curve": [
+            {"all_passes": 1.5, "flops": 1.5e9, "macro_f1": 0.5},
+            {"all_passes": 3.0, "flops": 3e9, "macro_f1": 0.6},
+        ],
+        "stop": {"stopped_at": 0.5, "all_passes": 1.5, "churn": [None]},
+    }
+    document = {
+        "budget": 0.3, "rounds_planned": 2, "pool_rows": 1000, "sizes": [150, 150],
+        "rounds": [
+            {"size": 150, "kind": "random", "teacher": {"flops": 5.0}},
+            {"size": 150, "kind": "uncertainty", "teacher": {"flops": 7.0}, "scoring": {"flops": 4e8}},
+        ],
+    }  # fmt: skip
+    record = labeling_record(run, final, total, document, tokens=100_000)
+    assert record["flops"] == pytest.approx(4e9) and record["compute"] == pytest.approx(4e9 / 6e8)
+    assert [p["all_passes"] for p in record["curve"]] == pytest.approx([2.5e9 / 6e8, 4e9 / 6e8])
+    assert record["stop"]["all_passes"] == pytest.approx(2.5e9 / 6e8)
+    assert record["scoring_share"] == pytest.approx((0.6e9 + 4e8) / 4e9)
+    assert record["labeling"] | {"sizes": None} == {
+        "fraction": 0.3, "rounds": 2, "pool_rows": 1000, "labeled_rows": 300, "teacher_flops": 12.0,
+        "pool_scoring_flops": 4e8, "sizes": None, "kinds": ["random", "uncertainty"],
+    }  # fmt: skip
+
+
+def _run(variant: str, seed: int, f1: float, strategy: str = "llkd", labeling: tuple | None = None) -> dict:
+    run = {"variant": variant, "strategy": strategy, "seed": seed, "macro_f1": f1, "compute": 1.0, "flops": 100.0}
+    run["curve"] = [{"all_passes": 0.5, "macro_f1": f1 + 0.02}, {"all_passes": 1.0, "macro_f1": f1}]
+    if labeling:
+        fraction, rounds = labeling
+        run["labeling"] = {
+            "fraction": fraction, "rounds": rounds, "pool_rows": 100, "labeled_rows": int(100 * fraction),
+            "teacher_flops": 10.0 * fraction,
+        }  # fmt: skip
+    return run
+
+
+def _labeling_results(count_teacher: bool = False) -> dict:
+    runs = [_run("all", s, f1, "all") for s, f1 in ((0, 0.70), (1, 0.72))]  # all's best: 0.72 and 0.74 -> 0.73
+    for seed in (0, 1):
+        runs += [
+            _run("r10", seed, 0.60 + 0.01 * seed, labeling=(0.1, 1)),
+            _run("g10", seed, 0.66, labeling=(0.1, 3)),
+            _run("r30", seed, 0.70, labeling=(0.3, 1)),
+            _run("g30", seed, 0.73 + 0.01 * seed, labeling=(0.3, 3)),
+            _run("r50", seed, 0.735, labeling=(0.5, 1)),
+        ]
+    teacher = {"pool_flops": 10.0, "pool_labelled": 100}
+    settings = vars(BenchSettings(labeling_budgets=[0.1, 0.3, 0.5], count_teacher=count_teacher))
+    return {"runs": runs, "settings": settings, "labeling": labeling_summary(runs, teacher)}
+
+
+def test_the_summary_finds_the_smallest_fraction_reaching_alls_best() -> None:
+    axis = _labeling_results()["labeling"]
+    assert axis["target_all_best"] == pytest.approx(0.73)
+    assert list(axis["fractions"]) == ["0.1", "0.3", "0.5"]
+    ten = axis["fractions"]["0.1"]
+    assert ten["random"]["macro_f1"][0] == pytest.approx(0.605) and ten["random"]["seeds"] == 2
+    assert ten["rounds"]["teacher_flops"] == pytest.approx(1.0) and not ten["rounds"]["reaches_target"]
+    assert axis["smallest_fraction_reaching_target"] == {"random": 0.5, "rounds": 0.3}
+    assert axis["whole_pool"] == {"teacher_flops": 10.0, "student_flops": 100.0, "pool_rows": 100}
+    assert labeling_summary([_run("all", 0, 0.7, "all")], {}) is None  # no labeling run: no axis
+
+
+def test_the_labeling_table_bolds_what_reaches_the_target_and_totals_the_teacher() -> None:
+    lines = labeling_lines(_labeling_results(count_teacher=True))
+    table = "\n".join(lines)
+    assert "## Labeling axis" in table and "(0.730)" in table
+    row = next(line for line in lines if line.startswith("| 30 % (30 rows)"))
+    assert "| 0.700 ± 0.000 | **0.735 ± 0.007** | +0.035 |" in row and "1.00 / 1.00" in row
+    assert "total FLOPs, teacher counted" in table and next(line for line in lines if line.startswith("| 100 %"))
+    assert "random subset 50 %, student-guided rounds 30 %" in table
+    assert "| 50 % (50 rows) | 0.735 ± 0.000 | – | – |" in table.replace("**", "")
+    assert labeling_lines({"labeling": None}) == []
+
+
+def test_reuse_ignores_the_labeling_settings(tmp_path: Path) -> None:
+    data = prepare_data(
+        dataset="builtin:sst2", pool=None, gold=None, labels_file=None,
+        pool_size=10, gold_size=10, sample_seed=0, directory=tmp_path,
+    )  # fmt: skip
+    earlier = {  # a results.json written before the axis existed: no labeling settings at all
+        "data": {"name": "sst2", "pool_rows": 10, "gold_rows": 10},
+        "settings": {k: v for k, v in vars(BenchSettings()).items() if not k.startswith(("labeling", "count"))},
+        "runs": [_run("all", 0, 0.7, "all")],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(earlier))
+    mine = BenchSettings(labeling_budgets=[0.3], labeling_rounds=4, count_teacher=True)
+    assert sorted(reusable_runs([path], data, mine)) == [("all", 0)]
+
+
+def test_a_run_directory_of_another_key_is_cleared_and_one_of_the_same_key_kept(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    claim_run_dir(run_dir, "a")
+    (run_dir / "rounds").mkdir()
+    claim_run_dir(run_dir, "a")
+    assert (run_dir / "rounds").is_dir()  # resumed
+    claim_run_dir(run_dir, "b")
+    assert not (run_dir / "rounds").exists() and (run_dir / "run-key.txt").read_text() == "b"
