@@ -278,7 +278,8 @@ def reusable_runs(paths: Sequence[Path], data: BenchData, settings: BenchSetting
         except (OSError, ValueError) as error:
             raise DataError(f"--reuse {path}: not a readable results.json ({error})") from None
         theirs = {k: v for k, v in earlier.get("settings", {}).items() if k in mine}
-        ignored = ("cpus_per_worker", *LABELING_SETTINGS)  # no fully labeled run depends on these
+        # No fully labeled run depends on these (a run is taken by variant and seed: fewer seeds take fewer).
+        ignored = ("cpus_per_worker", "seeds", *LABELING_SETTINGS)
         differing = sorted(k for k in mine if k not in ignored and theirs.get(k) != mine[k])
         same_data = all(earlier.get("data", {}).get(k) == getattr(data, k) for k in ("name", "pool_rows", "gold_rows"))
         if differing or not same_data:
