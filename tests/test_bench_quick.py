@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from llkd_ray.artifacts import read_label_table
 from llkd_ray.cli import main
 
 
@@ -29,7 +30,7 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
     assert results["teacher"]["pool_accuracy"] > 0.3 and results["teacher"]["pool_flops"] > 0
     runs = {run["variant"]: run for run in results["runs"]}
     random_half, rounds_half = "llkd (M=1), 50 % labeled (random subset)", "llkd (M=1), 50 % labeled (2 rounds)"
-    assert sorted(runs) == ["llkd (M=2)", rounds_half, random_half]
+    assert sorted(runs) == sorted(["llkd (M=2)", rounds_half, random_half])
     for run in runs.values():
         assert 0.0 <= run["macro_f1"] <= 1.0 and run["macro_f1"] == run["curve"][-1]["macro_f1"]
         assert run["macro_f1"] == pytest.approx(sum(run["per_class_f1"].values()) / 6)  # macro: the mean over 6
@@ -39,11 +40,11 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
         # of the (last round's) training, the first having nothing to compare
         stop = run["stop"]
         assert stop["stopped_at"] >= 3 / 8 and stop["churn"][0] is None and len(stop["churn"]) == 3
-        assert stop["all_passes"] < run["compute"] and 0.0 < run["scoring_share"] < 1.0
+        assert stop["all_passes"] <= run["compute"] + 1e-9 and 0.0 < run["scoring_share"] < 1.0
         # score reuse (selection.score_ttl=1 in --quick): rows scored a pass ago are not scored again
         assert run["compute_detail"]["reused_samples"] > 0 and 0.0 < run["reused_share"] < 1.0
         assert run["compute_detail"]["probe_flops"] > 0
-        assert len(run["curve"]) >= 2 and run["curve"][-1]["all_passes"] == pytest.approx(run["compute"])
+        assert len(run["curve"]) >= 2 and run["curve"][-1]["all_passes"] <= run["compute"] + 1e-9
     llkd = runs["llkd (M=2)"]
     rows_selected = llkd["data_usage"] * 96  # a fraction of the 96-row pool: a whole number of rows
     assert rows_selected == pytest.approx(round(rows_selected)) and llkd["candidates_per_step"] == 2
@@ -52,6 +53,7 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
     # passes; the probe, 12 rows, 0.04 a check)
     end = min(1.0, llkd["stop"]["stopped_at"] + 0.05)
     assert end <= llkd["compute"] < end + 0.32 and llkd["curve"][0]["all_passes"] >= 1 / 4
+    assert llkd["curve"][-1]["all_passes"] == pytest.approx(llkd["compute"])  # the last evaluation is the end
     # The labeling axis: 48 of the 96 rows labeled by the teacher, in one random slice or two
     # rounds of 24; nothing labeled twice; the rounds spent the budget (1 pass of `all` over the
     # whole pool) with the pool's scoring counted in it; the curve on the whole pool's axis.
@@ -59,8 +61,9 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
         info = runs[name]["labeling"]
         assert (info["labeled_rows"], info["sizes"], info["pool_rows"]) == (48, sizes, 96)
         assert 0 < info["teacher_flops"] < results["teacher"]["pool_flops"]
-        run_dir = tmp_path / "work" / "runs" / ("llkd-m1-random-50pct" if len(sizes) == 1 else "llkd-m1-rounds2-50pct")
-        labeled = pq.read_table(run_dir / "labels", columns=["id"])["id"].to_pylist()
+        slug = "llkd-m1-random-50pct" if len(sizes) == 1 else "llkd-m1-rounds2-50pct"
+        run_dir = tmp_path / "work" / "runs" / slug / "seed0"
+        labeled = read_label_table(run_dir / "labels", ["id"])["id"].to_pylist()
         slices = [
             pq.read_table(run_dir / "rounds" / f"round-{k}" / "slice.parquet")["id"].to_pylist()
             for k in range(len(sizes))

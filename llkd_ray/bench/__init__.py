@@ -28,9 +28,11 @@ Modules, in dependency order:
 - ``summary`` — mean ± std over seeds, mean curves, milestones, the plateau check: pure functions
   of the recorded runs, used by the runs' ``results.json``, the tables and the plot;
 - ``plots`` — ``quality.png`` (matplotlib, imported only when drawn);
+- ``labeling`` — the labeling axis (``--labeling-budgets``): a labeling run (``llkd run``'s label
+  rounds and last training), its record on the whole pool's compute axis, its summary and table;
 - ``tables`` — ``results.md``'s tables, and ``write_results`` for the three output files;
 - ``runs`` — labelling once, training every variant and seed, resuming and reusing finished runs
-  (the only module that runs the label and train stages);
+  (with ``labeling``, the only modules that run the label and train stages);
 - ``cli`` — the arguments of ``llkd bench quality`` and ``benchmarks/quality.py``, ``quality_main``
   and ``main``.
 """
