@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from llkd_ray.bench.data import prepare_data
-from llkd_ray.bench.labeling import claim_run_dir, labeling_lines, labeling_record, labeling_summary
+from llkd_ray.bench.labeling import (
+    claim_run_dir,
+    full_pool_tokens,
+    labeling_lines,
+    labeling_record,
+    labeling_summary,
+)
 from llkd_ray.bench.runs import reusable_runs
 from llkd_ray.bench.settings import (
     BenchSettings,
@@ -196,3 +202,42 @@ def test_a_run_directory_of_another_key_is_cleared_and_one_of_the_same_key_kept(
     assert (run_dir / "rounds").is_dir()  # resumed
     claim_run_dir(run_dir, "b")
     assert not (run_dir / "rounds").exists() and (run_dir / "run-key.txt").read_text() == "b"
+
+
+def test_the_whole_pools_tokens_are_counted_with_the_builtin_students_tokenizer(tmp_path: Path) -> None:
+    from train_fixtures import write_labels_dir
+    from transformers import AutoTokenizer
+
+    from llkd_ray.models import resolve_model_path
+
+    data = prepare_data(
+        dataset="builtin:trec", pool=None, gold=None, labels_file=None,
+        pool_size=20, gold_size=10, sample_seed=0, directory=tmp_path,
+    )  # fmt: skip
+    config = base_config(data, BenchSettings(max_length=8))  # the student is builtin:minilm, not a path
+    texts = ["what is the capital of france ?", "who wrote hamlet and when was it first performed on a stage ?"]
+    labels = write_labels_dir(tmp_path / "labels", texts, config.task.label_names, parts=1)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.student.model))
+    untruncated = [len(tokenizer(t)["input_ids"]) for t in texts]
+    assert min(untruncated) > 8 and full_pool_tokens(config, labels) == 16  # both cut at max_length 8
+
+
+def test_a_finished_last_round_is_read_back_not_trained_again(tmp_path: Path, monkeypatch) -> None:
+    import llkd_ray.rounds_run
+    import llkd_ray.train.launch
+    from llkd_ray.artifacts import RunLayout, write_json
+    from llkd_ray.bench.labeling import train_labeling_run
+
+    layout = RunLayout(tmp_path / "run")
+    document = {"budget": 0.5, "rounds_planned": 1, "pool_rows": 4, "sizes": [2], "rounds": [{"size": 2}]}
+    monkeypatch.setattr(llkd_ray.rounds_run, "label_rounds", lambda config, layout, log: document)
+
+    def train_student(*args, **kwargs):
+        raise AssertionError("the finished training was run again")
+
+    monkeypatch.setattr(llkd_ray.train.launch, "train_student", train_student)
+    summary = {"compute": {"flops": 10.0, "scoring_flops": 4.0, "training_flops": 6.0}}
+    write_json(layout.training_summary, summary)
+    write_json(layout.student / "config.json", {})
+    final, total, rounds = train_labeling_run(None, layout.root, None, print)  # type: ignore[arg-type]
+    assert final == summary and rounds == document and total["compute"]["flops"] == 10.0

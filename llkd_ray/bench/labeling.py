@@ -38,10 +38,11 @@ def full_pool_tokens(config: PipelineConfig, labels: Path) -> int:
     """The whole pool's student tokens (truncated at ``student.max_length``): the compute unit's size."""
     from transformers import AutoTokenizer
 
+    from llkd_ray.models import resolve_model_path
     from llkd_ray.train.data import estimate_pool_tokens, validate_labels_dir
 
     pool = validate_labels_dir(labels, config.task.label_names)
-    tokenizer = AutoTokenizer.from_pretrained(config.student.model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.student.model))
     return estimate_pool_tokens(pool, tokenizer, config.student.max_length)
 
 
@@ -65,11 +66,12 @@ def train_labeling_run(
 
     layout = RunLayout(run_dir)
     document = label_rounds(config, layout, log)
-    final = final_round_config(config, layout)
-    summary = train_student(
-        final, labels=layout.labels, output=layout.train, eval_data=config.data.gold, tracking=tracking,
-        track_student=False,
-    )  # fmt: skip
+    summary = read_json(layout.training_summary)  # written last: a finished last round is not redone
+    if not summary or not (layout.student / "config.json").is_file():
+        summary = train_student(
+            final_round_config(config, layout), labels=layout.labels, output=layout.train,
+            eval_data=config.data.gold, tracking=tracking, track_student=False,
+        )  # fmt: skip
     return summary, with_earlier_rounds(layout, summary), document
 
 
