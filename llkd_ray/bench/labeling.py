@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import RunLayout, read_json, write_text
+from llkd_ray.bench.summary import mean_std
 from llkd_ray.compute import all_pass_flops, format_flops
 from llkd_ray.config import PipelineConfig
 from llkd_ray.tracking import TrackingRun
@@ -120,12 +121,6 @@ def labeling_record(
 # --------------------------------------------------------------------------- the summary and the table
 
 
-def _mean_std(values: list[float]) -> tuple[float, float] | None:
-    if not values:
-        return None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def labeling_summary(runs: list[dict[str, Any]], teacher: dict[str, Any]) -> dict[str, Any] | None:
     """Per fraction and arm: mean ± std of the final macro-F1, student compute and teacher FLOPs;
     the target (``all``'s best, whole pool labeled) and the smallest fraction reaching it per arm."""
@@ -150,8 +145,8 @@ def labeling_summary(runs: list[dict[str, Any]], teacher: dict[str, Any]) -> dic
                 continue
             mine = cell.pop("runs")
             cell["seeds"] = len(mine)
-            cell["macro_f1"] = _mean_std([r["macro_f1"] for r in mine])
-            cell["compute"] = _mean_std([r["compute"] for r in mine])
+            cell["macro_f1"] = mean_std([r["macro_f1"] for r in mine])
+            cell["compute"] = mean_std([r["compute"] for r in mine])
             teacher_flops = [r["labeling"]["teacher_flops"] for r in mine if r["labeling"]["teacher_flops"] is not None]
             cell["teacher_flops"] = statistics.fmean(teacher_flops) if teacher_flops else None
             cell["student_flops"] = statistics.fmean(r["flops"] for r in mine)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     mean = statistics.fmean(values)
@@ -45,9 +45,9 @@ def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     length = min(len(curve) for curve in curves)
     out = []
     for k in range(length):
-        compute, _ = _mean_std([curve[k]["all_passes"] for curve in curves])
-        f1, f1_std = _mean_std([curve[k]["macro_f1"] for curve in curves])
-        usage, _ = _mean_std([curve[k].get("data_usage", math.nan) for curve in curves])
+        compute, _ = mean_std([curve[k]["all_passes"] for curve in curves])
+        f1, f1_std = mean_std([curve[k]["macro_f1"] for curve in curves])
+        usage, _ = mean_std([curve[k].get("data_usage", math.nan) for curve in curves])
         out.append({"all_passes": compute, "macro_f1": f1, "macro_f1_std": f1_std, "data_usage": usage})
     return out
 
@@ -80,12 +80,12 @@ def summarize(
         ):  # fmt: skip
             values = [float(run[key]) for run in mine if run.get(key) is not None]
             if values:
-                entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std(values)
+                entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
         curves = [run["curve"] for run in mine if run.get("curve")]
         if curves and full:
             best = [max(curve, key=lambda p: p["macro_f1"]) for curve in curves]
-            entry["best_macro_f1_mean"], entry["best_macro_f1_std"] = _mean_std([p["macro_f1"] for p in best])
-            entry["best_at_mean"], entry["best_at_std"] = _mean_std([p["all_passes"] / full for p in best])
+            entry["best_macro_f1_mean"], entry["best_macro_f1_std"] = mean_std([p["macro_f1"] for p in best])
+            entry["best_at_mean"], entry["best_at_std"] = mean_std([p["all_passes"] / full for p in best])
             targets = {"teacher": teacher_f1, "all_best": all_best}
             for label, target in targets.items():
                 if target is None:
@@ -93,7 +93,7 @@ def summarize(
                 reached = [c / full for c in (first_reaching(curve, target) for curve in curves) if c is not None]
                 entry[f"to_{label}_reached"] = len(reached)
                 if reached:
-                    entry[f"to_{label}_mean"], entry[f"to_{label}_std"] = _mean_std(reached)
+                    entry[f"to_{label}_mean"], entry[f"to_{label}_std"] = mean_std(reached)
             entry["curve"] = mean_curve(mine)
         summary[name] = entry
     return summary
