@@ -171,10 +171,10 @@ def test_the_labeling_table_bolds_what_reaches_the_target_and_totals_the_teacher
     table = "\n".join(lines)
     assert "## Labeling axis" in table and "(0.730)" in table
     row = next(line for line in lines if line.startswith("| 30 % (30 rows)"))
-    assert "| 0.700 ± 0.000 | **0.735 ± 0.007** | +0.035 |" in row and "1.00 / 1.00" in row
+    assert "| 0.700 ± 0.000 | **0.735 ± 0.007** | +0.035 |" in row and "| 1.00 / 1.00 | 2 / 2 |" in row
     assert "total FLOPs, teacher counted" in table and next(line for line in lines if line.startswith("| 100 %"))
     assert "random subset 50 %, student-guided rounds 30 %" in table
-    assert "| 50 % (50 rows) | 0.735 ± 0.000 | – | – |" in table.replace("**", "")
+    assert "| 50 % (50 rows) | 0.735 ± 0.000 | – | – | 1.00 / – | 2 / – |" in table.replace("**", "")
     assert labeling_lines({"labeling": None}) == []
 
 

@@ -195,7 +195,7 @@ def labeling_lines(results: dict[str, Any]) -> list[str]:
     target = axis.get("target_all_best")
     header = (
         f"| labeled by the teacher | random subset, then {strategy}: macro-F1 | {rounds} student-guided rounds: "
-        "macro-F1 | rounds − random | student compute, random / rounds (passes of `all`) | teacher FLOPs"
+        "macro-F1 | rounds − random | student compute, random / rounds (passes of `all`) | seeds | teacher FLOPs"
     )
     lines = [
         "## Labeling axis: how much of the pool must the teacher label?",
@@ -205,7 +205,7 @@ def labeling_lines(results: dict[str, Any]) -> list[str]:
         f"reaches `all`'s best with the whole pool labeled ({'–' if target is None else f'{target:.3f}'}).",
         "",
         header + (" | total FLOPs, teacher counted |" if count_teacher else " |"),
-        "|---|" + "---:|" * (6 if count_teacher else 5),
+        "|---|" + "---:|" * (7 if count_teacher else 6),
     ]
     for entry in axis["fractions"].values():
         random_cell, rounds_cell = entry.get("random"), entry.get("rounds")
@@ -220,6 +220,7 @@ def labeling_lines(results: dict[str, Any]) -> list[str]:
             _f1(rounds_cell),
             delta,
             compute,
+            " / ".join("–" if not c else str(c["seeds"]) for c in (random_cell, rounds_cell)),
             _flops(teacher_flops),
         ]
         if count_teacher:
@@ -229,7 +230,7 @@ def labeling_lines(results: dict[str, Any]) -> list[str]:
     whole = axis.get("whole_pool")
     if whole:
         cells = [
-            f"100 % ({whole['pool_rows'] or 0:,} rows)", "see the main table", "–", "–", "1.00 (`all`)",
+            f"100 % ({whole['pool_rows'] or 0:,} rows)", "see the main table", "–", "–", "1.00 (`all`)", "–",
             _flops(whole["teacher_flops"]),
         ]  # fmt: skip
         if count_teacher:
