@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import RunLayout, read_json, write_text
-from llkd_ray.bench.summary import mean_std
+from llkd_ray.bench.summary import all_best_f1, mean_std
 from llkd_ray.compute import all_pass_flops, format_flops
 from llkd_ray.config import PipelineConfig
 from llkd_ray.tracking import TrackingRun
@@ -127,8 +127,7 @@ def labeling_summary(runs: list[dict[str, Any]], teacher: dict[str, Any]) -> dic
     labeled = [run for run in runs if run.get("labeling")]
     if not labeled:
         return None
-    everything = [run for run in runs if run["strategy"] == "all" and run.get("curve")]
-    target = statistics.fmean(max(p["macro_f1"] for p in run["curve"]) for run in everything) if everything else None
+    target = all_best_f1(runs)
     rows: dict[str, dict[str, Any]] = {}
     for run in labeled:
         info = run["labeling"]
@@ -156,17 +155,17 @@ def labeling_summary(runs: list[dict[str, Any]], teacher: dict[str, Any]) -> dic
         arm: next((e["fraction"] for e in ordered.values() if (e.get(arm) or {}).get("reaches_target")), None)
         for arm in ("random", "rounds")
     }
-    whole = [run for run in runs if not run.get("labeling") and run.get("flops")]
+    everything = [run for run in runs if run["strategy"] == "all" and run.get("flops")]
     return {
         "target_all_best": target,
         "fractions": ordered,
         "smallest_fraction_reaching_target": smallest,
         "whole_pool": {
             "teacher_flops": teacher.get("pool_flops"),
-            "student_flops": statistics.fmean(r["flops"] for r in everything) if everything else None,
+            "student_flops": statistics.fmean(r["flops"] for r in everything),
             "pool_rows": teacher.get("pool_labelled"),
         }
-        if whole
+        if everything
         else None,
     }
 

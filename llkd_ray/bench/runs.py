@@ -8,6 +8,7 @@ interrupted benchmark resumes. ``--reuse`` counts an earlier ``results.json``'s 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import statistics
@@ -215,13 +216,7 @@ def _run_all(
     """Every variant and seed: a finished run is read back, the others trained (``train``)."""
     runs: list[dict[str, Any]] = []
     total = len(variants) * settings.seeds
-    tokens: list[int] = []
-
-    def pool_tokens() -> int:  # counted once, when the first labeling run needs it
-        if not tokens:
-            tokens.append(full_pool_tokens(base, labels_dir))
-        return tokens[0]
-
+    pool_tokens = functools.cache(lambda: full_pool_tokens(base, labels_dir))  # once, when a labeling run needs it
     for seed in range(settings.seeds):
         for variant in variants:
             config = run_config(base, variant, seed, pool_rows)

@@ -32,6 +32,12 @@ def full_compute(runs: list[dict[str, Any]]) -> float | None:
     return statistics.fmean(spent) if spent else None
 
 
+def all_best_f1(runs: list[dict[str, Any]]) -> float | None:
+    """``all``'s best macro-F1: the mean over its seeds of each curve's best point (None without ``all``)."""
+    curves = [run["curve"] for run in runs if run["strategy"] == "all" and run.get("curve")]
+    return statistics.fmean(max(p["macro_f1"] for p in curve) for curve in curves) if curves else None
+
+
 def first_reaching(curve: list[dict[str, Any]], target: float) -> float | None:
     """The compute (passes of ``all``) at the first curve point with macro-F1 >= ``target``."""
     return next((point["all_passes"] for point in curve if point["macro_f1"] >= target - 1e-12), None)
@@ -63,8 +69,7 @@ def summarize(
     """
     summary: dict[str, dict[str, Any]] = {}
     full = full_compute(runs)
-    everything = [run for run in runs if run["strategy"] == "all" and run.get("curve")]
-    all_best = statistics.fmean(max(p["macro_f1"] for p in run["curve"]) for run in everything) if everything else None
+    all_best = all_best_f1(runs)
     for name in variants:
         mine = [run for run in runs if run["variant"] == name]
         if not mine:
