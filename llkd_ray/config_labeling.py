@@ -19,6 +19,10 @@ class LabelingConfig(Section):
     rounds: PositiveInt = 1
     """Labeling rounds: round 0 labels a seeded random slice, each later one the rows the student
     is most uncertain about; every round labels ``budget / rounds`` of the pool."""
+    explore: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of each later round's slice drawn uniformly at random from the unlabeled rows (seeded),
+    the rest chosen by uncertainty: the rows the student is least sure of are often the ones the
+    teacher is least sure of too, and LLKD's teacher gate discards those (docs/labeling.md)."""
     scoring_concurrency: Concurrency = (1, 2)
     """The student's scoring actors over the unlabeled pool: a fixed size or an autoscaled (min, max)."""
     scoring_num_cpus: PositiveFloat = 0.5

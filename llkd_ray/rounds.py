@@ -108,13 +108,21 @@ def choose_slice(
     size: int,
     num_classes: int,
     labeled: Collection[str] = (),
+    explore: float = 0.0,
+    seed: int = 0,
 ) -> list[str]:
     """The next round's slice: the most uncertain unlabeled rows, within per-class quotas.
 
     ``uncertainty`` is each row's normalised entropy under the current student, ``predicted`` its
-    predicted class; rows in ``labeled`` are never chosen. Returns the ids, most uncertain first.
+    predicted class; rows in ``labeled`` are never chosen. With ``explore`` > 0, ``round(explore x
+    size)`` of the rows are a uniform draw (with ``seed``) from the unlabeled ones instead. Returns
+    the ids, the uncertainty-chosen ones most uncertain first, then the drawn ones.
     """
     labeled = set(labeled)
+    if explore > 0:
+        drawn = random_slice([i for i in ids if i not in labeled], round(explore * size), seed)
+        rest = choose_slice(ids, uncertainty, predicted, size - len(drawn), num_classes, labeled | set(drawn))
+        return rest + drawn
     order = sorted(
         (i for i in range(len(ids)) if ids[i] not in labeled), key=lambda i: (-float(uncertainty[i]), ids[i])
     )

@@ -53,6 +53,7 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
     log(
         f"label: {len(sizes)} round(s) of student-guided labeling, {sum(sizes):,} of {len(pool):,} pool rows "
         f"(labeling.budget {settings.budget}): slices of {', '.join(map(str, sizes))} rows"
+        + (f", {100 * settings.explore:g} % of each later one drawn at random" if settings.explore else "")
     )
     records: list[dict[str, Any]] = []
     student: Path | None = None
@@ -74,7 +75,7 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
                 _call(hook, "trained", index)
             record = {
                 "round": index,
-                "kind": "random" if index == 0 else "uncertainty",
+                "kind": _kind(index, config.labeling.explore),
                 "size": len(chosen),
                 "labeled_rows": sum(r["size"] for r in records) + len(chosen),
                 "slice": str(directory / SLICE),
@@ -100,6 +101,13 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
     }
     write_json(layout.rounds_json, document)
     return document
+
+
+def _kind(index: int, explore: float) -> str:
+    """How a round's slice was chosen, as the records and the summary's table say it."""
+    if index == 0:
+        return "random"
+    return f"uncertainty + {100 * explore:g} % random" if explore else "uncertainty"
 
 
 def _committed(layout: RunLayout, ids: pa.Array) -> bool:
@@ -185,6 +193,8 @@ def _slice(
             size,
             len(names),
             set(labeled.to_pylist()),
+            explore=config.labeling.explore,
+            seed=config.training.seed + index,
         )
         picked = scores.set_index("id").loc[chosen]
         parameters = (records[-1].get("training") or {}).get("student_parameters")

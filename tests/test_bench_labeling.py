@@ -39,6 +39,15 @@ def test_labeling_variants_pair_a_random_subset_with_rounds_per_fraction() -> No
     assert not Variant("all").labeling and Variant("all").name == "all" and Variant("llkd").slug == "llkd-m1"
 
 
+def test_an_explored_share_names_the_rounds_arm_only() -> None:
+    random_arm, rounds_arm = labeling_variants("llkd", [0.3], 3, explore=0.5)
+    assert random_arm.explore == 0.0 and random_arm.slug == "llkd-m1-random-30pct"  # the same run as without
+    assert rounds_arm.name == "llkd (M=1), 30 % labeled (3 rounds, 50 % random)"
+    assert rounds_arm.slug == "llkd-m1-rounds3-explore50-30pct"
+    with pytest.raises(ConfigError, match="--labeling-explore"):
+        labeling_variants("llkd", [0.3], 3, explore=1.0)
+
+
 @pytest.mark.parametrize("text", ["0", "1", "0.2,1.5", "a", ""])
 def test_fractions_outside_zero_one_name_the_flag(text: str) -> None:
     with pytest.raises(ConfigError, match="--labeling-budgets"):
@@ -86,6 +95,9 @@ def test_run_config_sets_the_labeling_section_and_the_budget(tmp_path: Path) -> 
     config = run_config(base, variant, seed=1, pool_rows=20)
     assert (config.labeling.budget, config.labeling.rounds, config.training.seed) == (0.5, 2, 1)
     assert config.training.budget == pytest.approx(labeling_training_budget(5.0, 20, variant))
+    assert config.labeling.explore == 0.0
+    explored = run_config(base, Variant("llkd", labeled=0.5, rounds=2, explore=0.25), seed=1, pool_rows=20)
+    assert explored.labeling.explore == 0.25 and explored.training.budget == config.training.budget
     plain = run_config(base, Variant("llkd"), seed=1, pool_rows=20)
     assert not plain.labeling.enabled and plain.training.budget == 5.0
     steps = run_config(base_config(data, BenchSettings(steps=9, budget=None)), variant, seed=0, pool_rows=20)

@@ -110,6 +110,22 @@ def test_the_slice_is_the_most_uncertain_rows_within_per_class_quotas():
     assert sorted(chosen, key=lambda i: -uncertainty[ids.index(i)]) == chosen
 
 
+def test_an_explored_share_of_the_slice_is_a_seeded_draw_from_the_unlabeled_rows():
+    ids = [f"r{i:02d}" for i in range(40)]
+    uncertainty = [i / 40 for i in range(40)]  # r39 the most uncertain
+    predicted = [0] * 40
+    labeled = {"r00", "r39"}
+    chosen = choose_slice(ids, uncertainty, predicted, 10, 1, labeled, explore=0.4, seed=3)
+    assert len(chosen) == len(set(chosen)) == 10 and not set(chosen) & labeled
+    drawn = chosen[6:]
+    assert drawn == random_slice([i for i in ids if i not in labeled], 4, 3)  # a uniform draw, reproducible
+    rest = [i for i in reversed(ids) if i not in labeled and i not in drawn]
+    assert chosen[:6] == rest[:6]  # the uncertain share first, the most uncertain of what the draw left
+    assert choose_slice(ids, uncertainty, predicted, 10, 1, labeled, explore=0.4, seed=3) == chosen
+    assert choose_slice(ids, uncertainty, predicted, 10, 1, labeled, explore=0.4, seed=4)[6:] != drawn
+    assert choose_slice(ids, uncertainty, predicted, 10, 1, labeled) == [f"r{i}" for i in range(38, 28, -1)]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.integers(min_value=1, max_value=6).flatmap(

@@ -121,6 +121,11 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     )
     labeling.add_argument("--labeling-strategy", help="strategy the labeling arms train with (default llkd)")
     labeling.add_argument(
+        "--labeling-explore",
+        type=float,
+        help="share of each later slice of the rounds drawn at random (labeling.explore; default 0)",
+    )
+    labeling.add_argument(
         "--count-teacher", action="store_true", help="total the teacher's FLOPs with the student's in that table"
     )
     runs.add_argument(
@@ -156,6 +161,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if args.labeling_rounds is not None or args.quick:
         settings.labeling_rounds = args.labeling_rounds or QUICK_LABELING_ROUNDS
     settings.labeling_strategy = args.labeling_strategy or settings.labeling_strategy
+    if args.labeling_explore is not None:
+        settings.labeling_explore = args.labeling_explore
     settings.count_teacher = args.count_teacher
     keys = ("seeds", "budget", "steps", "eval_points", "batch_size", "learning_rate", "max_length", "momentum")
     for key in (*keys, "workers", "gold_size"):
@@ -188,7 +195,9 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
         [s.strip() for s in args.strategies.split(",") if s.strip()], parse_candidates(args.candidates)
     )
     if settings.labeling_budgets:
-        variants += labeling_variants(settings.labeling_strategy, settings.labeling_budgets, settings.labeling_rounds)
+        variants += labeling_variants(
+            settings.labeling_strategy, settings.labeling_budgets, settings.labeling_rounds, settings.labeling_explore
+        )
     dataset = args.dataset or (None if args.pool else "builtin:sst2")
     name = dataset_name(dataset, args.pool)
     output = Path(args.output or f"runs/bench-quality-{name}{'-quick' if args.quick else ''}")

@@ -190,11 +190,14 @@ def labeling_lines(results: dict[str, Any]) -> list[str]:
     settings = results["settings"]
     count_teacher = bool(settings.get("count_teacher"))
     rounds = settings.get("labeling_rounds", "R")
+    explore = settings.get("labeling_explore") or 0.0
     strategy = settings.get("labeling_strategy", "llkd")
     target = axis.get("target_all_best")
+    explored = f" ({100 * explore:g} % of each later slice random)" if explore else ""
     header = (
-        f"| labeled by the teacher | random subset, then {strategy}: macro-F1 | {rounds} student-guided rounds: "
-        "macro-F1 | rounds − random | student compute, random / rounds (passes of `all`) | seeds | teacher FLOPs"
+        f"| labeled by the teacher | random subset, then {strategy}: macro-F1 | {rounds} student-guided rounds"
+        f"{explored}: macro-F1 | rounds − random | student compute, random / rounds (passes of `all`) | seeds "
+        "| teacher FLOPs"
     )
     lines = [
         "## Labeling axis: how much of the pool must the teacher label?",

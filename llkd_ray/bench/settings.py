@@ -39,6 +39,8 @@ class Variant:
     """The labeling axis: the fraction B of the pool the teacher labels (1: all of it, as always)."""
     rounds: int = 1
     """With ``labeled`` < 1: 1 = a random subset of B, then training; R > 1 = student-guided rounds."""
+    explore: float = 0.0
+    """The rounds' ``labeling.explore``: the share of each later slice drawn at random."""
 
     @property
     def labeling(self) -> bool:
@@ -55,6 +57,8 @@ class Variant:
         if not self.labeling:
             return name
         how = "random subset" if self.rounds == 1 else f"{self.rounds} rounds"
+        if self.rounds > 1 and self.explore:
+            how += f", {100 * self.explore:g} % random"
         return f"{name}, {100 * self.labeled:g} % labeled ({how})"
 
     @property
@@ -66,6 +70,8 @@ class Variant:
         if not self.labeling:
             return slug
         how = "random" if self.rounds == 1 else f"rounds{self.rounds}"
+        if self.rounds > 1 and self.explore:
+            how += f"-explore{100 * self.explore:g}"
         return f"{slug}-{how}-{100 * self.labeled:g}pct"
 
 
@@ -111,14 +117,19 @@ def parse_fractions(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
-def labeling_variants(strategy: str, budgets: Sequence[float], rounds: int) -> list[Variant]:
+def labeling_variants(strategy: str, budgets: Sequence[float], rounds: int, explore: float = 0.0) -> list[Variant]:
     """The labeling axis (issue 21): for each fraction B, a random subset of B then ``strategy``, and
-    ``rounds`` student-guided rounds to the same B (M = 1, the default)."""
+    ``rounds`` student-guided rounds to the same B (M = 1, the default), ``explore`` of each later
+    slice drawn at random."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown --labeling-strategy {strategy}; known: {', '.join(STRATEGIES)}")
     if rounds < 2:
         raise ConfigError("--labeling-rounds must be at least 2 (1 round is the random subset, always compared)")
-    return [Variant(strategy, labeled=b, rounds=r) for b in budgets for r in (1, rounds)]
+    if not 0.0 <= explore < 1.0:
+        raise ConfigError(f"--labeling-explore takes a share of a slice in [0, 1), e.g. 0.5; got {explore:g}")
+    return [
+        Variant(strategy, labeled=b, rounds=r, explore=explore if r > 1 else 0.0) for b in budgets for r in (1, rounds)
+    ]
 
 
 # --------------------------------------------------------------------------- settings
@@ -159,6 +170,7 @@ class BenchSettings:
     """The labeling axis: fractions of the pool a teacher labels (none: the axis is off)."""
     labeling_rounds: int = 3
     labeling_strategy: str = "llkd"
+    labeling_explore: float = 0.0
     count_teacher: bool = False
     """Count the teacher's FLOPs in the labeling table's total compute."""
 
@@ -202,7 +214,7 @@ def base_config(data: BenchData, settings: BenchSettings) -> PipelineConfig:
 
 
 #: Settings that change no run of a fully labeled pool: ``--reuse`` ignores them.
-LABELING_SETTINGS = ("labeling_budgets", "labeling_rounds", "labeling_strategy", "count_teacher")
+LABELING_SETTINGS = ("labeling_budgets", "labeling_rounds", "labeling_strategy", "labeling_explore", "count_teacher")
 
 
 def run_config(base: PipelineConfig, variant: Variant, seed: int, pool_rows: int) -> PipelineConfig:
@@ -215,6 +227,7 @@ def run_config(base: PipelineConfig, variant: Variant, seed: int, pool_rows: int
     if variant.labeling:
         config.labeling.budget = variant.labeled
         config.labeling.rounds = variant.rounds
+        config.labeling.explore = variant.explore
         if config.training.budget is not None:
             config.training.budget = labeling_training_budget(config.training.budget, pool_rows, variant)
     return config
