@@ -77,6 +77,7 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
                 "round": index,
                 "kind": _kind(index, config.labeling.explore),
                 "size": len(chosen),
+                "drawn": len(chosen) if index == 0 else min(len(chosen), round(config.labeling.explore * size)),
                 "labeled_rows": sum(r["size"] for r in records) + len(chosen),
                 "slice": str(directory / SLICE),
                 "teacher": {

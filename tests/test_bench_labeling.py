@@ -147,7 +147,10 @@ def _run(variant: str, seed: int, f1: float, strategy: str = "llkd", labeling: t
         run["labeling"] = {
             "fraction": fraction, "rounds": rounds, "pool_rows": 100, "labeled_rows": int(100 * fraction),
             "teacher_flops": 10.0 * fraction,
+            "slices": [{"round": 0, "part": "random", "rows": 10, "confidence": 0.8, "accuracy": 0.7}]
+            + [{"round": 1, "part": "uncertainty", "rows": 5, "confidence": 0.6, "accuracy": None}] * (rounds > 1),
         }  # fmt: skip
+        run["data_usage"] = 0.5 if rounds == 1 else 0.25
     return run
 
 
@@ -187,6 +190,8 @@ def test_the_labeling_table_bolds_what_reaches_the_target_and_totals_the_teacher
     assert "total FLOPs, teacher counted" in table and next(line for line in lines if line.startswith("| 100 %"))
     assert "random subset 50 %, student-guided rounds 30 %" in table
     assert "| 50 % (50 rows) | 0.735 ± 0.000 | – | – | 1.00 / – | 2 / – |" in table.replace("**", "")
+    assert "| 30 % | 0.80 / 0.70 (10 rows) | 50 % | 0.80 / 0.70 (10 rows) | 0.60 / – (5 rows) | 25 % |" in table
+    assert "| 50 % | 0.80 / 0.70 (10 rows) | 50 % | – | – | – |" in table  # no rounds arm at 50 %
     assert labeling_lines({"labeling": None}) == []
 
 
@@ -253,3 +258,47 @@ def test_a_finished_last_round_is_read_back_not_trained_again(tmp_path: Path, mo
     write_json(layout.student / "config.json", {})
     final, total, rounds = train_labeling_run(None, layout.root, None, print)  # type: ignore[arg-type]
     assert final == summary and rounds == document and total["compute"]["flops"] == 10.0
+
+
+def test_the_slices_say_how_sure_and_how_right_the_teacher_was_on_each_part(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llkd_ray.artifacts import RunLayout, write_json
+    from llkd_ray.bench.labeling import slice_quality, teacher_on_rows
+
+    layout = RunLayout(tmp_path / "run")
+    ids = [f"r{i}" for i in range(10)]
+    confidence = [0.9, 0.8, 0.9, 0.8, 0.5, 0.5, 0.4, 0.6, 0.9, 0.7]
+    right = [True, True, True, False, False, True, False, False, True, True]
+    layout.labels.mkdir(parents=True)
+    pq.write_table(
+        pa.table({
+            "id": ids, "confidence": confidence, "pseudo_label": ["a"] * 10,
+            "gold_label": ["a" if r else "b" for r in right],
+        }),
+        layout.labels / "part-0.parquet",
+    )  # fmt: skip
+    slices = [ids[:4], ids[4:7] + ids[7:9], ids[9:]]  # round 1: 3 chosen by uncertainty, then 2 drawn
+    rounds = [
+        {"round": 0, "kind": "random", "size": 4, "drawn": 4},
+        {"round": 1, "kind": "uncertainty + 40 % random", "size": 5, "drawn": 2},
+        {"round": 2, "kind": "uncertainty + 40 % random", "size": 1},
+    ]  # fmt: skip  (a record without drawn)
+    for record, chosen in zip(rounds, slices, strict=True):
+        layout.round_dir(record["round"]).mkdir(parents=True)
+        pq.write_table(pa.table({"id": chosen}), layout.round_dir(record["round"]) / "slice.parquet")
+    write_json(layout.rounds_json, {"rounds": rounds})
+    parts = slice_quality(layout.root)
+    assert [(p["round"], p["part"], p["rows"]) for p in parts] == [
+        (0, "random", 4),
+        (1, "uncertainty", 3),
+        (1, "random", 2),
+        (2, "uncertainty", 1),
+    ]  # round(0.4 x 1) = 0 drawn in round 2
+    assert parts[0]["confidence"] == pytest.approx(0.85) and parts[0]["accuracy"] == pytest.approx(0.75)
+    assert parts[1]["confidence"] == pytest.approx(0.4667, abs=1e-4) and parts[1]["accuracy"] == pytest.approx(1 / 3)
+    both = teacher_on_rows([parts, parts])
+    assert both["random"]["rows"] == 6 and both["uncertainty"]["rows"] == 4  # rows a run
+    assert both["random"]["accuracy"] == pytest.approx((3 + 1) / 6)
+    assert slice_quality(tmp_path / "elsewhere") == []  # a run reused from another directory

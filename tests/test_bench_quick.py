@@ -15,10 +15,12 @@ from llkd_ray.cli import main
 @pytest.mark.heavy  # labels, trains llkd and the labeling axis's two arms on Ray Train, then reruns: minutes
 def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path) -> None:
     # llkd with a candidate pool (M = 2), and the labeling axis at half the pool: a random half, then
-    # llkd, and two rounds (a random quarter, then the quarter the student is least sure of).
+    # llkd, and two rounds (a random quarter, then a quarter: half the rows the student is least sure
+    # of, half drawn at random, --labeling-explore).
     argv = [
         "bench", "quality", "--dataset", "builtin:trec", "--quick", "--strategies", "llkd", "--candidates", "2",
-        "--labeling-budgets", "0.5", "--count-teacher", "--cpus-per-worker", "1", "--output", str(tmp_path),
+        "--labeling-budgets", "0.5", "--labeling-explore", "0.5", "--count-teacher", "--cpus-per-worker", "1",
+        "--output", str(tmp_path),
     ]  # fmt: skip
     assert main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -29,7 +31,8 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
     assert results["teacher"]["accuracy"] > 0.3 and results["teacher"]["macro_f1"] > 0.3
     assert results["teacher"]["pool_accuracy"] > 0.3 and results["teacher"]["pool_flops"] > 0
     runs = {run["variant"]: run for run in results["runs"]}
-    random_half, rounds_half = "llkd (M=1), 50 % labeled (random subset)", "llkd (M=1), 50 % labeled (2 rounds)"
+    random_half = "llkd (M=1), 50 % labeled (random subset)"
+    rounds_half = "llkd (M=1), 50 % labeled (2 rounds, 50 % random)"
     assert sorted(runs) == sorted(["llkd (M=2)", rounds_half, random_half])
     for run in runs.values():
         assert 0.0 <= run["macro_f1"] <= 1.0 and run["macro_f1"] == run["curve"][-1]["macro_f1"]
@@ -61,7 +64,7 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
         info = runs[name]["labeling"]
         assert (info["labeled_rows"], info["sizes"], info["pool_rows"]) == (48, sizes, 96)
         assert 0 < info["teacher_flops"] < results["teacher"]["pool_flops"]
-        slug = "llkd-m1-random-50pct" if len(sizes) == 1 else "llkd-m1-rounds2-50pct"
+        slug = "llkd-m1-random-50pct" if len(sizes) == 1 else "llkd-m1-rounds2-explore50-50pct"
         run_dir = tmp_path / "work" / "runs" / slug / "seed0"
         labeled = read_label_table(run_dir / "labels", ["id"])["id"].to_pylist()
         slices = [
@@ -70,7 +73,12 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
         ]
         assert sorted(labeled) == sorted(i for s in slices for i in s) and len(set(labeled)) == 48
     rounds = runs[rounds_half]
-    assert rounds["labeling"]["kinds"] == ["random", "uncertainty"] and rounds["labeling"]["pool_scoring_flops"] > 0
+    assert rounds["labeling"]["kinds"] == ["random", "uncertainty + 50 % random"]
+    assert rounds["labeling"]["pool_scoring_flops"] > 0
+    # the teacher on each part of each slice: its confidence, and its accuracy on the pool's gold labels
+    parts = [(p["round"], p["part"], p["rows"]) for p in rounds["labeling"]["slices"]]
+    assert parts == [(0, "random", 24), (1, "uncertainty", 12), (1, "random", 12)]
+    assert all(0 < p["confidence"] <= 1 and 0 <= p["accuracy"] <= 1 for p in rounds["labeling"]["slices"])
     assert 0.5 < rounds["compute"] <= 1.1  # the quick stop ends the last round early (at most 1/2 of the budget)
     axis = results["labeling"]
     assert axis["target_all_best"] is None and list(axis["fractions"]) == ["0.5"]  # no `all` run: no target
@@ -79,6 +87,7 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
     assert "compute to `all`'s best" in table and "## Where the compute goes" in table
     assert "## Label-free stop" in table and "scores reused" in table
     assert "## Labeling axis" in table and "| 50 % (48 rows) |" in table and "teacher counted" in table
+    assert "Where the labels go" in table and "(12 rows)" in table
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
     # A second invocation reuses the teacher's labels and every finished run.

@@ -16,6 +16,10 @@ last round's training), in the run's directory, so a killed benchmark resumes th
 - **The answer**: per B, the mean final macro-F1 of each arm; the smallest B whose mean reaches
   ``all``'s best with the whole pool labeled (the mean over ``all``'s seeds of their best point,
   the main table's target). With ``--count-teacher`` the table also totals student and teacher FLOPs.
+- **Where the choice of rows goes**: per arm, the teacher's mean confidence (and, where the pool has
+  gold labels, its accuracy) on the rows it labeled — the random ones and the student-chosen ones
+  apart — and the share of labeled rows the strategy trained on (:func:`slice_quality`): the rounds
+  pay the teacher for the rows the student is unsure of, and LLKD's teacher gate may discard them.
 """
 
 from __future__ import annotations
@@ -118,6 +122,66 @@ def labeling_record(
     }
 
 
+def slice_quality(run_dir: Path) -> list[dict[str, Any]]:
+    """Per round of a labeling run, the teacher on the rows labeled: a ``random`` part (round 0; the
+    explored share of a later slice, drawn last) and an ``uncertainty`` part, each with its rows, the
+    teacher's mean confidence and, where the pool has gold labels, the share it labeled right."""
+    import pyarrow.parquet as pq
+
+    from llkd_ray.artifacts import read_label_table
+    from llkd_ray.rounds_run import SLICE
+
+    layout = RunLayout(run_dir)
+    document = read_json(layout.rounds_json) or {}
+    if not document.get("rounds") or not layout.labels.is_dir():
+        return []  # nothing to read (a run reused from another directory)
+    labels = read_label_table(layout.labels).to_pandas().set_index("id")
+    gold = "gold_label" in labels.columns and labels["gold_label"].notna().any()
+    parts = []
+    for record in document.get("rounds") or []:
+        ids = [
+            i for i in pq.read_table(layout.round_dir(record["round"]) / SLICE)["id"].to_pylist() if i in labels.index
+        ]
+        drawn = record.get("drawn")
+        if drawn is None:  # a record of before ``drawn``: its kind says the share
+            drawn = len(ids) if record["round"] == 0 else round(_explored(record.get("kind")) * len(ids))
+        for part, chosen in (("uncertainty", ids[: len(ids) - drawn]), ("random", ids[len(ids) - drawn :])):
+            if chosen:
+                rows = labels.loc[chosen]
+                accuracy = float((rows["pseudo_label"] == rows["gold_label"]).mean()) if gold else None
+                parts.append({"round": record["round"], "part": part, "rows": len(chosen),
+                              "confidence": float(rows["confidence"].mean()), "accuracy": accuracy})  # fmt: skip
+    return parts
+
+
+def teacher_on_rows(runs: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Over the runs' :func:`slice_quality` parts: per part (random, uncertainty), the rows a run
+    (mean over the runs) and the row-weighted mean teacher confidence and accuracy (None without
+    gold labels)."""
+    out: dict[str, dict[str, Any]] = {}
+    for part in ("random", "uncertainty"):
+        mine = [p for parts in runs for p in parts if p["part"] == part]
+        rows = sum(p["rows"] for p in mine)
+        if not rows:
+            continue
+        known = [p for p in mine if p["accuracy"] is not None]
+        out[part] = {
+            "rows": round(rows / len(runs)),
+            "confidence": sum(p["confidence"] * p["rows"] for p in mine) / rows,
+            "accuracy": sum(p["accuracy"] * p["rows"] for p in known) / sum(p["rows"] for p in known)
+            if known
+            else None,
+        }
+    return out
+
+
+def _explored(kind: str | None) -> float:
+    """The random share of a later slice, from its record's ``kind`` ("uncertainty + 50 % random")."""
+    if not kind or "+" not in kind:
+        return 0.0
+    return float(kind.split("+")[1].split("%")[0]) / 100
+
+
 # --------------------------------------------------------------------------- the summary and the table
 
 
@@ -150,6 +214,8 @@ def labeling_summary(runs: list[dict[str, Any]], teacher: dict[str, Any]) -> dic
             cell["teacher_flops"] = statistics.fmean(teacher_flops) if teacher_flops else None
             cell["student_flops"] = statistics.fmean(r["flops"] for r in mine)
             cell["reaches_target"] = None if target is None else cell["macro_f1"][0] >= target - 1e-12
+            cell["trained_share"] = mean_std([r["data_usage"] for r in mine if r.get("data_usage") is not None])
+            cell["teacher_on_rows"] = teacher_on_rows([r["labeling"].get("slices") or [] for r in mine])
     ordered = dict(sorted(rows.items(), key=lambda item: item[1]["fraction"]))
     smallest = {
         arm: next((e["fraction"] for e in ordered.values() if (e.get(arm) or {}).get("reaches_target")), None)
@@ -246,8 +312,47 @@ def labeling_lines(results: dict[str, Any]) -> list[str]:
         f"Smallest fraction labeled whose mean macro-F1 reaches `all`'s best: random subset {said['random']}, "
         f"student-guided rounds {said['rounds']}." + ("" if target is not None else " (`all` was not run: no target.)"),
         "",
+        *_rows_lines(axis),
     ]
     return lines
+
+
+def _rows_lines(axis: dict[str, Any]) -> list[str]:
+    """Where the labels go: the teacher on the rows each arm had labeled, and the share trained on."""
+    lines = [
+        "Where the labels go: the teacher's mean confidence / accuracy (against the pool's gold labels) on the rows "
+        "each arm had labeled — drawn at random, or chosen by the student — and the share of the labeled rows the "
+        "strategy trained on at least once.",
+        "",
+        "| labeled | random subset: teacher on its rows | rows trained | rounds: teacher on the random rows | "
+        "teacher on the student-chosen rows | rows trained |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for entry in axis["fractions"].values():
+        random_cell, rounds_cell = entry.get("random") or {}, entry.get("rounds") or {}
+        cells = [
+            f"{100 * entry['fraction']:g} %",
+            _teacher(random_cell, "random"),
+            _share(random_cell),
+            _teacher(rounds_cell, "random"),
+            _teacher(rounds_cell, "uncertainty"),
+            _share(rounds_cell),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _teacher(cell: dict[str, Any], part: str) -> str:
+    on = (cell.get("teacher_on_rows") or {}).get(part)
+    if not on:
+        return "–"
+    accuracy = "–" if on["accuracy"] is None else f"{on['accuracy']:.2f}"
+    return f"{on['confidence']:.2f} / {accuracy} ({on['rows']:,} rows)"
+
+
+def _share(cell: dict[str, Any]) -> str:
+    share = cell.get("trained_share")
+    return "–" if not share else f"{100 * share[0]:.0f} %"
 
 
 def teacher_pool_flops(labels: Path) -> float | None:

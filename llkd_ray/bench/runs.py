@@ -25,6 +25,7 @@ from llkd_ray.bench.labeling import (
     full_pool_tokens,
     labeling_record,
     labeling_summary,
+    slice_quality,
     teacher_pool_flops,
     train_labeling_run,
 )
@@ -153,6 +154,7 @@ def _train_run(
     if variant.labeling:
         assert pool_tokens is not None, "a labeling run needs the whole pool's tokens"
         run = labeling_record(run, summary["compute"], total, document, pool_tokens())
+        run["labeling"]["slices"] = slice_quality(run_dir)
     run["train_wall_time_s"] = train_time
     run["wall_time_s"] = time.perf_counter() - started
     write_json(run_dir / "result.json", run)
@@ -223,6 +225,9 @@ def _run_all(
             key = run_key(config, labels_dir)
             run_dir = work / "runs" / variant.slug / f"seed{seed}"
             run = _finished_run(run_dir / "result.json", key, reused.get((variant.name, seed)))
+            if run is not None and variant.labeling and "slices" not in run["labeling"]:
+                run["labeling"]["slices"] = slice_quality(run_dir)  # a run recorded before the slices were
+                write_json(run_dir / "result.json", run)
             if run is not None:
                 runs.append(run)
                 log(f"[{len(runs)}/{total}] {variant.name} seed {seed}: done before, macro-F1 {run['macro_f1']:.3f}")

@@ -23,9 +23,8 @@ thresholds and the mask at 0 FLOPs. Decided here:
 - **Nothing from the warm-up is kept.** While the learning rate warms up (``training.warmup_ratio``
   of the budget) scores are computed as without reuse and not kept (:attr:`ScoreStore.keeping`,
   set by the recipe from the run's global progress, so every worker agrees). Why, measured on
-  TREC-6 (docs/quality.md): the first student's scores are all near 1, and kept for a TTL of
-  passes they held the student threshold up (0.95 at 15 % of the budget against 0.77 without
-  reuse) and slowed the first third of the curve.
+  TREC-6 (docs/method.md): the first student's scores are all near 1; kept for a TTL of passes
+  they held the student levels up and slowed the first third of the curve.
 - ``ttl == 0`` reuses nothing: today's behaviour, bit for bit.
 - Checkpointed as plain lists and tensors (ids, scores, clocks): no pickled objects.
 """
