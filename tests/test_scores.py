@@ -94,20 +94,6 @@ def test_store_keeps_the_latest_score_ages_out_and_round_trips():
     assert torch.isnan(ScoreStore(ttl=0).lookup(["a"], clock=0)).all()
 
 
-def test_nothing_scored_during_the_warm_up_is_kept():
-    from llkd_ray.train.scores import ScoreStore
-
-    store = ScoreStore(ttl=3)
-    store.keeping = False  # the recipe's setting while the learning rate warms up
-    store.record(["a"], torch.tensor([0.99]), clock=0)
-    store.commit(store.take_pending())
-    assert store.scores == {} and torch.isnan(store.lookup(["a"], clock=1)).all()
-    store.keeping = True
-    store.record(["a"], torch.tensor([0.4]), clock=2)
-    store.commit(store.take_pending())
-    assert store.lookup(["a"], clock=3)[0].item() == pytest.approx(0.4)
-
-
 def test_plan_turns_the_ttl_in_passes_into_selector_steps():
     from pathlib import Path
 

@@ -327,7 +327,6 @@ class StudentTrainingRecipe:
         plan = self.plan
         end = self.stopper.end() if self.stopper else 1.0
         self.selector.annealing = plan.anneal > 0 and self.progress() >= end - plan.anneal - 1e-9
-        self.scores.keeping = self.progress() >= plan.warmup - 1e-9  # no score of the warm-up is reused
         scoring = "none" if self.selector.annealing else plan.scoring
         if plan.fill:
             return fill_step(

@@ -20,11 +20,6 @@ thresholds and the mask at 0 FLOPs. Decided here:
   existing all-gather) and every worker commits the same entries at the step's end: the decision to
   reuse, and the value reused, do not depend on the sharding (the 1-worker = 2-workers property).
   Scores of a step become reusable from the next step on, also on one worker.
-- **Nothing from the warm-up is kept.** While the learning rate warms up (``training.warmup_ratio``
-  of the budget) scores are computed as without reuse and not kept (:attr:`ScoreStore.keeping`,
-  set by the recipe from the run's global progress, so every worker agrees). Why, measured on
-  TREC-6 (docs/method.md): the first student's scores are all near 1; kept for a TTL of passes
-  they held the student levels up and slowed the first third of the curve.
 - ``ttl == 0`` reuses nothing: today's behaviour, bit for bit.
 - Checkpointed as plain lists and tensors (ids, scores, clocks): no pickled objects.
 """
@@ -45,8 +40,6 @@ class ScoreStore:
         self.scores: dict[str, tuple[float, int]] = {}
         self.pending: list[tuple[str, float, int]] = []
         """Scores of the current step, committed at its end (after the gather over workers)."""
-        self.keeping = True
-        """Whether new scores are kept (the recipe turns it on once the warm-up is over)."""
 
     @property
     def enabled(self) -> bool:
@@ -64,9 +57,8 @@ class ScoreStore:
         return out
 
     def record(self, ids: list[str], needs: torch.Tensor, clock: int) -> None:
-        """Keep freshly computed scores (committed at the step's end); a no-op when reuse is off
-        or while the warm-up lasts."""
-        if self.enabled and self.keeping:
+        """Keep freshly computed scores (committed at the step's end); a no-op when reuse is off."""
+        if self.enabled:
             self.pending.extend(zip(ids, needs.tolist(), [clock] * len(ids), strict=True))
 
     def take_pending(self) -> list[tuple[str, float, int]]:
