@@ -283,8 +283,8 @@ def test_the_slices_say_how_sure_and_how_right_the_teacher_was_on_each_part(tmp_
     rounds = [
         {"round": 0, "kind": "random", "size": 4, "drawn": 4},
         {"round": 1, "kind": "uncertainty + 40 % random", "size": 5, "drawn": 2},
-        {"round": 2, "kind": "uncertainty + 40 % random", "size": 1},
-    ]  # fmt: skip  (a record without drawn)
+        {"round": 2, "kind": "uncertainty", "size": 1},  # a record from before `drawn`: nothing drawn
+    ]
     for record, chosen in zip(rounds, slices, strict=True):
         layout.round_dir(record["round"]).mkdir(parents=True)
         pq.write_table(pa.table({"id": chosen}), layout.round_dir(record["round"]) / "slice.parquet")
@@ -295,7 +295,7 @@ def test_the_slices_say_how_sure_and_how_right_the_teacher_was_on_each_part(tmp_
         (1, "uncertainty", 3),
         (1, "random", 2),
         (2, "uncertainty", 1),
-    ]  # round(0.4 x 1) = 0 drawn in round 2
+    ]
     assert parts[0]["confidence"] == pytest.approx(0.85) and parts[0]["accuracy"] == pytest.approx(0.75)
     assert parts[1]["confidence"] == pytest.approx(0.4667, abs=1e-4) and parts[1]["accuracy"] == pytest.approx(1 / 3)
     both = teacher_on_rows([parts, parts])

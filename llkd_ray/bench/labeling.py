@@ -142,9 +142,7 @@ def slice_quality(run_dir: Path) -> list[dict[str, Any]]:
         ids = [
             i for i in pq.read_table(layout.round_dir(record["round"]) / SLICE)["id"].to_pylist() if i in labels.index
         ]
-        drawn = record.get("drawn")
-        if drawn is None:  # a record of before ``drawn``: its kind says the share
-            drawn = len(ids) if record["round"] == 0 else round(_explored(record.get("kind")) * len(ids))
+        drawn = min(len(ids), record.get("drawn", len(ids) if record["round"] == 0 else 0))
         for part, chosen in (("uncertainty", ids[: len(ids) - drawn]), ("random", ids[len(ids) - drawn :])):
             if chosen:
                 rows = labels.loc[chosen]
@@ -173,13 +171,6 @@ def teacher_on_rows(runs: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any
             else None,
         }
     return out
-
-
-def _explored(kind: str | None) -> float:
-    """The random share of a later slice, from its record's ``kind`` ("uncertainty + 50 % random")."""
-    if not kind or "+" not in kind:
-        return 0.0
-    return float(kind.split("+")[1].split("%")[0]) / 100
 
 
 # --------------------------------------------------------------------------- the summary and the table
