@@ -101,6 +101,11 @@ def class_quotas(available: Sequence[int], size: int) -> list[int]:
     return taken
 
 
+def drawn_rows(size: int, explore: float) -> int:
+    """Rows of a later slice of ``size`` drawn at random with ``labeling.explore`` (the rest by uncertainty)."""
+    return round(explore * size)
+
+
 def choose_slice(
     ids: Sequence[str],
     uncertainty: Sequence[float],
@@ -114,13 +119,13 @@ def choose_slice(
     """The next round's slice: the most uncertain unlabeled rows, within per-class quotas.
 
     ``uncertainty`` is each row's normalised entropy under the current student, ``predicted`` its
-    predicted class; rows in ``labeled`` are never chosen. With ``explore`` > 0, ``round(explore x
-    size)`` of the rows are a uniform draw (with ``seed``) from the unlabeled ones instead. Returns
+    predicted class; rows in ``labeled`` are never chosen. With ``explore`` > 0, :func:`drawn_rows`
+    of them are a uniform draw (with ``seed``) from the unlabeled ones instead. Returns
     the ids, the uncertainty-chosen ones most uncertain first, then the drawn ones.
     """
     labeled = set(labeled)
     if explore > 0:
-        drawn = random_slice([i for i in ids if i not in labeled], round(explore * size), seed)
+        drawn = random_slice([i for i in ids if i not in labeled], drawn_rows(size, explore), seed)
         rest = choose_slice(ids, uncertainty, predicted, size - len(drawn), num_classes, labeled | set(drawn))
         return rest + drawn
     order = sorted(

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from llkd_ray.artifacts import MANIFEST, TRAINING_SUMMARY, RunLayout, atomic_output, read_json, write_json
 from llkd_ray.compute import forward_flops
 from llkd_ray.config import PipelineConfig, validate_config
-from llkd_ray.rounds import choose_slice, random_slice, round_training, slice_sizes, training_record
+from llkd_ray.rounds import choose_slice, drawn_rows, random_slice, round_training, slice_sizes, training_record
 
 SLICE, SCORING, ROUND = "slice.parquet", "scoring.json", "round.json"
 
@@ -77,7 +77,7 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
                 "round": index,
                 "kind": _kind(index, config.labeling.explore),
                 "size": len(chosen),
-                "drawn": len(chosen) if index == 0 else min(len(chosen), round(config.labeling.explore * size)),
+                "drawn": len(chosen) if index == 0 else min(len(chosen), drawn_rows(size, config.labeling.explore)),
                 "labeled_rows": sum(r["size"] for r in records) + len(chosen),
                 "slice": str(directory / SLICE),
                 "teacher": {
