@@ -42,8 +42,8 @@ import torch
 
 from llkd_ray.compute import ComputeMeter, non_embedding_parameters
 from llkd_ray.config import MINILM
-from llkd_ray.models import resolve_model_path
-from llkd_ray.serve.predictor import Predictor
+from llkd_ray.student.model import resolve_model_path
+from llkd_ray.student.predictor import Predictor
 from llkd_ray.train.data import Batch, tokenize_texts
 from llkd_ray.train.plan import scoring_mode
 from llkd_ray.train.recipe import build_optimizer
@@ -135,15 +135,16 @@ def probe_step(
     """``settings``: strategy, batch, precision, steps, warmup, max_length, compiled. Milliseconds per step."""
     strategy, batch, steps, warmup = (settings[k] for k in ("strategy", "batch", "steps", "warmup"))
     bf16 = settings["precision"] == "bf16"
+    selector = Selector(2, strategy=strategy, momentum=0.9, seed=0)
     ctx = StepContext(
         tokenizer=tokenizer,
         max_length=settings["max_length"],
         device=device,
         autocast_dtype=torch.bfloat16 if bf16 else None,
         pad_to_max_length=settings.get("compiled", False),
+        selector=selector,
     )
     optimizer = build_optimizer(model, 5e-5, 0.01)
-    selector = Selector(2, strategy=strategy, momentum=0.9, seed=0)
     scoring = scoring_mode(strategy)
     # LLKD draws M = 1 batch and keeps at most half (the plan's capacity); `all` trains every row.
     capacity = batch if strategy != "all" else None
@@ -156,9 +157,7 @@ def probe_step(
             device, lambda rows=rows: setattr(rows, "input_ids", tokenize_texts(tokenizer, rows.texts, ctx.max_length))
         )
         result: list[Any] = []
-        step = timed(
-            device, lambda rows=rows, out=result: out.append(train_step(model, rows, selector, ctx, **options))
-        )
+        step = timed(device, lambda rows=rows, out=result: out.append(train_step(model, rows, ctx, **options)))
         optimize = timed(device, lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
         if number < warmup:
             continue

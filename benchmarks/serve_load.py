@@ -55,8 +55,7 @@ def build_minilm_classifier(directory: Path, labels: list[str]) -> Path:
     """An untrained MiniLM sequence classifier (fresh head) saved with its labels, at length 64."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from llkd_ray.models import resolve_model_path
-    from llkd_ray.serve.predictor import save_classifier
+    from llkd_ray.student.model import resolve_model_path, save_classifier
 
     source = resolve_model_path("builtin:minilm")
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -83,7 +82,7 @@ def bare_runtime(
     model_dir: Path, texts: list[str], batch_sizes: list[int], threads: int, max_seconds: float
 ) -> dict[int, dict[str, float]]:
     """One variant's predictor alone (tokenise + forward, as the replica runs it) per batch size."""
-    from llkd_ray.serve.predictor import load_predictor
+    from llkd_ray.serve.backends import load_predictor
 
     predictor = load_predictor(model_dir, device="cpu", threads=threads)
     predictor.probabilities(texts[:32])  # warm-up

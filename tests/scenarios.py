@@ -306,7 +306,7 @@ def multinode(output: Path, overrides: list[str]) -> int:
     from llkd_ray.artifacts import read_label_rows
     from llkd_ray.config import load_config
     from llkd_ray.label.run import label_corpus
-    from llkd_ray.pipeline import run_pipeline
+    from llkd_ray.pipeline.run import run_pipeline
 
     os.environ.update(OFFLINE_ENV)
     # Spread: 2 teacher actors and 2 training workers of 1 CPU each on nodes of 1 CPU. The labels do

@@ -17,14 +17,14 @@ LONG_TEXT = " ".join(WORDS[(7 * i) % len(WORDS)] for i in range(400))
 
 
 def save_student(source: str | Path, directory: Path, max_length: int = TRAINING_LENGTH) -> Path:
-    """``source`` saved as training saves its student (:func:`~llkd_ray.serve.predictor.save_classifier`).
+    """``source`` saved as training saves its student (:func:`~llkd_ray.student.model.save_classifier`).
 
     Its weights are drawn wider than a fresh initialisation's (std 0.02), whose answers hardly
     depend on the text (0.5035 either way): here tokens 65-128 of a text move its probabilities.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from llkd_ray.serve.predictor import save_classifier
+    from llkd_ray.student.model import save_classifier
 
     model = AutoModelForSequenceClassification.from_pretrained(source)
     generator = torch.Generator().manual_seed(0)

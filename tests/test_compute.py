@@ -7,22 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SST2_LABELS
-from train_fixtures import TEXTS, review_batch, student_without_dropout
+from train_fixtures import TEXTS, fresh_ctx, fresh_selector, review_batch, student_without_dropout
 
 
 @pytest.fixture()
 def student(tiny_classifier_dir):
+    """The tiny student, its tokenizer and a step context; each step below takes ``fresh_ctx(ctx)``."""
     from llkd_ray.train.step import StepContext
 
     model, tokenizer = student_without_dropout(tiny_classifier_dir, SST2_LABELS)
-    ctx = StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"))
+    ctx = StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), selector=fresh_selector())
     return model, tokenizer, ctx
-
-
-def _selector(strategy: str = "llkd"):
-    from llkd_ray.train.selection import Selector
-
-    return Selector(2, strategy=strategy, momentum=0.9, seed=1)
 
 
 def _gradients(model) -> dict[str, torch.Tensor]:
@@ -48,7 +43,7 @@ def test_step_compute_matches_tokens_times_parameters(student):
     model, tokenizer, ctx = student
     batch = review_batch()
     real_tokens = [len(ids) for ids in tokenizer(TEXTS, truncation=True, max_length=32)["input_ids"]]
-    result = train_step(model, batch, _selector(), ctx, capacity=len(batch))
+    result = train_step(model, batch, fresh_ctx(ctx), capacity=len(batch))
     kept = result.selection.mask.nonzero().squeeze(1).tolist()
     assert kept, "the scenario should select something"
     assert result.compute.scoring_tokens == sum(real_tokens)  # every candidate scored, padding excluded
@@ -63,7 +58,7 @@ def test_step_compute_matches_tokens_times_parameters(student):
     assert meter.record(unit_flops=meter.flops)["all_passes"] == pytest.approx(1.0)
 
     # `all` scores nothing: it trains every row once, 6N per token
-    everything = train_step(model, batch, _selector("all"), ctx, scoring="train")
+    everything = train_step(model, batch, fresh_ctx(ctx, "all"), scoring="train")
     assert everything.compute.scoring_tokens == 0 and everything.compute.training_tokens == sum(real_tokens)
 
 
@@ -75,13 +70,13 @@ def test_selected_only_backward_equals_the_weighted_full_batch_backward(student)
     batch = review_batch()
 
     # the paper's M = 1 step as it was: one training forward over the whole batch, weight 0 off the mask
-    reference_selector = _selector()
+    reference_selector = fresh_selector()
     logits = model(**ctx.encode(batch)).logits
     selection = reference_selector.select(batch.confidence, batch.labels, normalized_entropy(logits))
     selection_loss(logits, selection.weights, selection.normaliser, labels=batch.labels).backward()
     full = _gradients(model)
 
-    result = train_step(model, batch, _selector(), ctx)  # inference-mode scoring, kept rows only
+    result = train_step(model, batch, fresh_ctx(ctx))  # inference-mode scoring, kept rows only
     cheap = _gradients(model)
     assert result.selection.mask.tolist() == selection.mask.tolist()
     assert 0 < result.compute.trained_samples < len(batch)
@@ -97,10 +92,10 @@ def test_micro_batches_give_the_one_batch_gradient(student, strategy):
 
     model, _, ctx = student
     scoring = scoring_mode(strategy)
-    one = train_step(model, review_batch(), _selector(strategy), ctx, scoring=scoring, sample_rate=0.5)
+    one = train_step(model, review_batch(), fresh_ctx(ctx, strategy, sample_rate=0.5), scoring=scoring)
     whole = _gradients(model)
     four = train_step(
-        model, review_batch(), _selector(strategy), ctx, scoring=scoring, sample_rate=0.5, micro_batches=4
+        model, review_batch(), fresh_ctx(ctx, strategy, sample_rate=0.5, micro_batches=4), scoring=scoring
     )
     split = _gradients(model)
     # one selection per optimizer step, whatever the accumulation: the same mask and normaliser
@@ -117,17 +112,17 @@ def test_gated_scoring_scores_the_teacher_gate_and_a_sample(student):
     model, tokenizer, ctx = student
     batch = review_batch()
     real_tokens = [len(ids) for ids in tokenizer(TEXTS, truncation=True, max_length=32)["input_ids"]]
-    full = train_step(model, batch, _selector(), ctx, scoring="full")
+    full = train_step(model, batch, fresh_ctx(ctx), scoring="full")
     _gradients(model)
     # rate 1: every row outside the gate is sampled with weight 1 — exactly the full rule
-    exact = train_step(model, batch, _selector(), ctx, scoring="gated", sample_rate=1.0)
+    exact = train_step(model, batch, fresh_ctx(ctx, sample_rate=1.0), scoring="gated")
     _gradients(model)
     assert exact.selection.mask.tolist() == full.selection.mask.tolist()
     assert torch.equal(exact.selection.student_thresholds, full.selection.student_thresholds)
 
-    gate = _selector().teacher_gate(batch.confidence, batch.labels)
+    gate = fresh_selector().teacher_gate(batch.confidence, batch.labels)
     assert 0 < int(gate.sum()) < len(batch), "the scenario should gate some rows out"
-    cheap = train_step(model, batch, _selector(), ctx, scoring="gated", sample_rate=1e-9)  # gate only
+    cheap = train_step(model, batch, fresh_ctx(ctx, sample_rate=1e-9), scoring="gated")  # gate only
     _gradients(model)
     assert cheap.compute.scored_samples == int(gate.sum())
     assert cheap.compute.scoring_tokens == sum(t for t, g in zip(real_tokens, gate.tolist(), strict=True) if g)
@@ -135,8 +130,8 @@ def test_gated_scoring_scores_the_teacher_gate_and_a_sample(student):
     assert not (cheap.selection.mask & ~gate).any()  # nothing outside the gate is ever kept
 
     # teacher_confidence's mask reads the teacher only: it scores nothing
-    tc = train_step(model, batch, _selector("teacher_confidence"), ctx, scoring="none")
-    reference = train_step(model, batch, _selector("teacher_confidence"), ctx, scoring="full")
+    tc = train_step(model, batch, fresh_ctx(ctx, "teacher_confidence"), scoring="none")
+    reference = train_step(model, batch, fresh_ctx(ctx, "teacher_confidence"), scoring="full")
     assert tc.compute.scoring_tokens == 0 and tc.compute.scored_samples == 0
     assert tc.selection.mask.tolist() == reference.selection.mask.tolist() == gate.tolist()
 
@@ -174,16 +169,16 @@ def test_fill_step_draws_until_the_kept_rows_fill_a_batch(student):
         return review_batch()
 
     # one draw, capped at one: the same selection and gradient as the fixed-M step
-    one = fill_step(model, draw, _selector(), ctx, capacity=8, target=8, max_draws=1)
+    one = fill_step(model, draw, fresh_ctx(ctx), capacity=8, target=8, max_draws=1)
     filled = _gradients(model)
-    fixed = train_step(model, review_batch(), _selector(), ctx, capacity=8)
+    fixed = train_step(model, review_batch(), fresh_ctx(ctx), capacity=8)
     assert one.selection.mask.tolist() == fixed.selection.mask.tolist()
     for name, grad in _gradients(model).items():
         assert torch.allclose(grad, filled[name], atol=1e-6, rtol=1e-4), name
 
     # a target of a full batch the first draw does not reach: more draws, up to the cap
     draws.clear()
-    result = fill_step(model, draw, _selector(), ctx, capacity=8, target=8, max_draws=3)
+    result = fill_step(model, draw, fresh_ctx(ctx), capacity=8, target=8, max_draws=3)
     _gradients(model)
     assert len(draws) == 3 and result.selection.candidates == 24 and result.compute.scored_samples == 24
     assert result.selection.selected == result.compute.trained_samples <= 8
@@ -192,5 +187,5 @@ def test_fill_step_draws_until_the_kept_rows_fill_a_batch(student):
 
     # a target the first draw reaches: it stops there
     draws.clear()
-    early = fill_step(model, draw, _selector(), ctx, capacity=8, target=1, max_draws=3)
+    early = fill_step(model, draw, fresh_ctx(ctx), capacity=8, target=1, max_draws=3)
     assert len(draws) == 1 and early.selection.selected >= 1

@@ -42,7 +42,7 @@ def test_format_metrics_is_a_readable_table():
 
 def test_predict_labels_from_a_directory_returns_label_names(tiny_classifier_dir):
     from llkd_ray.evaluate import predict_labels
-    from llkd_ray.serve.predictor import Predictor
+    from llkd_ray.student.predictor import Predictor
 
     texts = ["short", "a much longer text about a film that goes on and on", "ok"]
     labels = predict_labels(tiny_classifier_dir, texts)

@@ -34,7 +34,8 @@ def exported(tmp_path_factory, student) -> dict[str, Path]:
 
 
 def test_fp32_export_gives_torch_probabilities(student, exported):
-    from llkd_ray.serve.predictor import OnnxPredictor, Predictor, load_predictor
+    from llkd_ray.serve.backends import OnnxPredictor, load_predictor
+    from llkd_ray.student.predictor import Predictor
 
     onnx = load_predictor(exported["fp32"])  # chosen from the directory
     assert isinstance(onnx, OnnxPredictor)
@@ -61,7 +62,8 @@ def test_export_directory_holds_what_serving_needs(student, exported):
 
 
 def test_int8_export_predicts_the_same_label_set(student, exported):
-    from llkd_ray.serve.predictor import Predictor, load_predictor
+    from llkd_ray.serve.backends import load_predictor
+    from llkd_ray.student.predictor import Predictor
 
     int8 = load_predictor(exported["int8"], threads=1)
     assert int8.describe()["dtype"] == "int8" and int8.labels == SST2_LABELS
@@ -77,7 +79,7 @@ def test_int8_answers_do_not_depend_on_batch_company(exported):
     """Dynamic int8 scales activations over a whole forward pass: the predictor runs one text per pass."""
     import torch
 
-    from llkd_ray.serve.predictor import load_predictor
+    from llkd_ray.serve.backends import load_predictor
 
     int8 = load_predictor(exported["int8"], batch_size=32)
     together = int8.probabilities(TEXTS)[0]
@@ -121,7 +123,7 @@ def test_export_refuses_unsafe_outputs(tmp_path, student, exported):
 def test_bad_or_missing_onnx_file_is_one_line(tmp_path, exported, capsys):
     from llkd_ray.cli import main
     from llkd_ray.serve.app import check_model_dir
-    from llkd_ray.serve.predictor import load_predictor
+    from llkd_ray.serve.backends import load_predictor
 
     broken = tmp_path / "broken"
     shutil.copytree(exported["int8"], broken)

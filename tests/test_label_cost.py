@@ -196,7 +196,7 @@ def test_compute_by_stage_gives_shares_and_says_what_was_not_recorded():
 
 def test_old_run_dirs_render_compute_as_not_recorded(tmp_path):
     from llkd_ray.artifacts import RunLayout, write_json
-    from llkd_ray.pipeline import PipelineResult, format_summary
+    from llkd_ray.pipeline.run import PipelineResult, format_summary
     from llkd_ray.report.page import build_report
 
     run = RunLayout(tmp_path / "run")
@@ -297,7 +297,7 @@ def test_plan_of_the_embedding_teacher_counts_the_encoder_tokens(tiny_sentence_e
 
 def test_eval_json_compute_reads_the_run_directory(tmp_path):
     from llkd_ray.artifacts import RunLayout, write_json
-    from llkd_ray.pipeline import compute_lines, run_compute
+    from llkd_ray.pipeline.run import compute_lines, run_compute
 
     layout = RunLayout(tmp_path / "run")
     for directory in (layout.labels, layout.teacher_gold):

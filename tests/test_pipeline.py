@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from llkd_ray import pipeline
 from llkd_ray.artifacts import STAGES, RunLayout
 from llkd_ray.config import load_config
 from llkd_ray.errors import ConfigError
-from llkd_ray.pipeline import plan_stages, run_pipeline
+from llkd_ray.pipeline import run as pipeline
+from llkd_ray.pipeline.run import plan_stages, run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,8 @@ class FakeStages:
         self.seen_existing: dict[str, bool] = {}
 
     def __call__(self, name: str):
-        def stage(config, layout: RunLayout, log) -> dict:
+        def stage(run: pipeline.StageRun) -> dict:
+            layout = run.layout
             self.calls.append(name)
             outputs = {
                 "label": layout.labels,
@@ -214,7 +215,7 @@ def test_packaged_demo_configs_are_valid_and_quick_is_small():
 
 def test_serve_runs_after_the_stages_with_the_summary_printed_first(fake, monkeypatch, config, tmp_path):
     events: list[str] = []
-    monkeypatch.setattr(pipeline, "serve_stage", lambda config, layout, log: events.append(f"serve {layout.student}"))
+    monkeypatch.setattr(pipeline, "serve_stage", lambda run: events.append(f"serve {run.layout.student}"))
     run_pipeline(config, tmp_path, serve=True, log=lambda line: events.append(line.splitlines()[0]))
     assert fake.calls == list(STAGES)
     assert events[-1] == f"serve {tmp_path / 'train' / 'student'}"

@@ -20,7 +20,8 @@ def student(tmp_path_factory, tiny_classifier_dir) -> Path:
 def test_the_training_length_is_recorded_in_the_saved_directory(student, tiny_classifier_dir):
     from transformers import AutoTokenizer
 
-    from llkd_ray.serve.predictor import MAX_LENGTH_FIELD, Predictor
+    from llkd_ray.student.model import MAX_LENGTH_FIELD
+    from llkd_ray.student.predictor import Predictor
 
     assert json.loads((student / "config.json").read_text())[MAX_LENGTH_FIELD] == TRAINING_LENGTH
     assert AutoTokenizer.from_pretrained(student).model_max_length == TRAINING_LENGTH
@@ -35,7 +36,7 @@ def test_a_long_text_gets_the_same_probabilities_from_eval_and_a_pipeline(studen
     from transformers import pipeline
 
     from llkd_ray.evaluate import predict_labels
-    from llkd_ray.serve.predictor import Predictor
+    from llkd_ray.student.predictor import Predictor
 
     predictor = Predictor.load(student)  # what `llkd eval` predicts with
     (ours,) = predictor([LONG_TEXT])
@@ -52,7 +53,7 @@ def test_a_long_text_gets_the_same_probabilities_from_eval_and_a_pipeline(studen
 
 
 def test_postprocess_ranks_labels_and_keeps_top_k(student):
-    from llkd_ray.serve.predictor import Predictor
+    from llkd_ray.student.predictor import Predictor
 
     predictor = Predictor.load(student)
     probabilities = torch.tensor([[0.2, 0.8], [0.7, 0.3]])
@@ -69,7 +70,7 @@ def test_postprocess_ranks_labels_and_keeps_top_k(student):
 
 
 def test_batching_by_length_keeps_the_order_and_the_numbers(student):
-    from llkd_ray.serve.predictor import Predictor
+    from llkd_ray.student.predictor import Predictor
 
     predictor = Predictor.load(student, batch_size=2)
     texts = [LONG_TEXT, "short", "a film", " ".join(WORDS), "ok", LONG_TEXT[:300]]
@@ -85,7 +86,7 @@ def test_batching_by_length_keeps_the_order_and_the_numbers(student):
 
 
 def test_a_training_model_stays_in_training_mode(student):
-    from llkd_ray.serve.predictor import Predictor
+    from llkd_ray.student.predictor import Predictor
 
     predictor = Predictor.load(student)
     predictor.model.train()

@@ -1,4 +1,4 @@
-"""Student-guided labeling rounds, the pure part (``llkd_ray/rounds.py``): the plan, the slice chooser
+"""Student-guided labeling rounds, the pure part (``llkd_ray/pipeline/rounds.py``): the plan, the slice chooser
 and its per-class quota, the budget split, the records; the config's ``labeling`` section."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from llkd_ray.artifacts import RunLayout, write_json
 from llkd_ray.config import load_config
 from llkd_ray.errors import ConfigError
-from llkd_ray.pipeline import stage_hash
-from llkd_ray.rounds import (
+from llkd_ray.pipeline.rounds import (
     choose_slice,
     class_quotas,
     random_slice,
@@ -24,6 +23,7 @@ from llkd_ray.rounds import (
     slice_sizes,
     with_earlier_rounds,
 )
+from llkd_ray.pipeline.run import stage_hash
 
 QUICK = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
 
@@ -221,7 +221,7 @@ def test_a_run_without_rounds_has_no_records(tmp_path):
 
 
 def test_the_report_the_summary_and_the_compute_by_stage_count_every_round(tmp_path):
-    from llkd_ray.pipeline import PipelineResult, format_summary, run_compute
+    from llkd_ray.pipeline.run import PipelineResult, format_summary, run_compute
     from llkd_ray.report.page import build_report
 
     layout = _rounds_document(tmp_path)
@@ -241,7 +241,7 @@ def json_of(path: Path) -> dict:
 
 
 def test_with_rounds_on_the_stages_label_in_rounds_and_train_the_last_round(tmp_path, monkeypatch):
-    from llkd_ray import pipeline
+    from llkd_ray.pipeline import run as pipeline
 
     config = load_config(QUICK, ["labeling.budget=0.3", "labeling.rounds=2"])
     calls = {}
@@ -255,13 +255,14 @@ def test_with_rounds_on_the_stages_label_in_rounds_and_train_the_last_round(tmp_
         calls["train"] = config
         return {}
 
-    monkeypatch.setattr("llkd_ray.rounds_run.label_rounds", fake_rounds)
+    monkeypatch.setattr("llkd_ray.pipeline.rounds_loop.label_rounds", fake_rounds)
     monkeypatch.setattr("llkd_ray.label.run.label_corpus", lambda *a, **k: pytest.fail("labeled the whole pool"))
     monkeypatch.setattr("llkd_ray.train.launch.train_student", fake_train)
     monkeypatch.setattr("llkd_ray.train.launch.format_training", lambda summary: "trained")
     layout = RunLayout(tmp_path)
-    assert pipeline.label_stage(config, layout, log=lambda _: None) == {"counts": {"labeled": 30}}
-    pipeline.train_stage(config, layout, log=lambda _: None)
+    run = pipeline.StageRun(config, layout, log=lambda _: None)
+    assert pipeline.label_stage(run) == {"counts": {"labeled": 30}}
+    pipeline.train_stage(run)
     trained = calls["train"]
     assert calls["rounds"] == 2
     assert trained.student.model == str(Path("x") / "student") and trained.training.max_steps == 15
@@ -283,7 +284,7 @@ def test_rounds_on_tiny_models_label_each_row_once_and_resume_after_a_kill(ray_l
 
     from llkd_ray.corpus import builtin_path
     from llkd_ray.label.store import OutputStore, committed_ids
-    from llkd_ray.rounds_run import SCORING, SLICE, final_round_config, label_rounds
+    from llkd_ray.pipeline.rounds_loop import SCORING, SLICE, final_round_config, label_rounds
 
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(builtin_path("builtin:sst2/train").read_text().splitlines(keepends=True)[:60]))

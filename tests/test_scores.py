@@ -8,21 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SST2_LABELS
-from train_fixtures import review_batch, student_without_dropout
+from train_fixtures import fresh_ctx, fresh_selector, review_batch, student_without_dropout
 
 
 @pytest.fixture()
 def student(tiny_classifier_dir):
+    """The tiny student and a step context; each step below takes ``fresh_ctx(ctx, ...)``."""
     from llkd_ray.train.step import StepContext
 
     model, tokenizer = student_without_dropout(tiny_classifier_dir, SST2_LABELS)
-    return model, StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"))
-
-
-def _selector():
-    from llkd_ray.train.selection import Selector
-
-    return Selector(2, strategy="llkd", momentum=0.9, seed=1)
+    return model, StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), selector=fresh_selector())
 
 
 def _gradients(model) -> dict[str, torch.Tensor]:
@@ -37,10 +32,10 @@ def test_ttl_zero_is_todays_step_bit_for_bit(student, scoring):
     from llkd_ray.train.step import train_step
 
     model, ctx = student
-    today = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5)
+    today = train_step(model, review_batch(), fresh_ctx(ctx, sample_rate=0.5), scoring=scoring)
     today_grads = _gradients(model)
     store = ScoreStore(ttl=0)
-    off = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5, scores=store)
+    off = train_step(model, review_batch(), fresh_ctx(ctx, sample_rate=0.5, scores=store), scoring=scoring)
     off_grads = _gradients(model)
     assert off.selection.mask.tolist() == today.selection.mask.tolist()
     assert torch.equal(off.selection.weights, today.selection.weights)
@@ -58,7 +53,7 @@ def test_a_reused_score_costs_nothing_and_changes_no_mask(student, scoring):
 
     model, ctx = student
     store = ScoreStore(ttl=10)
-    first = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5, scores=store)
+    first = train_step(model, review_batch(), fresh_ctx(ctx, sample_rate=0.5, scores=store), scoring=scoring)
     first_grads = _gradients(model)
     pending = store.take_pending()
     assert first.compute.scored_samples > 0 and first.compute.trained_samples > 0
@@ -68,7 +63,7 @@ def test_a_reused_score_costs_nothing_and_changes_no_mask(student, scoring):
     for row_id, need, _ in pending[first.compute.scored_samples :]:
         assert row_id in first.selected_ids and need == pytest.approx(scored[row_id], abs=1e-5)
     store.commit(pending)  # keep every score: the model has not changed
-    again = train_step(model, review_batch(), _selector(), ctx, scoring=scoring, sample_rate=0.5, scores=store)
+    again = train_step(model, review_batch(), fresh_ctx(ctx, sample_rate=0.5, scores=store), scoring=scoring)
     again_grads = _gradients(model)
     assert again.compute.scoring_tokens == 0 and again.compute.scored_samples == 0
     assert again.compute.reused_samples == first.compute.scored_samples

@@ -176,7 +176,7 @@ def test_a_long_text_gets_the_same_probabilities_from_serve_eval_and_a_pipeline(
     from ray import serve
     from transformers import pipeline
 
-    from llkd_ray.serve.predictor import Predictor
+    from llkd_ray.student.predictor import Predictor
 
     student = save_student(tiny_classifier_dir, tmp_path / "train" / "student")
     _deploy("skew", student, "/skew")

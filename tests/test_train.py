@@ -217,6 +217,8 @@ def test_a_lost_worker_restores_the_latest_checkpoint_and_finishes(ray_local, wo
         "training.report_every=1",
         "selection.candidates_per_step=2",
         "training.max_failures=1",
+        "training.workers=2",
+        "training.max_steps=6",
     )
     config = load_config(CONFIG, overrides[1::2])
     out = workspace["work"] / "out-resume"
@@ -225,8 +227,6 @@ def test_a_lost_worker_restores_the_latest_checkpoint_and_finishes(ray_local, wo
         config,
         labels=workspace["labels"],
         output=out,
-        workers=2,
-        max_steps=6,
         eval_data=None,
         fault_injection=FaultInjection(step=4, marker=str(marker), rank=1),
     )
@@ -253,10 +253,12 @@ def test_llkd_train_tracked_in_an_mlflow_file_store(ray_local, workspace, tmp_pa
     from llkd_ray.train.launch import train_student
 
     store = (tmp_path / "mlruns").as_uri()
-    overrides = _overrides(workspace, "tracking.backend=mlflow", f"tracking.uri={store}", "tracking.experiment=t")
-    config = load_config(CONFIG, overrides[1::2])
+    overrides = _overrides(
+        workspace, "tracking.backend=mlflow", f"tracking.uri={store}", "tracking.experiment=t", "training.workers=2"
+    )
+    config = load_config(CONFIG, [*overrides[1::2], "training.max_steps=4"])
     out = tmp_path / "out"
-    train_student(config, workspace["labels"], out, workers=2, max_steps=4, eval_data=workspace["gold"])
+    train_student(config, workspace["labels"], out, eval_data=workspace["gold"])
 
     client = mlflow.MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
@@ -289,11 +291,12 @@ def test_one_seed_gives_one_run_on_one_worker(ray_local, workspace):
     labels = write_labels_dir(
         workspace["work"] / "labels-8-parts", [r["text"] for r in pool], SST2_LABELS, parts=8, seed=3
     )
-    config = load_config(CONFIG, _overrides(workspace, "selection.strategy=all", "training.cpus_per_worker=1")[1::2])
+    overrides = _overrides(workspace, "selection.strategy=all", "training.cpus_per_worker=1", "training.workers=1")
+    config = load_config(CONFIG, [*overrides[1::2], "training.max_steps=10"])
     tokens = []
     for attempt in range(2):
         out = workspace["work"] / f"out-order-{attempt}"
-        train_student(config, labels=labels, output=out, workers=1, max_steps=10, eval_data=None)
+        train_student(config, labels=labels, output=out, eval_data=None)
         steps = [r for r in _records(out / "metrics.jsonl") if "loss" in r]
         tokens.append([r["step_compute"]["training_tokens"] for r in steps])
     assert len(tokens[0]) == 10 and len(set(tokens[0])) > 1

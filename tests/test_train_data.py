@@ -56,6 +56,7 @@ def test_padding_pre_tokenised_ids_gives_the_tokenizers_tensors(request, which, 
 def test_the_tokenising_map_feeds_batches_with_the_step_tensors(minilm_tokenizer, minilm_path):
     """The Ray Data block function, through Arrow and numpy as ``iter_batches`` hands them over."""
     from llkd_ray.train.data import Batch, tokenize_block
+    from llkd_ray.train.selection import Selector
     from llkd_ray.train.step import StepContext
 
     batch = review_batch()
@@ -74,7 +75,7 @@ def test_the_tokenising_map_feeds_batches_with_the_step_tensors(minilm_tokenizer
         {name: tokenised.column(name).to_numpy(zero_copy_only=False) for name in tokenised.column_names}
     )
     assert arrived.input_ids is not None and len(arrived.input_ids) == len(batch)
-    ctx = StepContext(tokenizer=minilm_tokenizer, max_length=6, device=torch.device("cpu"))
+    ctx = StepContext(tokenizer=minilm_tokenizer, max_length=6, device=torch.device("cpu"), selector=Selector(2))
     reference = minilm_tokenizer(batch.texts, padding=True, truncation=True, max_length=6, return_tensors="pt")
     _assert_same(ctx.encode(arrived), reference)
     _assert_same(ctx.encode(batch), reference)  # a Batch from texts: tokenised on the way in
@@ -102,14 +103,14 @@ def test_pre_tokenised_steps_equal_text_steps(tiny_classifier_dir, strategy):
     outcomes = []
     for pre_tokenised in (False, True):
         model, tokenizer = student_without_dropout(tiny_classifier_dir, SST2_LABELS)
-        ctx = StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"))
+        selector = Selector(2, strategy=strategy, momentum=0.9, seed=1)
+        ctx = StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), selector=selector)
         batch = review_batch()
         if pre_tokenised:
             from llkd_ray.train.data import tokenize_texts
 
             batch.input_ids = tokenize_texts(tokenizer, batch.texts, 32)
-        selector = Selector(2, strategy=strategy, momentum=0.9, seed=1)
-        result = train_step(model, batch, selector, ctx, capacity=4, scoring=scoring_mode(strategy))
+        result = train_step(model, batch, ctx, capacity=4, scoring=scoring_mode(strategy))
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         outcomes.append((result, grads))
     (texts, texts_grads), (ids, ids_grads) = outcomes
@@ -169,8 +170,14 @@ def test_a_compiled_student_padded_to_max_length_trains_like_the_eager_one(tiny_
         names = list(model.state_dict())
         if compiled:
             model.compile()
-        ctx = StepContext(tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), pad_to_max_length=compiled)
-        result = train_step(model, review_batch(), Selector(2, momentum=0.9, seed=1), ctx, capacity=8)
+        ctx = StepContext(
+            tokenizer=tokenizer,
+            max_length=32,
+            device=torch.device("cpu"),
+            pad_to_max_length=compiled,
+            selector=Selector(2, momentum=0.9, seed=1),
+        )
+        result = train_step(model, review_batch(), ctx, capacity=8)
         assert list(model.state_dict()) == names
         outcomes.append(result)
     eager, compiled_result = outcomes
@@ -185,7 +192,8 @@ def test_bf16_autocasts_scoring_and_training_while_evaluation_and_saved_weights_
     """``training.mixed_precision`` (``auto`` is bf16 on CUDA): forced to bf16 here, on CPU."""
     from safetensors.torch import load_file
 
-    from llkd_ray.serve.predictor import Predictor, save_classifier
+    from llkd_ray.student.model import save_classifier
+    from llkd_ray.student.predictor import Predictor
     from llkd_ray.train.recipe import _autocast_dtype, build_optimizer, load_student
     from llkd_ray.train.selection import Selector
     from llkd_ray.train.step import StepContext, train_step
@@ -197,13 +205,14 @@ def test_bf16_autocasts_scoring_and_training_while_evaluation_and_saved_weights_
         max_length=32,
         device=torch.device("cpu"),
         autocast_dtype=_autocast_dtype("bf16", torch.device("cpu")),
+        selector=Selector(2, momentum=0.9, seed=1),
     )
     seen: list[tuple[bool, torch.dtype]] = []
     model.classifier.register_forward_hook(
         lambda _m, _i, out: seen.append((torch.is_inference_mode_enabled(), out.dtype))
     )
     optimizer = build_optimizer(model, 1e-3, 0.01)
-    result = train_step(model, review_batch(), Selector(2, momentum=0.9, seed=1), ctx, capacity=8)
+    result = train_step(model, review_batch(), ctx, capacity=8)
     optimizer.step()
     assert result.compute.scored_samples == 8 and result.compute.trained_samples > 0
     assert (True, torch.bfloat16) in seen  # the scoring forward, in inference mode, autocast

@@ -60,8 +60,15 @@ def run_worker(rank: int, world: int, model_dir: str, store: str, out: str) -> N
             rank=rank,
             world_size=world,
         )
+        # gated scoring with a sample of the rows outside the gate: the sample is keyed by row id
         ctx = StepContext(
-            tokenizer=tokenizer, max_length=32, device=torch.device("cpu"), world_size=world, soft_loss=loss == "soft"
+            tokenizer=tokenizer,
+            max_length=32,
+            device=torch.device("cpu"),
+            world_size=world,
+            soft_loss=loss == "soft",
+            selector=selector,
+            sample_rate=0.5,
         )
         capacity = None if m == 1 else len(rows) // m
         candidates = review_batch(rows)
@@ -71,9 +78,8 @@ def run_worker(rank: int, world: int, model_dir: str, store: str, out: str) -> N
             twice.confidence[len(rows) :] *= 0.5
             candidates = twice
             capacity = len(rows)
-        # gated scoring with a sample of the rows outside the gate: the sample is keyed by row id
         scoring = scoring_mode(strategy)
-        result = train_step(model, candidates, selector, ctx, capacity=capacity, scoring=scoring, sample_rate=0.5)
+        result = train_step(model, candidates, ctx, capacity=capacity, scoring=scoring)
         optimizer.step()
         module = model.module if world > 1 else model
         results.append(

@@ -89,9 +89,23 @@ def review_batch(rows: list[int] | None = None):
     )
 
 
+def fresh_selector(strategy: str = "llkd"):
+    """A selector with no thresholds yet (2 classes, momentum 0.9, seed 1): two steps from it compare."""
+    from llkd_ray.train.selection import Selector
+
+    return Selector(2, strategy=strategy, momentum=0.9, seed=1)
+
+
+def fresh_ctx(ctx, strategy: str = "llkd", **fields):
+    """``ctx`` with a :func:`fresh_selector` of ``strategy`` and ``fields`` replaced (``sample_rate``...)."""
+    from dataclasses import replace
+
+    return replace(ctx, selector=fresh_selector(strategy), **fields)
+
+
 def student_without_dropout(model_dir, labels: list[str]):
     """A tiny student (seed 0) with dropout off, and its tokenizer: two steps compare exactly."""
-    from llkd_ray.train.model import load_student
+    from llkd_ray.student.model import load_student
 
     model, tokenizer = load_student(str(model_dir), labels, seed=0)
     for module in model.modules():

@@ -14,9 +14,9 @@ from typing import Any
 
 from llkd_ray.artifacts import STAGES, RunLayout, percent, write_text
 from llkd_ray.compute import compute_by_stage, compute_rows
+from llkd_ray.pipeline.rounds import ROUNDS_HEADER, read_rounds, rounds_rows
 from llkd_ray.report.plots import PLOTS
 from llkd_ray.report.run_data import RunData, load_run
-from llkd_ray.rounds import ROUNDS_HEADER, read_rounds, rounds_rows
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

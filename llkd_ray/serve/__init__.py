@@ -1,10 +1,11 @@
-"""The serving stage: a student classifier as an HTTP API on Ray Serve, and what it is served from.
+"""The serving stage: a student classifier as an HTTP API on Ray Serve, and the runtimes it runs on.
 
-A docstring only, no imports: ``llkd_ray.serve.predictor`` must import without Ray (a GPU machine
-without Ray scores with it), and the other modules load Ray, FastAPI or ONNX only where needed.
+A docstring only, no imports: the modules load Ray, FastAPI or ONNX only where needed. The student
+and its torch predictor live in :mod:`llkd_ray.student`, which serving imports like training does.
 
-- ``predictor`` — :class:`Predictor` (torch) and :class:`OnnxPredictor`: texts to probabilities,
-  truncated at the training length; its own module because training and evaluation use it too.
+- ``backends`` — the runtime of the forward pass: torch (the student's ``Predictor``) or ONNX
+  Runtime (:class:`OnnxPredictor`), chosen from the model directory by ``load_predictor``; its own
+  module because only serving, ``llkd eval --backend`` and the export choose among runtimes.
 - ``export`` — ``llkd export``: the student as a checked ONNX graph (fp32 or int8); its own module
   because it is a command of its own, run once per model, never by a replica.
 - ``api`` — the HTTP contract: request models, error bodies and handlers, bearer auth, the body

@@ -20,7 +20,7 @@ A replica is small parts wired by FastAPI dependencies: :class:`~llkd_ray.serve.
 (the optional token, through ``HTTPBearer``), :class:`~llkd_ray.serve.api.RequestReader` (the
 body, validated by a pydantic model whose field constraints are the replica's limits; the request
 models and error bodies are :mod:`llkd_ray.serve.api`), :class:`ModelHost` (the
-:class:`~llkd_ray.serve.predictor.Predictor` on its one model thread), :class:`Usage` (counters)
+:class:`~llkd_ray.student.predictor.Predictor` on its one model thread), :class:`Usage` (counters)
 and :class:`Classifier` (routes and ``@serve.batch``: one text per batch item, so a batch is at
 most ``serving.max_batch_size`` texts).
 """
@@ -58,7 +58,7 @@ from llkd_ray.serve.api import (
 if TYPE_CHECKING:
     import torch
 
-    from llkd_ray.serve.predictor import Predictor
+    from llkd_ray.student.predictor import Predictor
 
 DEPLOYMENT_NAME = "Classifier"
 #: Test-only: a replica waits until the file this names exists before loading its model, so that
@@ -89,7 +89,7 @@ def check_model_dir(reference: str | Path, backend: str = "auto") -> str:
     The weights of ``backend`` must be there (``auto``: the directory's own, torch or ONNX), and an
     ONNX graph must load, so that a bad file is one line here and not a failing replica later.
     """
-    from llkd_ray.serve.predictor import ONNX_FILE, detect_backend, onnx_session
+    from llkd_ray.serve.backends import ONNX_FILE, detect_backend, onnx_session
 
     path = Path(reference).expanduser()
     if not path.is_dir():
@@ -114,7 +114,7 @@ def check_model_dir(reference: str | Path, backend: str = "auto") -> str:
 def replica_predictor(model_dir: str, serving: ServingConfig) -> "Predictor":
     """The replica's predictor: ``serving.backend`` and ``serving.device``, reduced precision on
     GPU, the runtime's CPU threads = the replica's CPUs."""
-    from llkd_ray.serve.predictor import load_predictor
+    from llkd_ray.serve.backends import load_predictor
 
     return load_predictor(
         model_dir,
@@ -268,7 +268,7 @@ class Classifier:
         import torch
 
         # A request that finds the replica idle runs at once: waiting batch_wait_timeout_s for company
-        # that is not coming would only add latency (at concurrency 1, 10 ms to a 4-20 ms forward).
+        # that is not coming would only add latency, of the order of a small model's forward pass.
         alone = self._in_flight == 0 and len(texts) <= self.serving.max_batch_size
         self._in_flight += 1
         try:
@@ -437,7 +437,7 @@ def _application(
 ) -> serve.Application:
     """The bound deployment; ``replica_env`` (tests only, e.g. :data:`LOAD_GATE_ENV`) goes into the
     replicas' ``runtime_env``. ``serving.backend: auto`` is resolved here, from the directory."""
-    from llkd_ray.serve.predictor import detect_backend
+    from llkd_ray.serve.backends import detect_backend
 
     serving = _updated(serving, {"backend": detect_backend(model_dir, serving.backend)})
     token = os.environ.get(serving.auth_token_env)

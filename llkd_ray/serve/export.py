@@ -13,7 +13,7 @@ Decisions:
 - **Dynamic int8** (``onnxruntime.quantization.quantize_dynamic``, per-channel int8 weights,
   activations quantized at run time): no calibration set needed, so any student exports. Its
   activation scales span a whole forward pass, so the predictor runs an int8 graph one text at a
-  time (:class:`~llkd_ray.serve.predictor.OnnxPredictor`): an answer never depends on its batch.
+  time (:class:`~llkd_ray.serve.backends.OnnxPredictor`): an answer never depends on its batch.
 - **Checked, not assumed.** The fp32 graph must give torch's probabilities to
   :data:`FP32_TOLERANCE` on a few probe texts (one of them longer than the length limit), or the
   export fails. With a gold set both models are evaluated and the export fails when the exported
@@ -42,7 +42,7 @@ from llkd_ray.errors import LlkdError, first_line
 if TYPE_CHECKING:  # torch loads with the first export, not with `llkd --help`
     import torch
 
-    from llkd_ray.serve.predictor import Predictor
+    from llkd_ray.student.predictor import Predictor
 
 FORMATS = ("onnx",)
 QUANTIZATIONS = ("int8",)
@@ -150,7 +150,8 @@ def export_onnx(
     ``gold`` is ``(name, texts, labels)``; ``max_f1_drop`` is in macro-F1 points. ``output`` must
     not exist (or be empty) unless ``overwrite``; it is replaced only once every check passed.
     """
-    from llkd_ray.serve.predictor import ONNX_FILE, OnnxPredictor, Predictor
+    from llkd_ray.serve.backends import ONNX_FILE, OnnxPredictor
+    from llkd_ray.student.predictor import Predictor
 
     started = time.perf_counter()
     source, target = Path(model_dir).expanduser().resolve(), Path(output).expanduser().resolve()
@@ -198,7 +199,7 @@ def export_onnx(
 
 
 def _check_paths(source: Path, target: Path, quantize: str | None, overwrite: bool) -> None:
-    from llkd_ray.serve.predictor import detect_backend
+    from llkd_ray.serve.backends import detect_backend
 
     if quantize not in (None, *QUANTIZATIONS):
         raise ExportError(f"unknown quantization {quantize!r}: choose {', '.join(QUANTIZATIONS)} or none")
@@ -269,7 +270,7 @@ def _export_graph(predictor: Predictor, path: Path) -> None:
 
 def _session_probabilities(path: Path, predictor: Predictor, texts: Sequence[str]) -> torch.Tensor:
     """The graph at ``path`` through ``predictor``'s own preprocessing and batching."""
-    from llkd_ray.serve.predictor import OnnxPredictor, onnx_session
+    from llkd_ray.serve.backends import OnnxPredictor, onnx_session
 
     exported = OnnxPredictor(onnx_session(path), predictor.tokenizer, predictor.config, max_length=predictor.max_length)
     return exported.probabilities(texts)[0]
@@ -302,7 +303,7 @@ def _write_metadata(predictor: Predictor, source: Path, staging: Path, quantize:
     import torch
 
     from llkd_ray.artifacts import TRAINING_SUMMARY, training_summary_file
-    from llkd_ray.serve.predictor import MAX_LENGTH_FIELD, save_tokenizer
+    from llkd_ray.student.model import MAX_LENGTH_FIELD, save_tokenizer
 
     config = predictor.config
     setattr(config, MAX_LENGTH_FIELD, predictor.max_length)
@@ -329,7 +330,7 @@ def _write_metadata(predictor: Predictor, source: Path, staging: Path, quantize:
 
 def _write_info(staging: Path, info: dict[str, Any]) -> None:
     from llkd_ray.artifacts import write_json
-    from llkd_ray.serve.predictor import EXPORT_INFO
+    from llkd_ray.serve.backends import EXPORT_INFO
 
     write_json(str(staging / EXPORT_INFO), info)
 

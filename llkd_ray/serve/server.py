@@ -61,7 +61,7 @@ def _ingress() -> str:
         return f"ingress: HAProxy ({HAPROXY_ENV}=1)"
     return (
         f"ingress: Serve's Python proxy; {HAPROXY_ENV}=1 in the environment before Ray starts selects Ray's "
-        "HAProxy ingress (1.5-2x the requests/s here, docs/serving.md)"
+        "HAProxy ingress (more requests/s on small CPU hosts, docs/serving.md)"
     )
 
 

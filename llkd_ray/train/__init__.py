@@ -8,7 +8,8 @@ Read it in this order, like a recipe:
   the step or compute budget, warm-up; computed once on the driver, so its own module;
 - :mod:`~llkd_ray.train.selection` — the LLKD selection rule and weighted loss, plain torch with an
   injected all-reduce (no Ray, no process group), tested on its own;
-- :mod:`~llkd_ray.train.model` — the student (``load_student``) and its optimizer (``build_optimizer``);
+- :mod:`~llkd_ray.train.optimizer` — the student's optimizer (``build_optimizer``); the student itself is
+  loaded and saved by :mod:`llkd_ray.student.model`;
 - :mod:`~llkd_ray.train.scores` — score reuse: each row's last ``u_i`` and its age (``selection.score_ttl``);
 - :mod:`~llkd_ray.train.stopping` — the label-free stop (``training.stop: auto``): churn on a fixed probe;
 - :mod:`~llkd_ray.train.step` — one step on one worker in plain torch (score, select, backward on

@@ -11,8 +11,8 @@ Decisions:
 
 - The rows arrive tokenised. ``build_dataset`` tokenises them in Ray Data CPU tasks (truncated at
   the student's ``max_length``, unpadded, ragged ``input_ids``), so a worker's step only pads and
-  moves them: tokenising 256 rows on the step's thread cost as much as the GPU step itself (an
-  H200, MiniLM, bf16: 49.5 ms a step tokenising in the step, 22.3 ms pre-tokenised).
+  moves them: tokenising a GPU-sized batch on the step's thread costs as much as the GPU step
+  itself (docs/training.md, "The GPU path").
 - :class:`Batch` carries the ids and ``take``/``concat`` keep them, so scoring and training share
   a row's tokenisation. A Batch built from texts alone (tests, scripts) is tokenised on first use
   by the same ``tokenize_texts``; ``pad_token_ids`` is the one padding path, and it gives the

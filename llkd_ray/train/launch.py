@@ -23,9 +23,8 @@ from typing import Any
 
 from llkd_ray.artifacts import TRAINING_SUMMARY
 from llkd_ray.compute import ComputeMeter, all_pass_flops, format_flops
-from llkd_ray.config import PipelineConfig, validate_config
+from llkd_ray.config import PipelineConfig
 from llkd_ray.console import Progress, quiet_train_worker, train_logging_config, verbose
-from llkd_ray.errors import ConfigError
 from llkd_ray.tracking import TrackingRun, ending, start_run
 from llkd_ray.train.checkpoint import SELECTED_IDS, TrainState, read_state
 from llkd_ray.train.data import LabeledPool, build_dataset, estimate_pool_tokens, validate_labels_dir
@@ -45,25 +44,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     recipe = StudentTrainingRecipe.from_loop_config(loop_config)
     recipe.setup()
     recipe.train()
-
-
-def _prepared_config(
-    config: PipelineConfig, strategy: str | None, workers: int | None, max_steps: int | None, budget: float | None
-) -> PipelineConfig:
-    if max_steps is not None and budget is not None:
-        raise ConfigError("give a step budget (max_steps) or a compute budget (budget), not both")
-    raw = config.model_dump(mode="json")
-    if strategy is not None:
-        raw["selection"]["strategy"] = strategy
-    if workers is not None:
-        raw["training"]["workers"] = workers
-    if max_steps is not None:
-        raw["training"]["max_steps"] = max_steps
-        raw["training"]["budget"] = None
-    if budget is not None:
-        raw["training"]["budget"] = budget
-        raw["training"]["max_steps"] = None
-    return validate_config(raw, "(train options)")
 
 
 def _gold_payload(config: PipelineConfig, eval_data: str | None) -> dict[str, Any] | None:
@@ -105,31 +85,26 @@ def train_student(
     labels: str | Path,
     output: str | Path,
     *,
-    strategy: str | None = None,
-    workers: int | None = None,
-    max_steps: int | None = None,
-    budget: float | None = None,
     eval_data: str | None = CONFIG_GOLD,
     fault_injection: FaultInjection | None = None,
     tracking: TrackingRun | None = None,
     track_student: bool = True,
 ) -> dict[str, Any]:
-    """Train a student on the labels in ``labels``; write it and its records to ``output``.
+    """Train a student on the labels in ``labels`` as ``config`` says; write it and its records to ``output``.
 
-    ``strategy``, ``workers``, ``max_steps`` and ``budget`` (compute, in passes of ``all``) override
-    the config. ``eval_data`` is the gold set evaluated during training: the config's ``data.gold``
-    by default, another reference, or None. Returns the training summary (also written to
-    ``output/training_summary.json``). With ``tracking.backend: mlflow`` the run is tracked in
+    The config is taken as it is: a caller with options of its own (``llkd train --workers``)
+    applies them to the config first. ``eval_data`` is the gold set evaluated during training:
+    the config's ``data.gold`` by default, another reference, or None. Returns the training summary
+    (also written to ``output/training_summary.json``). With ``tracking.backend: mlflow`` the run is tracked in
     ``tracking`` (the caller's MLflow run, which it ends) or in a run of its own, ended here; the
     summary, ``metrics.jsonl`` and (``track_student``) the student are logged as artifacts.
     """
     from transformers import AutoTokenizer
 
-    from llkd_ray.models import resolve_model_path
     from llkd_ray.runtime import ensure_ray
+    from llkd_ray.student.model import resolve_model_path
 
     wall_started = time.perf_counter()
-    config = _prepared_config(config, strategy, workers, max_steps, budget)
     pool = validate_labels_dir(labels, config.task.label_names)
     student_path = resolve_model_path(config.student.model)
     pool_tokens = estimate_pool_tokens(pool, AutoTokenizer.from_pretrained(student_path), config.student.max_length)

@@ -28,11 +28,12 @@ import torch
 
 from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
 from llkd_ray.config import PipelineConfig
-from llkd_ray.serve.predictor import Predictor, save_classifier
+from llkd_ray.student.model import load_student, save_classifier
+from llkd_ray.student.predictor import Predictor
 from llkd_ray.tracking import TrackingRun
 from llkd_ray.train.checkpoint import TrainState, read_state, state_payload, write_selected_ids, write_state
 from llkd_ray.train.data import Batch, CandidateStream
-from llkd_ray.train.model import build_optimizer, load_student
+from llkd_ray.train.optimizer import build_optimizer
 from llkd_ray.train.plan import TrainingPlan
 from llkd_ray.train.scores import ScoreStore
 from llkd_ray.train.selection import Selection, Selector
@@ -224,6 +225,10 @@ class StudentTrainingRecipe:
             autocast_dtype=autocast_dtype,
             scaler=torch.amp.GradScaler(self.device.type) if autocast_dtype == torch.float16 else None,
             pad_to_max_length=self.compiled,
+            selector=self.selector,  # the very objects the checkpoint saves and restores in place
+            micro_batches=self.plan.accumulation,
+            sample_rate=self.plan.sample_rate,
+            scores=self.scores,
         )
         self.stream = CandidateStream(
             ray.train.get_dataset_shard("train"),
@@ -332,26 +337,14 @@ class StudentTrainingRecipe:
             return fill_step(
                 self.model,
                 self._draw,
-                self.selector,
                 self.ctx,
                 capacity=plan.worker_rows,
                 target=plan.batch_size,
                 max_draws=plan.candidates_per_step,
-                micro_batches=plan.accumulation,
                 scoring=scoring,
-                sample_rate=plan.sample_rate,
-                scores=self.scores,
             )
         return train_step(
-            self.model,
-            self._draw(),
-            self.selector,
-            self.ctx,
-            capacity=plan.worker_rows if plan.scored else None,
-            micro_batches=plan.accumulation,
-            scoring=scoring,
-            sample_rate=plan.sample_rate,
-            scores=self.scores,
+            self.model, self._draw(), self.ctx, capacity=plan.worker_rows if plan.scored else None, scoring=scoring
         )
 
     def _account(self, result: StepResult) -> StepCompute:

@@ -4,9 +4,11 @@
 mode (``score_candidates``, only the rows the strategy's :data:`~llkd_ray.train.plan.Scoring` needs),
 the selection (:mod:`llkd_ray.train.selection`, all-reduced across shards), the weighted loss and
 the backward pass on the kept rows (``backward_weighted``). ``fill_step`` is adaptive M: draws until
-the kept rows fill a batch. Neither takes the optimizer step. The Ray Train workers run exactly
-these functions, and so does the equivalence test, in a 2-process gloo group: this module
-imports no Ray.
+the kept rows fill a batch. Neither takes the optimizer step. What stays the same over a run — the
+tokenizer, the precision, the selector, the accumulation, the sample rate, the score store — lives
+on :class:`StepContext`; what a step changes is an argument (``capacity``, and ``scoring``, which
+the recipe turns to ``none`` while annealing). The Ray Train workers run exactly these functions,
+and so does the equivalence test, in a 2-process gloo group: this module imports no Ray.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch
 
 from llkd_ray.compute import StepCompute
-from llkd_ray.serve.predictor import inference
+from llkd_ray.student.predictor import inference
 from llkd_ray.train.data import Batch, pad_token_ids
 from llkd_ray.train.plan import Scoring
 from llkd_ray.train.scores import ScoreStore
@@ -30,7 +32,11 @@ from llkd_ray.train.selection import Selection, Selector, normalized_entropy, sc
 
 @dataclass
 class StepContext:
-    """What a step needs besides the model and the rows."""
+    """What a step needs besides the model and the rows: one per run, the same on every step.
+
+    The selector and the score store are the run's state, updated in place by each step; the
+    recipe's checkpoint saves and restores those same objects.
+    """
 
     tokenizer: Any
     max_length: int
@@ -42,6 +48,15 @@ class StepContext:
     """A ``torch.amp.GradScaler`` for fp16, else None."""
     pad_to_max_length: bool = False
     """Pad every batch to ``max_length`` (a compiled student: one shape, no recompilation)."""
+    _: KW_ONLY
+    selector: Selector
+    """The threshold state (identical on every worker: updated only from all-reduced sums)."""
+    micro_batches: int = 1
+    """Gradient accumulation: the kept rows go through forward and backward in this many chunks."""
+    sample_rate: float = 1.0
+    """``gated`` scoring: the share of the rows outside the teacher gate that is scored."""
+    scores: ScoreStore | None = None
+    """Score reuse (``selection.score_ttl``); None: every row to score is scored afresh."""
 
     def encode(self, rows: Batch) -> dict[str, torch.Tensor]:
         """The rows' token ids (as they arrived, or tokenised now), padded and on the device.
@@ -86,7 +101,7 @@ def score_candidates(model: torch.nn.Module, batch: Batch, ctx: StepContext, chu
 
     Inference mode: no dropout, no graph (about a third of a training pass's FLOPs per token).
     The rows keep their order (chunks of ``chunk`` rows, padded per chunk, as the FLOPs rule and the
-    equivalence over workers assume), so this is not :class:`~llkd_ray.serve.predictor.Predictor`'s
+    equivalence over workers assume), so this is not :class:`~llkd_ray.student.predictor.Predictor`'s
     length-sorted batching; the eval-mode/inference-mode switch is the same.
     """
     needs, tokens = [], 0
@@ -111,16 +126,15 @@ def backward_weighted(
     weights: torch.Tensor,
     normaliser: float,
     ctx: StepContext,
-    micro_batches: int = 1,
 ) -> tuple[float, int, torch.Tensor]:
-    """Forward and backward ``rows`` with the spec's weighted loss, in micro-batches.
+    """Forward and backward ``rows`` with the spec's weighted loss, in ``ctx.micro_batches``.
 
     Gradients accumulate over the micro-batches; under DDP only the last one all-reduces them.
     Each micro-batch's loss already carries the step's global normaliser, so their sum is the
     step's loss. Returns this worker's loss term, the tokens trained and the logits (detached).
     """
     loss_total, tokens, logits_out = 0.0, 0, []
-    chunks = _micro_batches(len(rows), micro_batches)
+    chunks = _micro_batches(len(rows), ctx.micro_batches)
     for number, index in enumerate(chunks):
         part = rows.take(index) if len(chunks) > 1 else rows
         last = number == len(chunks) - 1
@@ -147,21 +161,17 @@ def backward_weighted(
 def train_step(
     model: torch.nn.Module,
     candidates: Batch,
-    selector: Selector,
     ctx: StepContext,
     *,
     capacity: int | None = None,
-    micro_batches: int = 1,
     scoring: Scoring = "full",
-    sample_rate: float = 1.0,
-    scores: ScoreStore | None = None,
 ) -> StepResult:
     """Select, weight and back-propagate one optimizer step's rows on this worker (no optimizer step).
 
     Selecting strategies (``scoring`` other than ``train``): the candidates are scored in inference
-    mode as ``scoring`` says, the selector chooses among all of them at once — one selection per
+    mode as ``scoring`` says, ``ctx.selector`` chooses among all of them at once — one selection per
     optimizer step, whatever the gradient accumulation — and only the kept rows (at most
-    ``capacity``) go through forward and backward, in ``micro_batches``. ``train`` (``all``): every
+    ``capacity``) go through forward and backward, in ``ctx.micro_batches``. ``train`` (``all``): every
     row trains, weight 1, and the information need for the thresholds' record comes from the
     training forward pass itself.
     """
@@ -169,31 +179,25 @@ def train_step(
     compute = StepCompute()
     candidates.token_ids(ctx.tokenizer, ctx.max_length)  # scoring and training share the rows' tokens
     if scoring != "train":
-        selection, rows, weights = _score_and_select(
-            model, candidates, selector, ctx, capacity, compute, scoring=scoring, sample_rate=sample_rate, scores=scores
-        )
+        selection, rows, weights = _score_and_select(model, candidates, ctx, capacity, compute, scoring=scoring)
         kept = len(rows)
         if not kept:
             # Nothing kept here: one row with weight 0 keeps this worker in DDP's gradient all-reduce.
             rows, weights = candidates.take(torch.tensor([0])), torch.zeros(1)
         clock = time.perf_counter()
-        loss, compute.training_tokens, logits = backward_weighted(
-            model, rows, weights, selection.normaliser, ctx, micro_batches
-        )
+        loss, compute.training_tokens, logits = backward_weighted(model, rows, weights, selection.normaliser, ctx)
         compute.training_s = time.perf_counter() - clock
         compute.trained_samples = kept
-        _keep_training_scores(scores, rows, logits, kept, selector.steps)
+        _keep_training_scores(ctx, rows, logits, kept)
     else:
         clock = time.perf_counter()
         weights = torch.ones(len(candidates))
         normaliser = max(1.0, float(len(candidates) * ctx.world_size))  # equal shards: the global batch
-        loss, compute.training_tokens, logits = backward_weighted(
-            model, candidates, weights, normaliser, ctx, micro_batches
-        )
+        loss, compute.training_tokens, logits = backward_weighted(model, candidates, weights, normaliser, ctx)
         compute.training_s = time.perf_counter() - clock
         compute.trained_samples = len(candidates)
         clock = time.perf_counter()
-        selection = selector.select(candidates.confidence, candidates.labels, normalized_entropy(logits))
+        selection = ctx.selector.select(candidates.confidence, candidates.labels, normalized_entropy(logits))
         compute.selection_s = time.perf_counter() - clock
     mask = selection.mask.cpu().tolist()
     return StepResult(
@@ -204,30 +208,29 @@ def train_step(
     )
 
 
-def _keep_training_scores(scores: ScoreStore | None, rows: Batch, logits: torch.Tensor, kept: int, clock: int) -> None:
+def _keep_training_scores(ctx: StepContext, rows: Batch, logits: torch.Tensor, kept: int) -> None:
     """The kept rows' ``u_i`` from their training forward (logits it computed anyway), for reuse."""
+    scores = ctx.scores
     if scores is not None and scores.enabled and kept:
-        scores.record(rows.ids, normalized_entropy(logits.float()).cpu(), clock)
+        scores.record(rows.ids, normalized_entropy(logits.float()).cpu(), ctx.selector.steps)
 
 
 def _score_and_select(
     model: torch.nn.Module,
     candidates: Batch,
-    selector: Selector,
     ctx: StepContext,
     capacity: int | None,
     compute: StepCompute,
     *,
     scoring: Scoring = "full",
-    sample_rate: float = 1.0,
-    scores: ScoreStore | None = None,
 ) -> tuple[Selection, Batch, torch.Tensor]:
     """Score the candidates in inference mode as ``scoring`` says and select; the kept rows and weights.
 
     Unscored rows carry ``u = NaN``; with ``gated`` scoring, the rows outside the teacher gate
     that the sample left out get their class's mean over the sampled ones (``fill_unscored``).
-    Rows with a fresh kept score in ``scores`` (:mod:`llkd_ray.train.scores`) reuse it unscored.
+    Rows with a fresh kept score in ``ctx.scores`` (:mod:`llkd_ray.train.scores`) reuse it unscored.
     """
+    selector, scores = ctx.selector, ctx.scores
     clock = time.perf_counter()
     uncertainty = torch.full((len(candidates),), math.nan)
     sampled = None
@@ -235,7 +238,7 @@ def _score_and_select(
         to_score = torch.ones(len(candidates), dtype=torch.bool)
     elif scoring == "gated":
         gate = selector.teacher_gate(candidates.confidence, candidates.labels)
-        sampled = ~gate & scoring_sample(candidates.ids, sample_rate, selector.seed, selector.steps)
+        sampled = ~gate & scoring_sample(candidates.ids, ctx.sample_rate, selector.seed, selector.steps)
         to_score = gate | sampled
     else:
         to_score = torch.zeros(len(candidates), dtype=torch.bool)
@@ -292,16 +295,12 @@ def _merge(selections: list[Selection]) -> Selection:
 def fill_step(
     model: torch.nn.Module,
     draw: Callable[[], Batch],
-    selector: Selector,
     ctx: StepContext,
     *,
     capacity: int,
     target: int,
     max_draws: int,
-    micro_batches: int = 1,
     scoring: Scoring = "full",
-    sample_rate: float = 1.0,
-    scores: ScoreStore | None = None,
 ) -> StepResult:
     """Adaptive M: draw one batch of candidates at a time until the kept rows fill a batch.
 
@@ -318,17 +317,7 @@ def fill_step(
     for _ in range(max_draws):
         candidates = draw()
         candidates.token_ids(ctx.tokenizer, ctx.max_length)
-        selection, rows, weights = _score_and_select(
-            model,
-            candidates,
-            selector,
-            ctx,
-            capacity - kept,
-            compute,
-            scoring=scoring,
-            sample_rate=sample_rate,
-            scores=scores,
-        )
+        selection, rows, weights = _score_and_select(model, candidates, ctx, capacity - kept, compute, scoring=scoring)
         selections.append(selection)
         kept_rows.append(rows)
         kept_weights.append(weights)
@@ -340,12 +329,10 @@ def fill_step(
     rows = Batch.concat(kept_rows) if kept else Batch.concat([candidates.take(torch.tensor([0]))])
     weights = torch.cat(kept_weights) if kept else torch.zeros(1)
     clock = time.perf_counter()
-    loss, compute.training_tokens, logits = backward_weighted(
-        model, rows, weights, selection.normaliser, ctx, micro_batches
-    )
+    loss, compute.training_tokens, logits = backward_weighted(model, rows, weights, selection.normaliser, ctx)
     compute.training_s = time.perf_counter() - clock
     compute.trained_samples = kept
-    _keep_training_scores(scores, rows, logits, kept, selector.steps)
+    _keep_training_scores(ctx, rows, logits, kept)
     mask = selection.mask.cpu().tolist()
     return StepResult(
         selection=selection,

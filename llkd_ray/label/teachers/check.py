@@ -16,7 +16,7 @@ from llkd_ray.errors import ConfigError
 from llkd_ray.label.teachers.base import TeacherIdentity, TeacherPlan
 from llkd_ray.label.teachers.prompts import PromptEncoder, answer_continuations, check_first_tokens, load_tokenizer
 from llkd_ray.label.teachers.registry import backend_spec
-from llkd_ray.models import resolve_model_path
+from llkd_ray.student.model import resolve_model_path
 
 
 def prompt_hash(task: TaskConfig, teacher: TeacherConfig) -> str:

@@ -26,8 +26,8 @@ def plain_sentence_encoder_spec(model_path: str) -> dict[str, Any] | None:
     Normalize) stack: then :class:`EmbeddingTeacher` loads ``SentenceTransformer`` itself.
 
     The reason: importing ``sentence_transformers`` pulls in scikit-learn and SciPy, which costs
-    each teacher actor several seconds of start-up on a small machine (measured: 24 s against
-    3.6 s for ``transformers`` alone on the 2-core development machine under load).
+    each teacher actor several seconds of start-up on a small machine (docs/labeling.md,
+    "Teachers: one interface, three backends").
     """
     root = Path(model_path)
     try:

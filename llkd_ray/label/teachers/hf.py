@@ -98,7 +98,7 @@ class HFTeacher:
 
     def score(self, texts: Sequence[str]) -> TeacherOutput:
         """The block's prompts batched longest first (a batch pads to its longest prompt, so sorting
-        pads least: 1.6x the prompts/s at batch 256 on a GPU), the scores put back in row order."""
+        pads least; docs/labeling.md), the scores put back in row order."""
         texts = list(texts)
         prompts, truncated = self.encoder.encode(texts)
         k = len(self.continuations)

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import MANIFEST, percent, read_json, read_label_table, stable_hash, write_json
-from llkd_ray.bench.data import BenchData
-from llkd_ray.bench.labeling import (
+from llkd_ray.config import PipelineConfig
+from llkd_ray.errors import ConfigError, DataError
+from llkd_ray.quality.data import BenchData
+from llkd_ray.quality.labeling import (
     claim_run_dir,
     full_pool_tokens,
     labeling_record,
@@ -29,10 +31,8 @@ from llkd_ray.bench.labeling import (
     teacher_pool_flops,
     train_labeling_run,
 )
-from llkd_ray.bench.settings import LABELING_SETTINGS, BenchSettings, Variant, base_config, run_config
-from llkd_ray.bench.summary import plateau_check, summarize
-from llkd_ray.config import PipelineConfig
-from llkd_ray.errors import ConfigError, DataError
+from llkd_ray.quality.settings import LABELING_SETTINGS, BenchSettings, Variant, base_config, run_config
+from llkd_ray.quality.summary import plateau_check, summarize
 from llkd_ray.tracking import TrackingRun, ending, start_run
 
 # --------------------------------------------------------------------------- stages (the contracts)
@@ -138,7 +138,7 @@ def _train_run(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train one run and record its result in ``run_dir/result.json`` (and a nested MLflow run); a
-    labeling variant labels its share of the pool in rounds first (:mod:`llkd_ray.bench.labeling`)."""
+    labeling variant labels its share of the pool in rounds first (:mod:`llkd_ray.quality.labeling`)."""
     started = time.perf_counter()
     if variant.labeling:
         claim_run_dir(run_dir, key)

@@ -1,6 +1,6 @@
 """Quality benchmark: LLKD against its baselines on real data, at equal compute (``llkd bench quality``).
 
-The command line of ``llkd bench quality`` and ``benchmarks/quality.py``: the arguments, the
+The command line of ``llkd bench quality``: the arguments, the
 settings they make (``--quick``'s included), and :func:`quality_main`, which prepares the data,
 runs the benchmark and writes ``results.json``, ``results.md`` and ``quality.png``.
 """
@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-from llkd_ray.bench.data import dataset_name, prepare_data
-from llkd_ray.bench.runs import run_benchmark
-from llkd_ray.bench.settings import (
+from llkd_ray.config import DEFAULT_MOMENTUM, MINILM, STRATEGIES
+from llkd_ray.errors import ConfigError
+from llkd_ray.quality.data import dataset_name, prepare_data
+from llkd_ray.quality.runs import run_benchmark
+from llkd_ray.quality.settings import (
     DEFAULT_BUDGET,
     BenchSettings,
     build_variants,
@@ -23,9 +25,7 @@ from llkd_ray.bench.settings import (
     parse_candidates,
     parse_fractions,
 )
-from llkd_ray.bench.tables import write_results
-from llkd_ray.config import DEFAULT_MOMENTUM, MINILM, STRATEGIES
-from llkd_ray.errors import ConfigError, run_reporting_errors
+from llkd_ray.quality.tables import write_results
 
 # --------------------------------------------------------------------------- quick mode
 
@@ -228,10 +228,3 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
     log(paths["md"].read_text())
     log(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``benchmarks/quality.py``: the arguments and errors of ``llkd bench quality``."""
-    parser = argparse.ArgumentParser(prog="benchmarks/quality.py", description=__doc__.splitlines()[0])
-    add_quality_arguments(parser)
-    return run_reporting_errors(quality_main, parser.parse_args(argv))

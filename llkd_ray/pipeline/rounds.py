@@ -2,7 +2,7 @@
 
 With ``labeling.budget`` < 1 (or ``labeling.rounds`` > 1) the teacher labels part of the pool, in
 rounds: round 0 a seeded random slice, every later round the rows the current student is most
-uncertain about (issue 21). The rounds run in :mod:`llkd_ray.rounds_run`; this module is the pure
+uncertain about. The rounds run in :mod:`llkd_ray.pipeline.rounds_loop`; this module is the pure
 part (no Ray, no torch), so the pipeline's summary and the report read the records without them.
 
 Decided here:

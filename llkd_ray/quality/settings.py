@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llkd_ray.bench.data import BenchData
 from llkd_ray.config import (
     DEFAULT_MOMENTUM,
     MINILM,
@@ -22,7 +21,8 @@ from llkd_ray.config import (
     validate_config,
 )
 from llkd_ray.errors import ConfigError
-from llkd_ray.rounds import slice_sizes
+from llkd_ray.pipeline.rounds import slice_sizes
+from llkd_ray.quality.data import BenchData
 
 # --------------------------------------------------------------------------- variants
 
@@ -118,7 +118,7 @@ def parse_fractions(text: str) -> list[float]:
 
 
 def labeling_variants(strategy: str, budgets: Sequence[float], rounds: int, explore: float = 0.0) -> list[Variant]:
-    """The labeling axis (issue 21): for each fraction B, a random subset of B then ``strategy``, and
+    """The labeling axis: for each fraction B, a random subset of B then ``strategy``, and
     ``rounds`` student-guided rounds to the same B (M = 1, the default), ``explore`` of each later
     slice drawn at random."""
     if strategy not in STRATEGIES:
@@ -137,7 +137,8 @@ def labeling_variants(strategy: str, budgets: Sequence[float], rounds: int, expl
 
 #: The default budget, in passes of ``all`` over the pool. Sized so that ``all``'s curve has
 #: peaked or plateaued on the built-in sets (``results.md`` says whether it did) while one data
-#: set's full run (five strategies x 3 seeds) takes about 70-100 minutes on a 2-core machine.
+#: set's full run (five strategies x 3 seeds) stays within a couple of hours on a small CPU machine
+#: (docs/quality.md, "Results at equal compute").
 DEFAULT_BUDGET = 5.0
 
 
@@ -236,7 +237,7 @@ def run_config(base: PipelineConfig, variant: Variant, seed: int, pool_rows: int
 def labeling_training_budget(budget: float, pool_rows: int, variant: Variant) -> float:
     """``training.budget`` (passes over the labeled rows) that gives a labeling variant the student
     compute of ``budget`` passes of ``all`` over the whole pool: the rounds' training spends
-    ``training.budget`` passes of the labeled rows in all (:func:`llkd_ray.rounds.round_training`),
+    ``training.budget`` passes of the labeled rows in all (:func:`llkd_ray.pipeline.rounds.round_training`),
     and every round after the first also scores the unlabeled rows (2·N a token against 6·N
     trained: a third of a pass per row), which comes out of the same budget. Rows stand in for
     tokens; the run's FLOPs as recorded are what the benchmark reports."""

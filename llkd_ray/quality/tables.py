@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import write_json, write_text
-from llkd_ray.bench.labeling import labeling_lines
-from llkd_ray.bench.plots import render_plot
-from llkd_ray.bench.settings import BenchSettings
+from llkd_ray.quality.labeling import labeling_lines
+from llkd_ray.quality.plots import render_plot
+from llkd_ray.quality.settings import BenchSettings
 
 #: Metrics of the table, in column order: (key, header).
 METRICS = (("macro_f1", "macro-F1"), ("accuracy", "accuracy"))

@@ -33,6 +33,5 @@ Modules, in dependency order:
 - ``tables`` — ``results.md``'s tables, and ``write_results`` for the three output files;
 - ``runs`` — labelling once, training every variant and seed, resuming and reusing finished runs
   (with ``labeling``, the only modules that run the label and train stages);
-- ``cli`` — the arguments of ``llkd bench quality`` and ``benchmarks/quality.py``, ``quality_main``
-  and ``main``.
+- ``cli`` — the arguments of ``llkd bench quality``, ``quality_main`` and ``main``.
 """

@@ -1,7 +1,7 @@
 """The labeling rounds on Ray: label a slice, train, score the unlabeled pool, choose the next slice.
 
 :func:`label_rounds` is ``llkd run``'s label stage when ``labeling`` is on (the plan and the choice
-of rows are :mod:`llkd_ray.rounds`). Each round, in ``RUN/rounds/round-K/``:
+of rows are :mod:`llkd_ray.pipeline.rounds`). Each round, in ``RUN/rounds/round-K/``:
 
 - ``scoring.json`` then ``slice.parquet`` (ids, and the student's ``uncertainty`` and ``predicted``
   class for the rounds it chose): the slice file is the round's commit point, written before the
@@ -31,7 +31,14 @@ import pyarrow.parquet as pq
 from llkd_ray.artifacts import MANIFEST, TRAINING_SUMMARY, RunLayout, atomic_output, read_json, write_json
 from llkd_ray.compute import forward_flops
 from llkd_ray.config import PipelineConfig, validate_config
-from llkd_ray.rounds import choose_slice, drawn_rows, random_slice, round_training, slice_sizes, training_record
+from llkd_ray.pipeline.rounds import (
+    choose_slice,
+    drawn_rows,
+    random_slice,
+    round_training,
+    slice_sizes,
+    training_record,
+)
 
 SLICE, SCORING, ROUND = "slice.parquet", "scoring.json", "round.json"
 
@@ -242,7 +249,7 @@ class StudentScorer:
     def __init__(self, model_dir: str, max_length: int, threads: int) -> None:
         import torch
 
-        from llkd_ray.serve.predictor import Predictor
+        from llkd_ray.student.predictor import Predictor
 
         torch.set_num_threads(threads)
         self.predictor = Predictor.load(model_dir, max_length=max_length, batch_size=64)

@@ -8,16 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from llkd_ray.bench.data import prepare_data
-from llkd_ray.bench.labeling import (
+from llkd_ray.errors import ConfigError
+from llkd_ray.pipeline.rounds import round_training, slice_sizes
+from llkd_ray.quality.data import prepare_data
+from llkd_ray.quality.labeling import (
     claim_run_dir,
     full_pool_tokens,
     labeling_lines,
     labeling_record,
     labeling_summary,
 )
-from llkd_ray.bench.runs import reusable_runs
-from llkd_ray.bench.settings import (
+from llkd_ray.quality.runs import reusable_runs
+from llkd_ray.quality.settings import (
     BenchSettings,
     Variant,
     base_config,
@@ -26,8 +28,6 @@ from llkd_ray.bench.settings import (
     parse_fractions,
     run_config,
 )
-from llkd_ray.errors import ConfigError
-from llkd_ray.rounds import round_training, slice_sizes
 
 
 def test_labeling_variants_pair_a_random_subset_with_rounds_per_fraction() -> None:
@@ -225,7 +225,7 @@ def test_the_whole_pools_tokens_are_counted_with_the_builtin_students_tokenizer(
     from train_fixtures import write_labels_dir
     from transformers import AutoTokenizer
 
-    from llkd_ray.models import resolve_model_path
+    from llkd_ray.student.model import resolve_model_path
 
     data = prepare_data(
         dataset="builtin:trec", pool=None, gold=None, labels_file=None,
@@ -240,14 +240,14 @@ def test_the_whole_pools_tokens_are_counted_with_the_builtin_students_tokenizer(
 
 
 def test_a_finished_last_round_is_read_back_not_trained_again(tmp_path: Path, monkeypatch) -> None:
-    import llkd_ray.rounds_run
+    import llkd_ray.pipeline.rounds_loop
     import llkd_ray.train.launch
     from llkd_ray.artifacts import RunLayout, write_json
-    from llkd_ray.bench.labeling import train_labeling_run
+    from llkd_ray.quality.labeling import train_labeling_run
 
     layout = RunLayout(tmp_path / "run")
     document = {"budget": 0.5, "rounds_planned": 1, "pool_rows": 4, "sizes": [2], "rounds": [{"size": 2}]}
-    monkeypatch.setattr(llkd_ray.rounds_run, "label_rounds", lambda config, layout, log: document)
+    monkeypatch.setattr(llkd_ray.pipeline.rounds_loop, "label_rounds", lambda config, layout, log: document)
 
     def train_student(*args, **kwargs):
         raise AssertionError("the finished training was run again")
@@ -265,7 +265,7 @@ def test_the_slices_say_how_sure_and_how_right_the_teacher_was_on_each_part(tmp_
     import pyarrow.parquet as pq
 
     from llkd_ray.artifacts import RunLayout, write_json
-    from llkd_ray.bench.labeling import slice_quality, teacher_on_rows
+    from llkd_ray.quality.labeling import slice_quality, teacher_on_rows
 
     layout = RunLayout(tmp_path / "run")
     ids = [f"r{i}" for i in range(10)]

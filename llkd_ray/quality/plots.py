@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llkd_ray.bench.settings import BenchSettings
-from llkd_ray.bench.summary import full_compute
+from llkd_ray.quality.settings import BenchSettings
+from llkd_ray.quality.summary import full_compute
 
 
 def render_plot(results: dict[str, Any], path: Path) -> None:

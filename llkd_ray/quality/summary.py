@@ -1,8 +1,8 @@
 """Aggregation over seeds: mean ± std per variant, mean learning curves, their milestones, the plateau check.
 
 Pure functions of the runs as ``results.json`` holds them (no training, no files), shared by the
-tables (:mod:`llkd_ray.bench.tables`), the plot (:mod:`llkd_ray.bench.plots`) and
-``results.json``'s summary (:mod:`llkd_ray.bench.runs`).
+tables (:mod:`llkd_ray.quality.tables`), the plot (:mod:`llkd_ray.quality.plots`) and
+``results.json``'s summary (:mod:`llkd_ray.quality.runs`).
 """
 
 from __future__ import annotations

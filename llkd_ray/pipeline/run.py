@@ -10,7 +10,7 @@
     RUN/eval.json             teacher and student metrics on the gold set (evaluate stage)
     RUN/report/index.html     the run report with its PNG plots (report stage)
     RUN/_stages/STAGE.json    one marker per stage: config hash, status, wall time
-    RUN/tracking.json         this invocation's MLflow run (tracking.backend: mlflow)
+    RUN/tracking.json         the record of this invocation's MLflow run (tracking.backend: mlflow)
     RUN/mlruns/               the MLflow file store, unless tracking.uri / MLFLOW_TRACKING_URI says otherwise
     RUN/logs/                 Ray's own logs (driver, Data, Train); on the console with --verbose
 
@@ -38,7 +38,7 @@ from llkd_ray.compute import compute_by_stage, compute_rows, format_flops
 from llkd_ray.config import PipelineConfig, load_config
 from llkd_ray.console import verbose
 from llkd_ray.errors import ConfigError, LlkdError
-from llkd_ray.rounds import read_rounds, rounds_lines, with_earlier_rounds
+from llkd_ray.pipeline.rounds import read_rounds, rounds_lines, with_earlier_rounds
 from llkd_ray.tracking import TrackingRun, ending, start_run
 
 #: Config sections each stage's output depends on (its hash decides whether it is redone).
@@ -76,6 +76,18 @@ def _now() -> str:
 
 
 # --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class StageRun:
+    """What a stage is given: the config, the run directory, where its lines go, and this
+    invocation's MLflow run. Stages of one invocation hand each other what they have in memory;
+    the files in the run directory are the record a later invocation resumes from."""
+
+    config: PipelineConfig
+    layout: RunLayout
+    log: Log = print
+    tracking: TrackingRun | None = None
 
 
 @dataclass
@@ -127,13 +139,14 @@ def plan_stages(config: PipelineConfig, layout: RunLayout, *, force: str | None 
 # --------------------------------------------------------------------------- the stages
 
 
-def label_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+def label_stage(run: StageRun) -> dict[str, Any]:
     """The teacher labels the pool: all of it, or (``labeling`` on) slices chosen in rounds."""
     from llkd_ray.label.run import label_corpus
 
+    config, layout, log = run.config, run.layout, run.log
     log(f"label: teacher {config.teacher.backend} labels {config.data.input} -> {layout.labels}")
     if config.labeling.enabled:
-        from llkd_ray.rounds_run import label_rounds
+        from llkd_ray.pipeline.rounds_loop import label_rounds
 
         label_rounds(config, layout, log)
     else:
@@ -141,24 +154,25 @@ def label_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str
     return read_json(layout.labels / MANIFEST) or {}
 
 
-def train_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+def train_stage(run: StageRun) -> dict[str, Any]:
     from llkd_ray.train.launch import format_training, train_student
 
+    config, layout, log = run.config, run.layout, run.log
     if config.labeling.enabled:  # the last round: its share of the budget, from the previous round's student
-        from llkd_ray.rounds_run import final_round_config
+        from llkd_ray.pipeline.rounds_loop import final_round_config
 
         config = final_round_config(config, layout)
     log(f"train: {config.selection.strategy} student on {config.training.workers} workers -> {layout.train}")
-    tracking = TrackingRun.from_dict(read_json(layout.tracking))
-    log(format_training(train_student(config, labels=layout.labels, output=layout.train, tracking=tracking)))
+    log(format_training(train_student(config, labels=layout.labels, output=layout.train, tracking=run.tracking)))
     return training_summary(layout)
 
 
-def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+def evaluate_stage(run: StageRun) -> dict[str, Any]:
     """Teacher and student on the gold set, through the same metrics; writes ``eval.json``."""
     from llkd_ray.corpus import read_gold
     from llkd_ray.evaluate import student_gold_metrics, teacher_gold_metrics
 
+    config, layout, log = run.config, run.layout, run.log
     if not config.data.gold:
         raise ConfigError("data.gold: the evaluate stage needs a gold set (text, label)")
     names = config.task.label_names
@@ -199,23 +213,24 @@ def evaluate_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[
     return result
 
 
-def report_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+def report_stage(run: StageRun) -> dict[str, Any]:
     from llkd_ray.report.page import build_report
 
-    index = build_report(layout.root)
-    log(f"report: {index}")
+    index = build_report(run.layout.root)
+    run.log(f"report: {index}")
     return {"index": str(index)}
 
 
-def serve_stage(config: PipelineConfig, layout: RunLayout, log: Log) -> dict[str, Any]:
+def serve_stage(run: StageRun) -> dict[str, Any]:
     from llkd_ray.serve.server import run_server
 
-    log(f"serve: {layout.student} on http://{config.serving.host}:{config.serving.port} (Ctrl-C stops)")
-    run_server(layout.student, config)
+    serving = run.config.serving
+    run.log(f"serve: {run.layout.student} on http://{serving.host}:{serving.port} (Ctrl-C stops)")
+    run_server(run.layout.student, run.config)
     return {}
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[PipelineConfig, RunLayout, Log], dict[str, Any]]] = {
+STAGE_FUNCTIONS: dict[str, Callable[[StageRun], dict[str, Any]]] = {
     "label": label_stage,
     "train": train_stage,
     "evaluate": evaluate_stage,
@@ -272,7 +287,7 @@ def run_pipeline(
         ensure_ray(config, log_dir=layout.logs)
     tracking = _start_tracking(config, layout)
     with ending(tracking):
-        _run_stages(config, layout, plan, result, log)
+        _run_stages(StageRun(config, layout, log, tracking), plan, result)
         if tracking is not None:
             tracking.log_artifacts([layout.config, layout.eval_json, layout.report])
     if tracking is not None:
@@ -280,14 +295,13 @@ def run_pipeline(
     result.eval = read_json(layout.eval_json) or {}
     if serve:  # blocks until interrupted: nothing to record or skip
         log(format_summary(result))
-        serve_stage(config, layout, log)
+        serve_stage(StageRun(config, layout, log, tracking))
     return result
 
 
-def _run_stages(
-    config: PipelineConfig, layout: RunLayout, plan: dict[str, str], result: PipelineResult, log: Log
-) -> None:
+def _run_stages(run: StageRun, plan: dict[str, str], result: PipelineResult) -> None:
     """Each stage in order: skipped, or run between its ``running`` and ``done`` markers."""
+    config, layout, log = run.config, run.layout, run.log
     for stage, action in plan.items():
         digest = stage_hash(config, stage)
         if action == "skip":
@@ -308,7 +322,7 @@ def _run_stages(
         }
         write_json(layout.marker(stage), marker)
         started = time.perf_counter()
-        summary = STAGE_FUNCTIONS[stage](config, layout, log)
+        summary = STAGE_FUNCTIONS[stage](run)
         wall = time.perf_counter() - started
         write_json(
             layout.marker(stage),
@@ -318,8 +332,8 @@ def _run_stages(
 
 
 def _start_tracking(config: PipelineConfig, layout: RunLayout) -> TrackingRun | None:
-    """This invocation's MLflow run (``tracking.backend``), named after the run directory; its id in
-    ``RUN/tracking.json`` for the train stage, whose workers log their metrics to it."""
+    """This invocation's MLflow run (``tracking.backend``), named after the run directory, which the
+    train stage's workers log their metrics to; ``RUN/tracking.json`` records its id."""
     layout.tracking.unlink(missing_ok=True)
     tracking = start_run(config, layout.root, layout.root.resolve().name, tags={"llkd.command": "run"})
     if tracking is not None:

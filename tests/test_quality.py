@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from llkd_ray.bench.data import prepare_data, read_label_specs
-from llkd_ray.bench.runs import reusable_runs
-from llkd_ray.bench.settings import BenchSettings, Variant, base_config, build_variants, parse_candidates, run_config
-from llkd_ray.bench.summary import plateau_check, summarize
-from llkd_ray.bench.tables import render_markdown, write_results
 from llkd_ray.errors import ConfigError, DataError
+from llkd_ray.quality.data import prepare_data, read_label_specs
+from llkd_ray.quality.runs import reusable_runs
+from llkd_ray.quality.settings import BenchSettings, Variant, base_config, build_variants, parse_candidates, run_config
+from llkd_ray.quality.summary import plateau_check, summarize
+from llkd_ray.quality.tables import render_markdown, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 

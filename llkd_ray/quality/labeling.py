@@ -1,14 +1,14 @@
-"""The quality benchmark's labeling axis (issue 21): how much of the pool must the teacher label?
+"""The quality benchmark's labeling axis: how much of the pool must the teacher label?
 
 ``--labeling-budgets 0.1,0.2,0.3,0.5`` adds, for each fraction B of the pool, two runs per seed at
 the student compute of the fully labeled strategies (``--budget`` passes of ``all`` over the whole
 pool): **a random subset** of B labeled by the teacher, then the strategy (``labeling.rounds: 1``),
-and **student-guided rounds** to the same B (``labeling.rounds: R``, :mod:`llkd_ray.rounds`). Both
-are ``llkd run``'s own label and train stages (:func:`~llkd_ray.rounds_run.label_rounds`, then the
+and **student-guided rounds** to the same B (``labeling.rounds: R``, :mod:`llkd_ray.pipeline.rounds`). Both
+are ``llkd run``'s own label and train stages (:func:`~llkd_ray.pipeline.rounds_loop.label_rounds`, then the
 last round's training), in the run's directory, so a killed benchmark resumes them. Decided here:
 
 - **Equal student compute, scoring counted**: the rounds' pool scoring comes out of the training
-  budget (:func:`~llkd_ray.bench.settings.labeling_training_budget`).
+  budget (:func:`~llkd_ray.quality.settings.labeling_training_budget`).
 - **One compute axis**: FLOPs in passes of ``all`` over the *whole* pool (6·N x its student tokens),
   so a labeling run's compute and curve read like the fully labeled runs'. Only the last round
   evaluates on the gold set; its points are placed at the compute spent by then, earlier rounds
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import RunLayout, read_json, write_text
-from llkd_ray.bench.summary import all_best_f1, mean_std
 from llkd_ray.compute import all_pass_flops, format_flops
 from llkd_ray.config import PipelineConfig
+from llkd_ray.quality.summary import all_best_f1, mean_std
 from llkd_ray.tracking import TrackingRun
 
 KEY_FILE = "run-key.txt"
@@ -43,7 +43,7 @@ def full_pool_tokens(config: PipelineConfig, labels: Path) -> int:
     """The whole pool's student tokens (truncated at ``student.max_length``): the compute unit's size."""
     from transformers import AutoTokenizer
 
-    from llkd_ray.models import resolve_model_path
+    from llkd_ray.student.model import resolve_model_path
     from llkd_ray.train.data import estimate_pool_tokens, validate_labels_dir
 
     pool = validate_labels_dir(labels, config.task.label_names)
@@ -65,8 +65,8 @@ def train_labeling_run(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Label in rounds and train the last round on the gold-evaluated curve; the final training's
     summary, the same with the earlier rounds' FLOPs added, and ``rounds.json``."""
-    from llkd_ray.rounds import with_earlier_rounds
-    from llkd_ray.rounds_run import final_round_config, label_rounds
+    from llkd_ray.pipeline.rounds import with_earlier_rounds
+    from llkd_ray.pipeline.rounds_loop import final_round_config, label_rounds
     from llkd_ray.train.launch import train_student
 
     layout = RunLayout(run_dir)
@@ -129,7 +129,7 @@ def slice_quality(run_dir: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     from llkd_ray.artifacts import read_label_table
-    from llkd_ray.rounds_run import SLICE
+    from llkd_ray.pipeline.rounds_loop import SLICE
 
     layout = RunLayout(run_dir)
     document = read_json(layout.rounds_json) or {}
