@@ -30,14 +30,15 @@ import ray.data
 from ray.data.datasource import FileBasedDatasource
 from ray.data.expressions import col
 
-from llkd_ray.compat import CSVDatasource, PandasJSONDatasource, TextDatasource, compute_row_hashes
+from llkd_ray.compat import CSVDatasource, TextDatasource, compute_row_hashes
 from llkd_ray.config import DataConfig
 from llkd_ray.errors import DataError
+from llkd_ray.jsonl import READ_ERROR, READ_ERRORS, JsonLinesDatasource, parse_line
 
 Format = Literal["jsonl", "csv", "parquet", "text"]
 
-#: Reasons a row is rejected, in the order they are checked.
-REJECT_REASONS = ("missing_text", "non_string_text", "empty_text", "whitespace_text", "text_too_long")
+#: Reasons a row is rejected, in the order they are checked (a JSONL line's read errors first).
+REJECT_REASONS = (*READ_ERRORS, "missing_text", "non_string_text", "empty_text", "whitespace_text", "text_too_long")
 
 _EXTENSIONS: dict[str, Format] = {
     ".jsonl": "jsonl",
@@ -160,7 +161,7 @@ def read_raw(paths: list[str], fmt: Format, text_column: str) -> ray.data.Datase
         return ray.data.read_parquet(paths, include_row_hash=True).rename_columns({"row_hash": _ROW_ID})
     if fmt == "jsonl":
         target = ray.data.DataContext.get_current().target_max_block_size
-        datasource = _with_row_ids(PandasJSONDatasource)(paths, target_output_size_bytes=target, file_extensions=None)
+        datasource = _with_row_ids(JsonLinesDatasource)(paths, target_output_size_bytes=target, file_extensions=None)
     elif fmt == "csv":
         # Every CSV cell is text; pin the text column's type so blocks agree on it.
         convert = pacsv.ConvertOptions(column_types={text_column: pa.string()}, strings_can_be_null=False)
@@ -186,10 +187,11 @@ def classify_rows(
     else:
         ids = [f"{h:016x}" for h in batch[_ROW_ID]]
     raw_texts = batch[text_column] if text_column in batch else pd.Series([None] * n, index=batch.index)
+    read_errors = batch[READ_ERROR] if READ_ERROR in batch else pd.Series([None] * n, index=batch.index)
     texts: list[str | None] = []
     reasons: list[str | None] = []
-    for value in raw_texts:
-        reason = reject_reason(value, max_chars)
+    for value, read_error in zip(raw_texts, read_errors, strict=True):
+        reason = read_error if isinstance(read_error, str) else reject_reason(value, max_chars)
         reasons.append(reason)
         texts.append(
             value if isinstance(value, str) else (None if _is_missing(value) else json.dumps(value, default=str))
@@ -222,7 +224,7 @@ def reject_reason(value: Any, max_chars: int) -> str | None:
 def _first_columns(dataset: ray.data.Dataset) -> list[str] | None:
     """Column names of the first non-empty block, or None for an empty corpus (a Ray Data run)."""
     for batch in dataset.iter_batches(batch_size=1, batch_format="pandas"):
-        return [c for c in batch.columns if c != _ROW_ID]
+        return [c for c in batch.columns if c not in (_ROW_ID, READ_ERROR)]
     return None
 
 
@@ -271,12 +273,9 @@ def _file_columns(filesystem: pafs.FileSystem, path: str, fmt: Format) -> list[s
     for line in lines:
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except ValueError:
-            raise _ProbeUndecided from None
-        if not isinstance(value, dict):
-            raise _ProbeUndecided
+        value, error = parse_line(line)
+        if error:
+            continue  # a bad line is a rejected row, not a sign of the columns
         keys.update(dict.fromkeys(value))
         rows += 1
         if rows >= _PROBE_ROWS:
