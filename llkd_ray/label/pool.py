@@ -9,9 +9,11 @@ whole cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +107,29 @@ def _check_pool_leaves_room(pool: ActorPool, backend: str) -> None:
         )
         logger.warning(message)
         warnings.warn(message, stacklevel=3)
+
+
+@contextlib.contextmanager
+def tolerate_actor_deaths(in_a_row: int) -> Iterator[None]:
+    """Within: a teacher actor that dies while it starts (killed, OOM while loading its model) is
+    replaced, up to ``in_a_row`` times in a row, instead of failing the job.
+
+    Ray restarts an actor that dies while working (``max_restarts``), but not one whose start
+    failed: Ray Data then fails the whole execution unless ``max_consecutive_actor_init_deaths``
+    allows a replacement (0 by default). The count resets when an actor starts, so a teacher that
+    can never start still fails the job. A restarted actor starts again, model load included, so
+    a second fault in that window is not rare on a long job.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = context.max_consecutive_actor_init_deaths
+    if before >= 0:
+        context.max_consecutive_actor_init_deaths = max(before, in_a_row)
+    try:
+        yield
+    finally:
+        context.max_consecutive_actor_init_deaths = before
 
 
 def teacher_stage(dataset, plan: TeacherPlan, sink: Sink | None = None, pool: ActorPool | None = None):

@@ -28,7 +28,7 @@ from llkd_ray.config import PipelineConfig
 from llkd_ray.console import Progress
 from llkd_ray.errors import DataError
 from llkd_ray.label.cost import teacher_compute, teacher_parameters
-from llkd_ray.label.pool import ActorPool, plan_actor_pool
+from llkd_ray.label.pool import ActorPool, plan_actor_pool, tolerate_actor_deaths
 from llkd_ray.label.scan import scan_output
 from llkd_ray.label.stages import LABEL_STAGES, StageContext, build_pipeline
 from llkd_ray.label.store import (
@@ -37,6 +37,7 @@ from llkd_ray.label.store import (
     check_output,
     claim_output,
     committed_ids,
+    committed_row_keys,
     labeled_schema,
     rejected_count,
 )
@@ -229,7 +230,7 @@ def _label_pass(
     (of ``ids``, when given)."""
     from llkd_ray.corpus import read_corpus, read_order
 
-    with read_order(config.data):
+    with read_order(config.data), tolerate_actor_deaths(config.teacher.max_task_retries):
         corpus = read_corpus(config.data)
         claim_output(store, job, overwrite)
         committed = committed_ids(store)
@@ -242,6 +243,7 @@ def _label_pass(
             has_gold=bool(config.data.label_column),
             pool=plan_actor_pool(getattr(config.teacher, plan.backend)) if backend_spec(plan.backend).local else None,
             ids=ids,
+            committed_keys=committed_row_keys(store) if len(committed) else None,
         )
         committed_blocks = build_pipeline(corpus.classified, LABEL_STAGES, run)
         summaries = []
