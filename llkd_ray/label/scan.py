@@ -20,34 +20,87 @@ import pyarrow.compute as pc
 
 from llkd_ray.artifacts import REJECTED_DIR, label_files
 from llkd_ray.errors import ConfigError
-from llkd_ray.label.store import OutputStore
+from llkd_ray.label.store import DUPLICATE_ID, REJECTED_SCHEMA, OutputStore, part_name, row_keys
 
 logger = logging.getLogger(__name__)
 
 
-def _dedupe(store: OutputStore, sub: tuple[str, ...], seen: set[str]) -> int:
-    """Drop from the parts of ``sub`` every id already in ``seen`` (first part wins); add the rest."""
-    removed = 0
-    for name in store.parts(*sub):
-        ids = store.read_table(*sub, name, columns=["id"])["id"].to_pylist()
-        repeated = [i for i in ids if i in seen] + [i for i, n in Counter(ids).items() if n > 1]
-        if repeated:
+def resolve_repeats(store: OutputStore) -> int:
+    """Make every id committed once; return how many doubled copies of a row were removed.
+
+    Rows are told apart by :func:`~llkd_ray.label.store.row_keys` (id and text). Copies of the same
+    row (a retried block, or a line the corpus holds twice) are removed but one. Rows of one id with
+    different texts are a repeated id: one is kept, the same on every run and resume (a labeled row
+    before a rejected one, then the lowest key), the others are moved to ``rejected/`` with the
+    reason ``duplicate_id``. The record is written before the rows leave their parts, so a kill in
+    between leaves a copy the next scan removes.
+    """
+    subs = ((), (REJECTED_DIR,))
+    ids: Counter[str] = Counter()
+    for sub in subs:
+        for name in store.parts(*sub):
+            ids.update(store.read_table(*sub, name, columns=["id"])["id"].to_pylist())
+    repeated = {i for i, n in ids.items() if n > 1}
+    if not repeated:
+        return 0
+    rows: list[tuple[tuple[str, ...], str, int, str, str | None]] = []  # (sub, part, index, key, reason)
+    tables: dict[tuple[tuple[str, ...], str], pa.Table] = {}
+    for sub in subs:
+        for name in store.parts(*sub):
             table = store.read_table(*sub, name)
-            id_column = table["id"].to_pylist()
-            first_seen: set[str] = set()
-            keep = []
-            for row_id in id_column:
-                keep.append(row_id not in seen and row_id not in first_seen)
-                first_seen.add(row_id)
-            table = table.filter(pa.array(keep))
-            removed += len(id_column) - table.num_rows
-            if table.num_rows:
-                store.write_table(table, *sub, name)
-            else:
-                store.delete(*sub, name)
-            logger.warning("removed %d repeated ids from %s", len(id_column) - table.num_rows, "/".join((*sub, name)))
-        seen.update(ids)
+            mask = pc.is_in(table["id"], value_set=pa.array(sorted(repeated), pa.string())).to_pylist()
+            if not any(mask):
+                continue
+            tables[sub, name] = table
+            keys = row_keys(table["id"], table["text"]).to_pylist()
+            reasons = table["reason"].to_pylist() if sub else [None] * table.num_rows
+            rows += [(sub, name, k, keys[k], reasons[k]) for k in range(table.num_rows) if mask[k]]
+    drop: dict[tuple[tuple[str, ...], str], set[int]] = {}
+    recorded = {key for sub, _, _, key, reason in rows if reason == DUPLICATE_ID}
+    moved: list[pa.Table] = []
+    removed = 0
+    by_id: dict[str, list[tuple[tuple[str, ...], str, int, str, str | None]]] = {}
+    for row in sorted(rows, key=lambda r: (bool(r[0]), r[3], r[4] == DUPLICATE_ID, r[0], r[1], r[2])):
+        by_id.setdefault(row[3].split("\x1f", 1)[0], []).append(row)
+    for occurrences in by_id.values():
+        winner = next((r for r in occurrences if r[4] != DUPLICATE_ID), occurrences[0])
+        seen = {winner[3]}
+        for sub, name, index, key, reason in occurrences:
+            if (sub, name, index) == winner[:3]:
+                continue
+            if key in seen or (key in recorded and reason != DUPLICATE_ID):
+                removed += key in seen  # another copy of a row already there
+                drop.setdefault((sub, name), set()).add(index)
+                continue
+            seen.add(key)
+            if reason != DUPLICATE_ID:  # a repeated id: moved to rejected/ with its reason
+                drop.setdefault((sub, name), set()).add(index)
+                moved.append(_as_repeat(tables[sub, name].slice(index, 1)))
+    if moved:
+        table = pa.concat_tables(moved)
+        store.write_table(
+            table,
+            REJECTED_DIR,
+            part_name([f"{DUPLICATE_ID}:{k}" for k in row_keys(table["id"], table["text"]).to_pylist()]),
+        )
+    for (sub, name), indices in drop.items():
+        table = tables[sub, name]
+        kept = table.filter(pa.array([k not in indices for k in range(table.num_rows)]))
+        if kept.num_rows:
+            store.write_table(kept, *sub, name)
+        else:
+            store.delete(*sub, name)
+        logger.warning("moved or removed %d rows of repeated ids from %s", len(indices), "/".join((*sub, name)))
     return removed
+
+
+def _as_repeat(row: pa.Table) -> pa.Table:
+    """A committed row (labeled or rejected) as a ``rejected/`` row with the reason ``duplicate_id``."""
+    tokens = row["teacher_tokens"] if "teacher_tokens" in row.column_names else pa.nulls(1, pa.int64())
+    return pa.table(
+        {"id": row["id"], "text": row["text"], "reason": pa.array([DUPLICATE_ID]), "teacher_tokens": tokens},
+        schema=REJECTED_SCHEMA,
+    )
 
 
 def _teacher_tokens(store: OutputStore, sub: tuple[str, ...], name: str) -> tuple[int, int, int]:
@@ -97,8 +150,7 @@ def teacher_tokens_of(store: OutputStore, ids: pa.Array) -> int:
 
 def scan_output(store: OutputStore, label_names: list[str]) -> dict[str, Any]:
     """Totals of the committed output, after making sure every id is there exactly once."""
-    seen: set[str] = set()
-    duplicates = _dedupe(store, (), seen) + _dedupe(store, (REJECTED_DIR,), seen)
+    duplicates = resolve_repeats(store)
     label_counts = np.zeros(len(label_names), dtype=np.int64)
     confidences: list[np.ndarray] = []
     correct: list[np.ndarray] = []

@@ -21,7 +21,7 @@ from llkd_ray.label.store import (
     OutputStore,
     commit_block,
     commit_rejected,
-    drop_committed,
+    drop_committed_rows,
     keep_ids,
 )
 from llkd_ray.label.teachers.base import TeacherPlan
@@ -39,6 +39,8 @@ class StageContext:
     pool: ActorPool | None
     ids: pa.Array | None = None
     """Label only these rows (a round's slice, ``labeling.rounds``); None: every row."""
+    committed_keys: pa.Array | None = None
+    """:func:`~llkd_ray.label.store.row_keys` of the committed rows, which a resume skips."""
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,11 @@ def _keep_ids_stage(dataset, run: StageContext):
 
 
 def _drop_committed_stage(dataset, run: StageContext):
-    if not len(run.committed):
+    if run.committed_keys is None or not len(run.committed_keys):
         return dataset
     # Default resources, so Ray Data fuses it into the reading tasks (no extra operator).
     return dataset.map_batches(
-        drop_committed, batch_format="pyarrow", batch_size=None, fn_kwargs={"committed": run.committed}
+        drop_committed_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"committed": run.committed_keys}
     )
 
 
@@ -92,7 +94,7 @@ CLASSIFIED_COLUMNS = ("id", "text", "reason")
 #: the teacher's sink) so that the teacher is the last operator; see docs/labeling.md.
 LABEL_STAGES: tuple[Stage, ...] = (
     Stage("keep_ids", needs=("id",), adds=(), apply=_keep_ids_stage),
-    Stage("drop_committed", needs=("id",), adds=(), apply=_drop_committed_stage),
+    Stage("drop_committed", needs=("id", "text"), adds=(), apply=_drop_committed_stage),
     Stage("commit_rejected", needs=("id", "text", "reason"), adds=(), drops=("reason",), apply=_commit_rejected_stage),
     Stage("repartition", needs=(), adds=(), apply=_repartition_stage),
     Stage(

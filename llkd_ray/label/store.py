@@ -174,6 +174,35 @@ def rejected_count(store: OutputStore) -> int:
     )
 
 
+#: The reason of a row whose id an earlier row of the corpus, with another text, already has.
+DUPLICATE_ID = "duplicate_id"
+
+
+def _text_hash(text: str | None) -> str:
+    return "-" if text is None else hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def row_keys(ids: pa.Array | pa.ChunkedArray, texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Per row, its id and a hash of its text: what makes two rows the same row.
+
+    Ids alone cannot tell a row committed before a resume from another row of the corpus with the
+    same id (a repeated id): the first would be labeled twice, the second lost without a trace.
+    """
+    return pa.array(
+        [f"{i}\x1f{_text_hash(t)}" for i, t in zip(ids.to_pylist(), texts.to_pylist(), strict=True)], pa.string()
+    )
+
+
+def committed_row_keys(store: OutputStore) -> pa.Array:
+    """:func:`row_keys` of every committed row (labeled or rejected): the rows a resume skips."""
+    keys = [
+        row_keys(table["id"], table["text"])
+        for sub in ((), (REJECTED_DIR,))
+        for table in (store.read_table(*sub, name, columns=["id", "text"]) for name in store.parts(*sub))
+    ]
+    return pa.concat_arrays(keys) if keys else pa.array([], type=pa.string())
+
+
 def committed_ids(store: OutputStore) -> pa.Array:
     """Ids already committed (labeled or rejected), read from the parts' ``id`` column only."""
     chunks = [store.read_table(name, columns=["id"])["id"] for name in store.parts()]
@@ -195,6 +224,13 @@ def drop_committed(batch: pa.Table, *, committed: pa.Array) -> pa.Table:
     """Ray Data task: rows whose id is not committed yet."""
     keep = pc.invert(pc.is_in(batch["id"], value_set=committed))
     return batch.filter(keep)
+
+
+def drop_committed_rows(batch: pa.Table, *, committed: pa.Array) -> pa.Table:
+    """Ray Data task: rows not committed yet, by :func:`row_keys` (a resume's filter). A row whose
+    id is committed with another text is another row: it goes on, and the end of the run records
+    the repeat (:func:`~llkd_ray.label.scan.resolve_repeats`)."""
+    return batch.filter(pc.invert(pc.is_in(row_keys(batch["id"], batch["text"]), value_set=committed)))
 
 
 def commit_rejected(batch: pa.Table, *, store: OutputStore) -> pa.Table:
