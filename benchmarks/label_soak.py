@@ -2,7 +2,7 @@
 
     python benchmarks/label_soak.py [--rows 100000] [--bad-share 0.01] [--kill-every 30] [--seed 0]
                                     [--output runs/soak] [--skip-undisturbed] [--actor-kills N]
-                                    [--block-rows 1024] [--driver-kill-at 0.5]
+                                    [--block-rows 1024] [--driver-kill-at 0.5] [--drain-s 30]
 
 1. **Corpus** (``OUTPUT/corpus.jsonl``, deterministic in ``--seed``): ``--rows`` rows with unique
    ids, texts made by joining one to three sentences of the packaged SST-2 and TREC pools, and a
@@ -112,9 +112,10 @@ def build_corpus(path: Path, rows: int, bad_share: float = 0.01, seed: int = 0) 
                     json.dumps({"id": row_id, "text": "PLACEHOLDER"}).encode().replace(b"PLACEHOLDER", b"caf\xe9 \xff")
                 )
             elif kind == "huge":
-                parts: list[str] = []
-                while sum(map(len, parts)) < HUGE_CHARS:
+                parts, size = [], 0
+                while size < HUGE_CHARS:
                     parts.append(rng.choice(sentences))
+                    size += len(parts[-1]) + 1
                 line = json.dumps({"id": row_id, "text": " ".join(parts)[:HUGE_CHARS]}).encode()
             elif kind == "number":
                 line = json.dumps({"id": row_id, "text": rng.randint(0, 10**6)}).encode()
@@ -305,10 +306,9 @@ class Watch:
             return {}
 
         def window(lo: float, hi: float, key: str) -> float:
-            chosen = self.samples[
-                int(lo * len(self.samples)) : max(int(hi * len(self.samples)), int(lo * len(self.samples)) + 1)
-            ]
-            return sum(s[key] for s in chosen) / len(chosen)
+            samples = [s for s in self.samples if s[key] > 0]  # while the processes are there
+            chosen = samples[int(lo * len(samples)) : max(int(hi * len(samples)), int(lo * len(samples)) + 1)]
+            return sum(s[key] for s in chosen) / len(chosen) if chosen else 0.0
 
         out: dict[str, Any] = {}
         for key in ("driver_mb", "actors_mb", "actor_max_mb"):
@@ -379,10 +379,13 @@ def run_label(name: str, spec: CorpusSpec, out: Path, args: argparse.Namespace, 
                     last_line = now
             process.wait()
             left = len(session_processes(process.pid))
+            deadline = time.monotonic() + args.drain_s
+            while session_processes(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            attempt = {"returncode": process.returncode, "wall_s": round(time.monotonic() - begun, 1)}
+            attempt |= {"left_running": left, f"left_after_{args.drain_s:g}_s": len(session_processes(process.pid))}
             kill_session(process.pid)  # a killed driver's Ray: what fate-sharing did not end
-            watch.attempts.append(
-                {"returncode": process.returncode, "wall_s": round(time.monotonic() - begun, 1), "left_running": left}
-            )
+            watch.attempts.append(attempt)
             if not killed_here:
                 break
     manifest = json.loads((labels / "_manifest.json").read_text()) if (labels / "_manifest.json").exists() else {}
@@ -418,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--driver-kill-at", type=float, default=0.5, help="share of rows committed at the driver kill")
     parser.add_argument("--block-rows", type=int, default=1024, help="teacher.block_rows (rows per committed part)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--drain-s", type=float, default=30.0, help="how long a killed driver's processes get to end before the resume"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "soak")
     parser.add_argument(
         "--skip-undisturbed", action="store_true", help="only the chaos run (no time ratio, no label comparison)"

@@ -155,10 +155,18 @@ def _label(args: argparse.Namespace) -> int:
     if args.plan:
         return _print_plan(config, args)
     output = args.output or f"runs/{Path(args.config).stem}/labels"
-    init_ray()
+    # Ray's logs beside the labels, never inside: a labels directory is a data set (its readers
+    # take every part) and refuses files it does not know.
+    init_ray(log_dir=Path(args.logs or logs_beside(output)))
     result = label_corpus(config, output, overwrite=args.overwrite)
     print(result.summary())
     return 0
+
+
+def logs_beside(path: str | Path) -> Path:
+    """``DIR.logs``: where a command that writes (or reads) ``DIR`` puts Ray's own logs."""
+    path = Path(path)
+    return path.with_name(f"{path.name or path.resolve().name}.logs")
 
 
 # --------------------------------------------------------------------------- train / eval
@@ -269,7 +277,8 @@ def _report(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from llkd_ray.serve.server import run_server
 
-    return run_server(args.model, args.config, overrides=args.overrides, host=args.host, port=args.port)
+    logs = Path(args.logs or logs_beside(args.model))
+    return run_server(args.model, args.config, overrides=args.overrides, host=args.host, port=args.port, log_dir=logs)
 
 
 # --------------------------------------------------------------------------- parser
@@ -284,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose",
         "-v",
         action="store_true",
-        help="Ray's own logs on the console (else they go to RUN/logs/; also LLKD_VERBOSE=1)",
+        help="Ray's own logs on the console (else to files: RUN/logs/, OUTPUT.logs/ or --logs; also LLKD_VERBOSE=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_commands in (_add_inspection, _add_stages, _add_bench, _add_pipeline, _add_serve):
@@ -330,6 +339,7 @@ def _add_stages(commands: Commands) -> None:
     label.add_argument("--teacher", choices=("vllm", "hf", "embedding"), default=None, help="teacher backend")
     label.add_argument("--limit", type=_positive_int, default=None, help="label at most the first N rows")
     label.add_argument("--overwrite", action="store_true", help="replace labels of a different config in --output")
+    label.add_argument("--logs", default=None, metavar="DIR", help="Ray's own logs (default: OUTPUT.logs beside it)")
     add_plan_arguments(label)
     label.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     label.set_defaults(handler=_label)
@@ -431,6 +441,7 @@ def _add_serve(commands: Commands) -> None:
     serve.add_argument("--model", required=True, help="sequence-classification model directory (with id2label)")
     serve.add_argument("--host", default=None, help="bind address (default serving.host: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default serving.port: 8000)")
+    serve.add_argument("--logs", default=None, metavar="DIR", help="Ray's own logs (default: MODEL.logs beside it)")
     add_config_arguments(serve, required=False)
     serve.set_defaults(handler=_serve)
 

@@ -73,11 +73,13 @@ def run_server(
     host: str | None = None,
     port: int | None = None,
     ready_timeout_s: float = 600.0,
+    log_dir: Path | None = None,
 ) -> int:
     """Serve ``model`` until interrupted (Ctrl-C or SIGTERM), then shut Serve down; returns 0.
 
     Starts a local Ray unless ``RAY_ADDRESS`` names a cluster (or Ray is already initialised). On a
-    cluster only this application is deleted at the end; locally Serve is shut down.
+    cluster only this application is deleted at the end; locally Serve is shut down. ``log_dir``
+    takes Ray's own INFO logs off the console (:mod:`llkd_ray.console`).
     """
     import ray
 
@@ -92,7 +94,7 @@ def run_server(
     if not remote and not _port_free(serving.host, serving.port):
         raise LlkdError(f"port {serving.port} on {serving.host} is in use: pick another with --port")
     started_ray = not ray.is_initialized()
-    init_ray()
+    init_ray(log_dir=log_dir)
     previous = _interrupt_on_signals()
     try:
         serve.start(http_options={"host": serving.host, "port": serving.port})
