@@ -17,7 +17,7 @@ import pytest
 from llkd_ray.artifacts import REJECTED_DIR
 from llkd_ray.config import DataConfig, load_config
 from llkd_ray.label.scan import scan_output
-from llkd_ray.label.store import OutputStore, commit_block, drop_committed_rows, row_keys
+from llkd_ray.label.store import OutputStore, commit_block
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["negative", "positive"]
@@ -156,6 +156,8 @@ def test_a_repeated_id_goes_to_rejected_as_duplicate_id_and_the_same_row_is_kept
 
 
 def test_a_resume_skips_committed_rows_not_every_row_of_a_committed_id(tmp_path):
+    from llkd_ray.label.store import drop_committed_rows, row_keys
+
     committed = row_keys(pa.array(["1", "2"]), pa.array(["first", None]))
     batch = pa.table({"id": ["1", "1", "2", "3"], "text": ["first", "second", None, "three"]})
     kept = drop_committed_rows(batch, committed=committed)
