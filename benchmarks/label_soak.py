@@ -352,31 +352,35 @@ def run_label(name: str, spec: CorpusSpec, out: Path, args: argparse.Namespace, 
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
             killed_here = False
-            while process.poll() is None:
-                time.sleep(SAMPLE_S)
-                actors = teacher_actors(process.pid)
-                watch.sample(process.pid, actors)
-                now = time.monotonic()
-                done = committed_rows(labels) if (not driver_killed or now - last_line >= PROGRESS_S) else 0
-                if chaos and actors and now >= next_kill and watch.actor_kills < args.actor_kills:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(rng.choice(sorted(actors)), signal.SIGKILL)
-                        watch.actor_kills += 1
-                    next_kill = now + rng.uniform(0.5, 1.5) * args.kill_every
-                if not driver_killed and done >= args.driver_kill_at * spec.rows:
-                    os.kill(process.pid, signal.SIGKILL)
-                    driver_killed = killed_here = True
-                    watch.driver_kills += 1
-                    print(f"[{name}] {now - watch.started:.0f} s: SIGKILL the driver at {done} rows", flush=True)
-                if now - last_line >= PROGRESS_S:
-                    last = watch.samples[-1]
-                    print(
-                        f"[{name}] {now - watch.started:.0f} s: {done}/{spec.rows} rows committed, "
-                        f"{watch.actor_kills} actor kill(s), driver {last['driver_mb']:.0f} MB, "
-                        f"actors {last['actors_mb']:.0f} MB",
-                        flush=True,
-                    )
-                    last_line = now
+            try:
+                while process.poll() is None:
+                    time.sleep(SAMPLE_S)
+                    actors = teacher_actors(process.pid)
+                    watch.sample(process.pid, actors)
+                    now = time.monotonic()
+                    done = committed_rows(labels) if (not driver_killed or now - last_line >= PROGRESS_S) else 0
+                    if chaos and actors and now >= next_kill and watch.actor_kills < args.actor_kills:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(rng.choice(sorted(actors)), signal.SIGKILL)
+                            watch.actor_kills += 1
+                        next_kill = now + rng.uniform(0.5, 1.5) * args.kill_every
+                    if not driver_killed and done >= args.driver_kill_at * spec.rows:
+                        os.kill(process.pid, signal.SIGKILL)
+                        driver_killed = killed_here = True
+                        watch.driver_kills += 1
+                        print(f"[{name}] {now - watch.started:.0f} s: SIGKILL the driver at {done} rows", flush=True)
+                    if now - last_line >= PROGRESS_S:
+                        last = watch.samples[-1]
+                        print(
+                            f"[{name}] {now - watch.started:.0f} s: {done}/{spec.rows} rows committed, "
+                            f"{watch.actor_kills} actor kill(s), driver {last['driver_mb']:.0f} MB, "
+                            f"actors {last['actors_mb']:.0f} MB",
+                            flush=True,
+                        )
+                        last_line = now
+            finally:
+                if process.poll() is None:  # this script was stopped (SIGTERM, Ctrl-C): so is its job
+                    kill_session(process.pid)
             process.wait()
             left = len(session_processes(process.pid))
             deadline = time.monotonic() + args.drain_s
@@ -430,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped soak stops the job it runs
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec = build_corpus(out / "corpus.jsonl", args.rows, args.bad_share, args.seed)
