@@ -188,18 +188,15 @@ class TeacherConfig(Section):
     )
     """Prompt for LLM teachers; fields: ``{instruction}``, ``{label_list}``, ``{text}``."""
     scoring: Literal["first_token", "sequence"] = "first_token"
-    """How LLM teachers score labels: one forward pass over each verbalizer's first token, or the
-    full-sequence log-probability (needed when verbalizers share a first token)."""
+    """LLM teachers: each verbalizer's first token in one pass, or its full log-probability (shared first tokens)."""
     max_restarts: Annotated[int, Field(ge=-1)] = -1
-    """How often Ray restarts a teacher actor that died, over the whole job; -1 (Ray Data's own
-    default): always. A budget over the job's life fails a long job on its Nth unrelated fault."""
+    """Restarts of a dead teacher actor over the job; -1 (Ray Data's default): always. A job-long
+    budget would fail a long job on its Nth unrelated fault."""
     max_task_retries: Annotated[int, Field(ge=0)] = 3
-    """How often a block whose actor died is retried on a restarted or another actor (a block
-    that kills every actor it meets fails the job); also how many teacher actors in a row may die
-    while starting before the job fails."""
+    """Retries of a block whose actor died (one that kills every actor fails the job); also the
+    teacher actors that may die in a row while starting before the job fails."""
     block_rows: PositiveInt = 1024
-    """Rows per block handed to a teacher actor and committed as one Parquet part: the unit of
-    parallelism across actors and of what a killed job has to redo."""
+    """Rows per block handed to an actor, committed as one Parquet part: what a killed job redoes."""
     embedding: EmbeddingTeacherConfig = Field(default_factory=EmbeddingTeacherConfig)
     hf: HFTeacherConfig = Field(default_factory=HFTeacherConfig)
     vllm: VLLMTeacherConfig = Field(default_factory=VLLMTeacherConfig)
