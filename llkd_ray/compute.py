@@ -53,6 +53,19 @@ def all_pass_flops(parameters: int, pool_tokens: int) -> float:
     return float(TRAINING_FLOPS_PER_TOKEN_PARAM * parameters * pool_tokens)
 
 
+#: The seconds a run's compute meter keeps, by kind (rank 0's, whose workers run in parallel): what a
+#: user pays for the FLOPs, which depend on the machine and its load where FLOPs do not.
+COMPUTE_SECONDS = ("scoring_s", "training_s", "selection_s")
+
+
+def compute_seconds(record: dict[str, Any]) -> float | None:
+    """Scoring, training and selection seconds of a record (a curve point, a summary) added up;
+    None for a record written before they were kept."""
+    if any(record.get(kind) is None for kind in COMPUTE_SECONDS):
+        return None
+    return float(sum(record[kind] for kind in COMPUTE_SECONDS))
+
+
 @dataclass
 class StepCompute:
     """One worker's (or, summed, all workers') work in one optimizer step."""

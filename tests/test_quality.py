@@ -11,7 +11,7 @@ import pytest
 
 from llkd_ray.errors import ConfigError, DataError
 from llkd_ray.quality.data import prepare_data, read_label_specs
-from llkd_ray.quality.runs import reusable_runs
+from llkd_ray.quality.runs import load_record, reusable_runs, run_record
 from llkd_ray.quality.settings import BenchSettings, Variant, base_config, build_variants, parse_candidates, run_config
 from llkd_ray.quality.summary import plateau_check, summarize
 from llkd_ray.quality.tables import render_markdown, write_results
@@ -170,6 +170,40 @@ def test_reuse_share_and_the_stop_go_into_the_tables_and_the_plot(tmp_path: Path
     assert "| llkd (M=1) seed 1 | 0.40 | 0.45 | 0.700 | –, 0.010, 0.000 |" in table
     assert "seed 0 |" not in table.split("## Label-free stop")[1]  # a run without the stop has no row
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seconds_per_point_add_up_to_the_runs_totals_and_a_loaded_run_is_marked(tmp_path: Path) -> None:
+    """Each curve point keeps the compute seconds so far; the run's seconds are its last point's (the
+    training summary's totals), per PFLOP beside the FLOPs; a load above the cores marks the run."""
+    seconds = [(2.0, 6.0, 0.5), (4.0, 13.0, 1.0)]
+    curve = [
+        {"step": k, "all_passes": 0.5 * (k + 1), "flops": 2e15 * (k + 1), "macro_f1": f1, "accuracy": f1,
+         "data_usage": 0.5, "per_class_f1": {}, "scoring_s": s, "training_s": t, "selection_s": sel}
+        for k, ((s, t, sel), f1) in enumerate(zip(seconds, (0.6, 0.8), strict=True))
+    ]  # fmt: skip
+    summary = {
+        "curve": curve, "steps": 2, "data_usage": {"pool_fraction": 0.5, "sample_step_fraction": 0.25},
+        "compute": {"all_passes": 1.0, "flops": 4e15, "scoring_flops": 1e15},
+        "scoring_s": 4.0, "training_s": 13.0, "selection_s": 1.0,
+    }  # fmt: skip
+    run = run_record(summary, Variant("llkd", 1), seed=0, key="k")
+    assert [p["scoring_s"] + p["training_s"] + p["selection_s"] for p in run["curve"]] == [8.5, 18.0]
+    assert run["compute_s"] == summary["scoring_s"] + summary["training_s"] + summary["selection_s"] == 18.0
+    assert run["seconds_per_pflop"] == pytest.approx(18.0 / 4.0)
+
+    quiet, loaded = load_record((0.3, 0.2, 0.1), (1.9, 1.0, 0.5), 2), load_record((2.4, 2, 2), (3.5, 3, 2), 2)
+    assert not quiet["loaded"] and loaded["loaded"] and loaded["load_average"]["start"] == [2.4, 2, 2]
+    runs = [
+        _run("all", 0, 0.8, 0.8, 1.0) | {"compute_s": 10.0, "seconds_per_pflop": 5.0} | quiet,
+        run | {"variant": "llkd (M=1)", "strategy": "llkd"} | loaded,
+    ]
+    runs[0]["curve"][-1] |= {"scoring_s": 0.0, "training_s": 9.0, "selection_s": 1.0}
+    table = write_results(_results(runs), tmp_path)["md"].read_text()
+    section = table.split("## Seconds beside FLOPs")[1].split("\n\n")[1]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    assert rows["all"].split("|")[2:6] == [" 10.0 ± 0.0 ", " 5.0 ± 0.0 ", " 10.0 ± 0.0 ", " 0 of 1 "]
+    # llkd reaches all's best (0.8) at its second point, after 18 compute seconds; it ran under load
+    assert rows["llkd (M=1)"].split("|")[2:6] == [" 18.0 ± 0.0 ", " 4.5 ± 0.0 ", " 18.0 ± 0.0 ", " 1 of 1 "]
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,13 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
         assert run["macro_f1"] == pytest.approx(sum(run["per_class_f1"].values()) / 6)  # macro: the mean over 6
         assert 0.0 < run["data_usage"] <= 1.0 and run["wall_time_s"] > 0
         assert run["curve"][-1]["data_usage"] == pytest.approx(run["data_usage"])
+        assert isinstance(run["loaded"], bool) and len(run["load_average"]["start"]) == 3
+        if run.get("labeling"):  # seconds not summed over rounds yet: a labeling run keeps FLOPs only
+            assert run["compute_s"] is None and "scoring_s" not in run["curve"][-1]
+        else:
+            seconds = [sum(point[k] for k in ("scoring_s", "training_s", "selection_s")) for point in run["curve"]]
+            assert seconds == sorted(seconds) and run["compute_s"] == pytest.approx(seconds[-1])  # along the curve
+            assert run["seconds_per_pflop"] > 0
         # --quick's label-free stop (churn bar 1: always under it) is called at the third of 8 checks
         # of the (last round's) training, the first having nothing to compare
         stop = run["stop"]
@@ -85,7 +92,7 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
     table = (tmp_path / "results.md").read_text()
     assert "| llkd (M=2) |" in table and f"| {rounds_half} |" in table and "*teacher" in table
     assert "compute to `all`'s best" in table and "## Where the compute goes" in table
-    assert "## Label-free stop" in table and "scores reused" in table
+    assert "## Label-free stop" in table and "scores reused" in table and "## Seconds beside FLOPs" in table
     assert "## Labeling axis" in table and "| 50 % (48 rows) |" in table and "teacher counted" in table
     assert "Where the labels go" in table and "(12 rows)" in table
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"

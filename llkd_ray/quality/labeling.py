@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import RunLayout, read_json, write_text
-from llkd_ray.compute import all_pass_flops, format_flops
+from llkd_ray.compute import COMPUTE_SECONDS, all_pass_flops, format_flops
 from llkd_ray.config import PipelineConfig
 from llkd_ray.quality.summary import all_best_f1, mean_std
 from llkd_ray.tracking import TrackingRun
@@ -95,8 +95,11 @@ def labeling_record(
     scoring = float(total["compute"].get("scoring_flops") or 0.0)
     rounds = document.get("rounds") or []
     teacher = [(r.get("teacher") or {}).get("flops") for r in rounds]
+    # Seconds are not summed over the rounds yet: a labeling run keeps FLOPs only, not seconds that
+    # would count its last training alone.
     curve = [
-        point | {"flops": float(point["flops"]) + earlier, "all_passes": (float(point["flops"]) + earlier) / unit}
+        {k: v for k, v in point.items() if k not in COMPUTE_SECONDS}
+        | {"flops": float(point["flops"]) + earlier, "all_passes": (float(point["flops"]) + earlier) / unit}
         for point in run["curve"]
     ]
     stop = run.get("stop")
@@ -109,6 +112,8 @@ def labeling_record(
         "compute": flops / unit,
         "flops": flops,
         "scoring_share": scoring / flops if flops else None,
+        "compute_s": None,
+        "seconds_per_pflop": None,
         "labeling": {
             "fraction": document["budget"],
             "rounds": document["rounds_planned"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llkd_ray.artifacts import MANIFEST, percent, read_json, read_label_table, stable_hash, write_json
+from llkd_ray.compute import COMPUTE_SECONDS, compute_seconds
 from llkd_ray.config import PipelineConfig
 from llkd_ray.errors import ConfigError, DataError
 from llkd_ray.quality.data import BenchData
@@ -139,7 +141,7 @@ def _train_run(
 ) -> dict:
     """Train one run and record its result in ``run_dir/result.json`` (and a nested MLflow run); a
     labeling variant labels its share of the pool in rounds first (:mod:`llkd_ray.quality.labeling`)."""
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()
     if variant.labeling:
         claim_run_dir(run_dir, key)
     tags = {"llkd.strategy": variant.name, "llkd.seed": str(seed)}
@@ -157,6 +159,7 @@ def _train_run(
         run["labeling"]["slices"] = slice_quality(run_dir)
     run["train_wall_time_s"] = train_time
     run["wall_time_s"] = time.perf_counter() - started
+    run |= load_record(load_at_start, os.getloadavg(), os.cpu_count() or 1)
     write_json(run_dir / "result.json", run)
     return run
 
@@ -304,7 +307,18 @@ def run_record(summary: dict[str, Any], variant: Variant, seed: int, key: str) -
     final = curve[-1]
     compute = summary["compute"]
     pool_fraction, step_fraction = _usage(summary)
-    keep = ("step", "progress", "all_passes", "flops", "elapsed_s", "data_usage", "accuracy", "macro_f1")
+    keep = (
+        "step",
+        "progress",
+        "all_passes",
+        "flops",
+        "elapsed_s",
+        *COMPUTE_SECONDS,
+        "data_usage",
+        "accuracy",
+        "macro_f1",
+    )
+    seconds = compute_seconds(final)
     return {
         "key": key,
         "variant": variant.name,
@@ -323,8 +337,21 @@ def run_record(summary: dict[str, Any], variant: Variant, seed: int, key: str) -
         "scoring_share": compute["scoring_flops"] / compute["flops"] if compute["flops"] else None,
         "reused_share": _reused_share(compute),
         "compute_detail": compute,
+        "compute_s": seconds,
+        "seconds_per_pflop": seconds / (compute["flops"] / 1e15) if seconds is not None and compute["flops"] else None,
         "budget_spent": summary.get("budget_spent"),
         "stop": _stop_point(summary.get("stop")),
+    }
+
+
+def load_record(start: Sequence[float], end: Sequence[float], cores: int) -> dict[str, Any]:
+    """The machine's load averages (1, 5, 15 min) at a run's start and end, and whether it ran under
+    load: a 1-minute load above the cores the run uses (the benchmark's local Ray takes every core),
+    at the start (others' work only) or at the end (its own work included). Seconds of a loaded run
+    are not comparable with a quiet one's; its FLOPs and F1 are."""
+    return {
+        "load_average": {"start": [round(x, 2) for x in start], "end": [round(x, 2) for x in end], "cores": cores},
+        "loaded": max(start[0], end[0]) > cores,
     }
 
 

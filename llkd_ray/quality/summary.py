@@ -12,6 +12,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from llkd_ray.compute import compute_seconds
+
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
@@ -41,6 +43,13 @@ def all_best_f1(runs: list[dict[str, Any]]) -> float | None:
 def first_reaching(curve: list[dict[str, Any]], target: float) -> float | None:
     """The compute (passes of ``all``) at the first curve point with macro-F1 >= ``target``."""
     return next((point["all_passes"] for point in curve if point["macro_f1"] >= target - 1e-12), None)
+
+
+def first_seconds_reaching(curve: list[dict[str, Any]], target: float) -> float | None:
+    """The compute seconds (scoring + training + selection) at the first curve point with macro-F1
+    >= ``target``; None when it is never reached or the curve kept no seconds."""
+    point = next((point for point in curve if point["macro_f1"] >= target - 1e-12), None)
+    return compute_seconds(point) if point is not None else None
 
 
 def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -81,12 +90,18 @@ def summarize(
         }
         for key in (
             "accuracy", "macro_f1", "data_usage", "sample_step_usage", "wall_time_s", "scoring_share", "compute",
-            "reused_share",
+            "reused_share", "compute_s", "seconds_per_pflop",
         ):  # fmt: skip
             values = [float(run[key]) for run in mine if run.get(key) is not None]
             if values:
                 entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std(values)
+        entry["loaded_runs"] = sum(bool(run.get("loaded")) for run in mine)
         curves = [run["curve"] for run in mine if run.get("curve")]
+        if curves and all_best is not None:
+            seconds = [first_seconds_reaching(curve, all_best) for curve in curves]
+            reached_s = [s for s in seconds if s is not None]
+            if reached_s:
+                entry["seconds_to_all_best_mean"], entry["seconds_to_all_best_std"] = mean_std(reached_s)
         if curves and full:
             best = [max(curve, key=lambda p: p["macro_f1"]) for curve in curves]
             entry["best_macro_f1_mean"], entry["best_macro_f1_std"] = mean_std([p["macro_f1"] for p in best])

@@ -63,6 +63,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         *_compute_table(results["summary"]),
         "",
+        "## Seconds beside FLOPs",
+        "",
+        *_seconds_table(results["summary"]),
+        "",
+        "Compute seconds: scoring, training and selection seconds of the run (rank 0's; start-up, "
+        "evaluation and checkpoints excluded). FLOPs do not depend on the machine or its load; seconds do: "
+        "a run under load (a 1-minute load average above the machine's cores at its start or end) is "
+        "counted in the last column, and its seconds are not comparable with a quiet run's.",
+        "",
         *_stop_table(results.get("runs", [])),
         *labeling_lines(results),
         *_notes(results.get("plateau"), results["teacher"]),
@@ -122,6 +131,22 @@ def _compute_table(summary: dict[str, dict[str, Any]]) -> list[str]:
             f"{_cell(entry.get('reused_share_mean'), entry.get('reused_share_std'), as_percent=True)} | "
             f"{_cell(entry.get('sample_step_usage_mean'), entry.get('sample_step_usage_std'), as_percent=True)} | "
             f"{_cell(entry.get('wall_time_s_mean'), entry.get('wall_time_s_std'), digits=0)} |"
+        )
+    return lines
+
+
+def _seconds_table(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """What the FLOPs cost in seconds: compute seconds spent, seconds per PFLOP, seconds to ``all``'s best."""
+    lines = [
+        "| strategy | compute seconds | seconds per PFLOP | seconds to `all`'s best | runs under load |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, entry in summary.items():
+        lines.append(
+            f"| {name} | {_cell(entry.get('compute_s_mean'), entry.get('compute_s_std'), digits=1)} | "
+            f"{_cell(entry.get('seconds_per_pflop_mean'), entry.get('seconds_per_pflop_std'), digits=1)} | "
+            f"{_cell(entry.get('seconds_to_all_best_mean'), entry.get('seconds_to_all_best_std'), digits=1)} | "
+            f"{entry.get('loaded_runs', 0)} of {entry['seeds']} |"
         )
     return lines
 

@@ -26,7 +26,14 @@ from typing import Any
 
 import torch
 
-from llkd_ray.compute import ComputeMeter, ProgressSchedule, StepCompute, all_pass_flops, non_embedding_parameters
+from llkd_ray.compute import (
+    COMPUTE_SECONDS,
+    ComputeMeter,
+    ProgressSchedule,
+    StepCompute,
+    all_pass_flops,
+    non_embedding_parameters,
+)
 from llkd_ray.config import PipelineConfig
 from llkd_ray.student.model import load_student, save_classifier
 from llkd_ray.student.predictor import Predictor
@@ -441,6 +448,7 @@ class StudentTrainingRecipe:
             "flops": self.compute.flops,
             "all_passes": self.compute.flops / self.unit_flops if self.unit_flops else None,
             "elapsed_s": round(state.train_seconds, 3),
+            **{kind: round(getattr(self.compute, kind), 3) for kind in COMPUTE_SECONDS},
             "data_usage": state.data_usage(self.plan.pool_rows)["pool_fraction"],
             "accuracy": metrics["accuracy"],
             "macro_f1": metrics["macro_f1"],
