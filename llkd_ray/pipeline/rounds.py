@@ -208,7 +208,7 @@ def with_earlier_rounds(layout: RunLayout, summary: dict[str, Any]) -> dict[str,
 
 def rounds_rows(document: dict[str, Any] | None) -> list[tuple[str, ...]]:
     """One row per round for the summary and the report: round, how chosen, rows, labeled so far,
-    and FLOPs by stage (``n/a`` where not recorded)."""
+    FLOPs by stage (``n/a`` where not recorded), and the teacher-confidence head's accuracy."""
     rows = []
     for record in (document or {}).get("rounds") or []:
         flops = record.get("flops") or round_flops(record)
@@ -219,12 +219,25 @@ def rounds_rows(document: dict[str, Any] | None) -> list[tuple[str, ...]]:
                 f"{record.get('size', 0):,}",
                 f"{record.get('labeled_rows', 0):,}",
                 *(format_flops(flops[k]) if isinstance(flops.get(k), int | float) else "n/a" for k in ROUND_FLOPS),
+                head_accuracy(record),
             )
         )
     return rows
 
 
-ROUNDS_HEADER = ("round", "slice", "rows", "labeled so far", "teacher", "student scoring", "student training")
+def head_accuracy(record: dict[str, Any]) -> str:
+    """The teacher-confidence head's held-out accuracy in a round (``labeling.choose: llkd``), against
+    the share of labeled rows that clear the teacher's bar (what always guessing the majority scores)."""
+    head = (record.get("scoring") or {}).get("head") or {}
+    if head.get("held_out_accuracy") is None:
+        return "–"
+    return f"{head['held_out_accuracy']:.2f} of {head['held_out_rows']} ({100 * head['clears']:.0f} % clear)"
+
+
+ROUNDS_HEADER = (
+    "round", "slice", "rows", "labeled so far", "teacher", "student scoring", "student training",
+    "teacher head, held out",
+)  # fmt: skip
 
 
 def rounds_lines(document: dict[str, Any] | None) -> list[str]:

@@ -142,7 +142,7 @@ def teacher_clears(confidence: np.ndarray, labels: np.ndarray, num_classes: int)
     if not len(confidence):
         return np.zeros(0, dtype=bool)
     gate = Selector(num_classes).teacher_gate(
-        torch.as_tensor(np.asarray(confidence, dtype=np.float64)), torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        torch.tensor(np.asarray(confidence, dtype=np.float64)), torch.tensor(np.asarray(labels, dtype=np.int64))
     )
     return gate.numpy()
 
