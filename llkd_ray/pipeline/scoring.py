@@ -207,6 +207,8 @@ def choose_round(
     scores = score_pool(config, student, labeled, **scorer)
     ids, predicted = scores["id"].tolist(), scores["predicted"].to_numpy()
     if typical:
+        if len(scores) and int(predicted.max()) >= len(names):  # an initial model of another label set: no quota
+            predicted = np.zeros_like(predicted)
         embeddings = np.stack(scores.pop("embedding").to_numpy()) if len(scores) else np.zeros((0, 1))
         chosen = typical_slice(ids, embeddings, predicted, size, len(names), seed)
     else:

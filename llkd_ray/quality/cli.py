@@ -30,12 +30,13 @@ from llkd_ray.quality.tables import write_results
 # --------------------------------------------------------------------------- quick mode
 
 
-#: ``--quick``: a tiny pool, a tiny student, one seed, one pass of compute, a 4-point curve (CI).
+#: ``--quick``: a tiny pool, a tiny student, one seed, two passes of compute (room for the rounds'
+#: scoring passes of any rule, a typical first slice included), a 4-point curve (CI).
 QUICK = {
     "pool_size": 96,
     "gold_size": 96,
     "seeds": 1,
-    "budget": 1.0,
+    "budget": 2.0,
     "eval_points": 4,
     "batch_size": 16,
     "max_length": 32,
@@ -49,6 +50,7 @@ QUICK_OVERRIDES = [
     "training.stop_checks=8",
     "training.stop_churn=1",
     "training.stop_selected=0",
+    "labeling.dropout_passes=2",
 ]
 
 
