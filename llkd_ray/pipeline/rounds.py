@@ -12,11 +12,13 @@ Decided here:
   possible (the first slices one row larger); fewer budget rows than rounds is a config error.
 - **Round 0** is a uniform draw of its size with ``training.seed``, over the ids sorted first, so
   the draw does not depend on the order Ray Data reads the pool in.
-- **Later rounds** take the unlabeled rows whose prediction by the current student has the highest
-  normalised entropy (``u_i`` of the selection rule, :func:`llkd_ray.train.selection.normalized_entropy`),
-  **with a quota per predicted class**: each class the student predicts gets an equal share of
-  the slice; a class with fewer rows than its share leaves the rest to the others (water-filling);
-  what is left once less than one row per class remains goes to the most uncertain rows overall.
+- **Later rounds** (``labeling.choose: entropy``, the default; the other rules and a typical round 0
+  are :mod:`llkd_ray.pipeline.choice`'s, on this chooser) take the unlabeled rows whose prediction
+  by the current student has the highest normalised entropy (``u_i`` of the selection rule,
+  :func:`llkd_ray.train.selection.normalized_entropy`), **with a quota per predicted class**: each
+  class the student predicts gets an equal share of the slice; a class with fewer rows than its
+  share leaves the rest to the others (water-filling); what is left once less than one row per
+  class remains goes to the most uncertain rows overall.
   Why: uncertainty alone takes its slice from the boundary the student is worst at, and a class the
   student rarely predicts would get no new labels, which is how a small class starves. Ties go to
   the smaller id, so a rerun chooses the same rows.

@@ -3,8 +3,8 @@
 :func:`label_rounds` is ``llkd run``'s label stage when ``labeling`` is on (the plan and the choice
 of rows are :mod:`llkd_ray.pipeline.rounds`). Each round, in ``RUN/rounds/round-K/``:
 
-- ``scoring.json`` then ``slice.parquet`` (ids, and the student's ``uncertainty`` and ``predicted``
-  class for the rounds it chose): the slice file is the round's commit point, written before the
+- ``scoring.json`` then ``slice.parquet`` (ids, and the student's ``uncertainty``, ``predicted``
+  class and the rule's scores for the rounds it chose): the slice file is the round's commit point, written before the
   teacher sees a row, so a rerun labels the same rows and does not score again;
 - the teacher labels the slice into ``RUN/labels`` through :func:`~llkd_ray.label.run.label_corpus`
   (``ids``): one directory grows round by round, each row committed once, a killed round resumed;
@@ -14,7 +14,9 @@ of rows are :mod:`llkd_ray.pipeline.rounds`). Each round, in ``RUN/rounds/round-
   all rounds.
 
 The student scores the unlabeled rows in a Ray Data pass over the corpus with an autoscaled pool of
-predictor actors (``labeling.scoring_*``), 2·N FLOPs per real token, counted as student scoring.
+predictor actors (``labeling.scoring_*``), 2·N FLOPs per real token and forward pass, counted as
+student scoring; the round's rule (``labeling.choose``, ``first``, ``clip``) then chooses the slice
+(:mod:`llkd_ray.pipeline.scoring`, the rules pure in :mod:`llkd_ray.pipeline.choice`).
 """
 
 from __future__ import annotations
