@@ -192,3 +192,17 @@ def test_typical_keeps_the_quota_over_the_predicted_class():
     ids = [f"r{i:02d}" for i in range(len(x))]
     chosen = typical_slice(ids, x, predicted, 4, 2, seed=0)
     assert sorted(predicted[ids.index(i)] for i in chosen) == [0, 0, 1, 1]
+
+
+def test_a_typical_first_slice_is_scored_by_the_model_round_0_trains_from(tmp_path):
+    from llkd_ray.compute import non_embedding_parameters
+    from llkd_ray.pipeline.scoring import StudentScorer
+    from llkd_ray.student.model import load_student
+    from llkd_ray.testing import build_tiny_encoder
+
+    bare = build_tiny_encoder(tmp_path / "bare")  # no classification head: training gives it a fresh, seeded one
+    labels = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    batch = pd.DataFrame({"id": [f"r{i}" for i in range(len(TEXTS))], "text": TEXTS})
+    first, again = (StudentScorer(str(bare), 32, 1, embed=True, initial=(labels, 3))(batch) for _ in range(2))
+    assert first["parameters"].iloc[0] == non_embedding_parameters(load_student(str(bare), labels, 3)[0])
+    assert first["predicted"].max() < len(labels) and first["uncertainty"].tolist() == again["uncertainty"].tolist()

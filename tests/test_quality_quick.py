@@ -83,6 +83,7 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
     head = scoring[1]["head"]
     assert head["rows"] == 24 and head["held_out_rows"] == 5 and 0 <= head["held_out_accuracy"] <= 1
     assert scoring[1]["tokens"] == 3 * (scoring[0]["tokens"] - head["tokens"]) + head["tokens"]
+    assert scoring[0]["parameters"] == scoring[1]["parameters"]  # round 0 scored the model training starts from
     assert scoring[1]["flops"] / scoring[1]["tokens"] == pytest.approx(scoring[0]["flops"] / scoring[0]["tokens"])
     assert rounds["labeling"]["pool_scoring_flops"] == pytest.approx(sum(s["flops"] for s in scoring))
     chosen = pq.read_table(run_dir / "rounds" / "round-1" / "slice.parquet").to_pandas()
@@ -95,7 +96,8 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
     assert parts == [(0, "typical", 24), (1, "uncertainty", 12), (1, "random", 12)]
     assert all(0 < p["confidence"] <= 1 and 0 <= p["accuracy"] <= 1 for p in rounds["labeling"]["slices"])
     assert all(0 <= p["clears"] <= 1 for p in rounds["labeling"]["slices"])
-    assert [p["predicted"] is not None for p in rounds["labeling"]["slices"]] == [False, True, False]
+    # the head scored every unlabeled row of round 1: the chosen ones and the drawn ones
+    assert [p["predicted"] is not None for p in rounds["labeling"]["slices"]] == [False, True, True]
     # the scoring passes (about 1.2 passes of `all`) and round 0's training, then the last round
     # stopped early by the quick stop
     assert 1.0 < rounds["compute"] <= 2.2
@@ -106,7 +108,7 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
     assert "compute to `all`'s best" in table and "## Where the compute goes" in table
     assert "## Label-free stop" in table and "scores reused" in table
     assert "## Labeling axis" in table and "| 50 % (48 rows) |" in table and "teacher counted" in table
-    assert "Where the labels go" in table and "(12 rows)" in table and "| typical: " in table
+    assert "Where the labels go" in table and "(12 rows); typical: " in table and " (24 rows) |" in table
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
     # A second invocation reuses the teacher's labels and every finished run.

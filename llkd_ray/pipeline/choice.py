@@ -42,7 +42,8 @@ Decided here:
   typicality is the inverse of its mean distance to the other rows of its cluster, so each
   cluster's most typical row is its medoid. Rows are ranked by their rank within their cluster
   (every medoid first), then by the cluster's size, and taken with the quota over the initial
-  student's predicted class (an untrained head: the quota then mostly spreads the slice). The
+  student's predicted class (loaded as round 0's training loads it: a checkpoint without a head
+  for the task gets a fresh, seeded one, and the quota then mostly spreads the slice). The
   embeddings of the whole pool come back to the driver for k-means: fine for pools of up to a
   few hundred thousand rows.
 """

@@ -46,14 +46,24 @@ class StudentScorer:
         previous: str | None = None,
         head: TeacherHead | None = None,
         seed: int = 0,
+        initial: tuple[list[str], int] | None = None,
     ) -> None:
+        """``initial``: the task's labels and ``training.seed`` — load ``model_dir`` as round 0's training
+        does (a fresh head for these labels where it has none, seeded), so a typical first slice is
+        scored, and counted, by the model the rounds start from."""
         import torch
 
         from llkd_ray.compute import non_embedding_parameters
+        from llkd_ray.student.model import load_student, resolve_device, resolve_model_path
         from llkd_ray.student.predictor import Predictor
 
         torch.set_num_threads(threads)
-        self.predictor = Predictor.load(model_dir, max_length=max_length, batch_size=64)
+        if initial is None:
+            self.predictor = Predictor.load(model_dir, max_length=max_length, batch_size=64)
+        else:
+            model, tokenizer = load_student(resolve_model_path(model_dir), *initial)
+            model = model.to(resolve_device("auto")).eval()
+            self.predictor = Predictor(model, tokenizer, max_length=max_length, batch_size=64)
         self.previous = None if previous is None else Predictor.load(previous, max_length=max_length, batch_size=64)
         self.dropout_passes, self.embed, self.head, self.seed = dropout_passes, embed, head, seed
         self.parameters = non_embedding_parameters(self.predictor.model)
@@ -196,7 +206,7 @@ def choose_round(
     scorer: dict[str, Any] = {"seed": seed}
     head, head_record, head_scores = None, None, None
     if typical:
-        scorer["embed"] = True
+        scorer |= {"embed": True, "initial": (names, config.training.seed)}
     elif kind == "disagreement":
         scorer["previous"] = str(previous)
     elif kind == "bald":
@@ -207,8 +217,6 @@ def choose_round(
     scores = score_pool(config, student, labeled, **scorer)
     ids, predicted = scores["id"].tolist(), scores["predicted"].to_numpy()
     if typical:
-        if len(scores) and int(predicted.max()) >= len(names):  # an initial model of another label set: no quota
-            predicted = np.zeros_like(predicted)
         embeddings = np.stack(scores.pop("embedding").to_numpy()) if len(scores) else np.zeros((0, 1))
         chosen = typical_slice(ids, embeddings, predicted, size, len(names), seed)
     else:

@@ -357,8 +357,9 @@ def _rows_lines(axis: dict[str, Any]) -> list[str]:
     lines = [
         "Where the labels go: the teacher's mean confidence / accuracy (against the pool's gold labels) on the rows "
         "each arm had labeled — drawn at random (or typical, for a typical first slice), or chosen by the student's "
-        "rule — the teacher-confidence head's mean prediction / the share of the chosen rows that cleared the "
-        "teacher's bar (`llkd` only), and the share of the labeled rows the strategy trained on at least once.",
+        "rule — the teacher-confidence head's mean prediction / the share of the chosen rows (and of the later "
+        "rounds' random rows) that cleared the teacher's bar (`llkd` only), and the share of the labeled rows the "
+        "strategy trained on at least once.",
         "",
         "| labeled | random subset: teacher on its rows | rows trained | rounds: teacher on the random rows | "
         "teacher on the student-chosen rows | head: predicted / cleared the bar | rows trained |",
@@ -368,9 +369,8 @@ def _rows_lines(axis: dict[str, Any]) -> list[str]:
         random_cell = entry.get("random") or {}
         for arm in _arms_at(axis, entry):
             rounds_cell = (entry.get(arm) if arm else None) or {}
-            first = _teacher(rounds_cell, "random")
-            if first == "–" and (rounds_cell.get("teacher_on_rows") or {}).get("typical"):
-                first = "typical: " + _teacher(rounds_cell, "typical")
+            drawn = [_teacher(rounds_cell, "random"), "typical: " + _teacher(rounds_cell, "typical")]
+            first = "; ".join(cell for cell in drawn if not cell.endswith("–")) or "–"
             cells = [
                 f"{100 * entry['fraction']:g} %{_rule(arm) if arm else ''}",
                 _teacher(random_cell, "random"),
@@ -393,10 +393,15 @@ def _teacher(cell: dict[str, Any], part: str) -> str:
 
 
 def _head(cell: dict[str, Any]) -> str:
-    on = (cell.get("teacher_on_rows") or {}).get("uncertainty") or {}
-    if on.get("predicted") is None or on.get("clears") is None:
-        return "–"
-    return f"{on['predicted']:.2f} / {on['clears']:.2f}"
+    """The head's mean prediction / the share that cleared the bar, on the chosen rows (and on the
+    explored random rows of the same rounds, which the head scored too)."""
+    parts = cell.get("teacher_on_rows") or {}
+    said = [
+        f"{prefix}{on['predicted']:.2f} / {on['clears']:.2f}"
+        for prefix, on in (("", parts.get("uncertainty") or {}), ("random: ", parts.get("random") or {}))
+        if on.get("predicted") is not None and on.get("clears") is not None
+    ]
+    return "; ".join(said) or "–"
 
 
 def _share(cell: dict[str, Any]) -> str:
