@@ -114,7 +114,8 @@ def test_quick_benchmark_writes_the_table_and_the_plot(ray_local, tmp_path: Path
     assert "| llkd (M=2) |" in table and f"| {rounds_half} |" in table and "*teacher" in table
     assert "compute to `all`'s best" in table and "## Where the compute goes" in table
     assert "## Label-free stop" in table and "scores reused" in table and "## Seconds beside FLOPs" in table
-    assert "## Labeling axis" in table and "| 50 % (48 rows) |" in table and "teacher counted" in table
+    assert "## Labeling axis" in table and "| 50 % (48 rows), llkd, typical first, clip 10 % |" in table
+    assert "teacher counted" in table
     assert "Where the labels go" in table and "(12 rows); typical: " in table and " (24 rows) |" in table
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
