@@ -22,6 +22,7 @@ MINILM = "builtin:minilm"
 
 Strategy = Literal["llkd", "all", "random", "teacher_confidence", "student_uncertainty"]
 STRATEGIES: tuple[Strategy, ...] = ("llkd", "all", "random", "teacher_confidence", "student_uncertainty")
+Choose = Literal["entropy", "bald", "disagreement", "llkd"]  # the rounds' rules (llkd_ray/pipeline/choice.py)
 
 #: EMA momentum of the selection thresholds. The method spec's default is 0.99; at budgets of a few
 #: hundred steps the student level then needs ~1/(1-0.99) = 100 steps to follow the student and
@@ -53,8 +54,7 @@ class Section(BaseModel):
 class LabelSpec(Section):
     name: Annotated[str, Field(min_length=1)]
     description: Annotated[str, Field(min_length=1)]
-    verbalizer: str | None = None
-    """Word an LLM teacher answers with for this label (default: the label name)."""
+    verbalizer: str | None = None  # the word an LLM teacher answers with (default: the label name)
 
     @property
     def answer(self) -> str:
@@ -83,8 +83,7 @@ class TaskConfig(Section):
 class DataConfig(Section):
     input: str
     """Corpus reference: a file, directory, glob, URI (s3://, gs://) or ``builtin:NAME/SPLIT``."""
-    format: Literal["auto", "jsonl", "csv", "parquet", "text"] = "auto"
-    """``auto`` infers the format from the file extensions."""
+    format: Literal["auto", "jsonl", "csv", "parquet", "text"] = "auto"  # auto: from the file extensions
     text_column: str = "text"
     id_column: str | None = None
     label_column: str | None = None
@@ -229,20 +228,24 @@ class LabelingConfig(Section):
     budget: Annotated[float, Field(gt=0, le=1)] = 1.0
     """Fraction of the pool (its usable rows) the teacher may label, in (0, 1]."""
     rounds: PositiveInt = 1
-    """Labeling rounds: round 0 labels a seeded random slice, each later one the rows the student
-    is most uncertain about; every round labels ``budget / rounds`` of the pool."""
+    """Labeling rounds, each labeling ``budget / rounds`` of the pool; later ones chosen by the student."""
     explore: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Share of each later round's slice drawn uniformly at random from the unlabeled rows (seeded),
-    the rest chosen by uncertainty: the rows the student is least sure of are often the ones the
-    teacher is least sure of too, and LLKD's teacher gate discards those (docs/labeling.md)."""
+    """Share of each later slice drawn at random (seeded) from the unlabeled rows, the rest chosen."""
     scoring_concurrency: Concurrency = (1, 2)
     """The student's scoring actors over the unlabeled pool: a fixed size or an autoscaled (min, max)."""
     scoring_num_cpus: PositiveFloat = 0.5
-    """CPUs each scoring actor reserves (one torch thread each on CPU); 2 x 0.5 leaves a 2-CPU node
-    one CPU for the tasks reading the corpus."""
+    """CPUs per scoring actor (one torch thread each); 2 x 0.5 leave a 2-CPU node one for the reads."""
     scoring_num_gpus: Annotated[float, Field(ge=0)] = 0.0
     scoring_batch_size: PositiveInt = 256
     """Rows per call of a scoring actor (the predictor batches them by length within)."""
+    choose: Choose = "entropy"
+    """How later rounds rank rows: entropy, bald, disagreement, or llkd (docs/labeling.md)."""
+    first: Literal["random", "typical"] = "random"
+    """Round 0: a seeded random slice, or typical rows (k-means medoids of the student's embeddings)."""
+    clip: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    """Share of the most uncertain unlabeled rows set aside before choosing (outliers)."""
+    dropout_passes: Annotated[int, Field(ge=2)] = 4
+    """MC-dropout forward passes for ``bald`` and ``llkd`` (each counted as scoring)."""
 
     @property
     def enabled(self) -> bool:
@@ -280,8 +283,7 @@ class SelectionConfig(Section):
 class StudentConfig(Section):
     model: str = MINILM
     """Any AutoModelForSequenceClassification: hub id, local directory, or builtin:minilm."""
-    max_length: PositiveInt = 64
-    """Tokens per text (longer texts are truncated)."""
+    max_length: PositiveInt = 64  # tokens per text (longer texts are truncated)
 
 
 class TrainingConfig(Section):
@@ -293,8 +295,7 @@ class TrainingConfig(Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     warmup_ratio: Fraction = 0.1
     epochs: PositiveFloat = 2.0
-    max_steps: PositiveInt | None = None
-    """Fixed step budget; overrides ``epochs`` when given."""
+    max_steps: PositiveInt | None = None  # a fixed step budget; overrides ``epochs`` when given
     budget: PositiveFloat | None = None
     """Compute budget in passes of ``all`` over the pool (one pass = 6 x N x the pool's tokens
     FLOPs, N the student's non-embedding parameters; see ``llkd_ray/compute.py``). Training stops
@@ -410,8 +411,7 @@ class TrackingConfig(Section):
     uri: str | None = None
     """MLflow tracking URI (a server, ``file:/path``, or a path); default ``MLFLOW_TRACKING_URI``,
     else ``file:RUN/mlruns`` (a local file store in the run or output directory)."""
-    experiment: Annotated[str, Field(min_length=1)] = "llkd"
-    """The MLflow experiment the runs go to."""
+    experiment: Annotated[str, Field(min_length=1)] = "llkd"  # the MLflow experiment the runs go to
 
 
 class PipelineConfig(Section):

@@ -48,6 +48,35 @@ def test_an_explored_share_names_the_rounds_arm_only() -> None:
         labeling_variants("llkd", [0.3], 3, explore=1.0)
 
 
+def test_each_rule_of_choice_is_a_rounds_arm_named_by_what_differs() -> None:
+    variants = labeling_variants("llkd", [0.3], 3, chooses=["entropy", "llkd", "bald"], first="typical", clip=0.05)
+    assert [v.choose for v in variants] == ["entropy", "entropy", "llkd", "bald"] and variants[0].rounds == 1
+    assert variants[0].slug == "llkd-m1-random-30pct"  # the random subset is the same run for every rule
+    assert variants[1].name == "llkd (M=1), 30 % labeled (3 rounds, typical first, clip 5 %)"
+    assert variants[2].name == "llkd (M=1), 30 % labeled (3 rounds, llkd, typical first, clip 5 %)"
+    assert variants[2].slug == "llkd-m1-rounds3-llkd-typical-clip5-30pct"
+    assert labeling_variants("llkd", [0.3], 3)[1].slug == "llkd-m1-rounds3-30pct"  # the committed runs' names
+    for kwargs, flag in [
+        ({"chooses": ["margin"]}, "--labeling-choose"),
+        ({"first": "medoid"}, "--labeling-first"),
+        ({"clip": 0.5}, "--labeling-clip"),
+    ]:
+        with pytest.raises(ConfigError, match=flag):
+            labeling_variants("llkd", [0.3], 3, **kwargs)
+
+
+def test_the_rules_forward_passes_come_out_of_the_training_budget() -> None:
+    # 1,000 rows, 30 % in 3 rounds of 100; rounds 1 and 2 score 900 and 800 unlabeled rows
+    def budget(**rules: object) -> float:
+        return labeling_training_budget(5.0, 1000, Variant("llkd", labeled=0.3, rounds=3, **rules), 4)  # type: ignore[arg-type]
+
+    assert budget() == pytest.approx((5000 - 1700 / 3) / 300)
+    assert budget(choose="bald") == pytest.approx((5000 - 5 * 1700 / 3) / 300)  # K = 4 dropout passes and the plain one
+    assert budget(choose="disagreement") == pytest.approx((5000 - (5 * 900 + 2 * 800) / 3) / 300)  # round 1: BALD
+    assert budget(choose="llkd") == pytest.approx((5000 - (5 * 1700 + 100 + 200) / 3) / 300)  # + the labeled rows
+    assert budget(first="typical") == pytest.approx((5000 - (1700 + 1000) / 3) / 300)  # + round 0's pass
+
+
 @pytest.mark.parametrize("text", ["0", "1", "0.2,1.5", "a", ""])
 def test_fractions_outside_zero_one_name_the_flag(text: str) -> None:
     with pytest.raises(ConfigError, match="--labeling-budgets"):
@@ -139,7 +168,9 @@ def test_a_labeling_record_puts_compute_and_curve_on_the_whole_pools_axis() -> N
     }  # fmt: skip
 
 
-def _run(variant: str, seed: int, f1: float, strategy: str = "llkd", labeling: tuple | None = None) -> dict:
+def _run(
+    variant: str, seed: int, f1: float, strategy: str = "llkd", labeling: tuple | None = None, **rules: object
+) -> dict:
     run = {"variant": variant, "strategy": strategy, "seed": seed, "macro_f1": f1, "compute": 1.0, "flops": 100.0}
     run["curve"] = [{"all_passes": 0.5, "macro_f1": f1 + 0.02}, {"all_passes": 1.0, "macro_f1": f1}]
     if labeling:
@@ -150,6 +181,7 @@ def _run(variant: str, seed: int, f1: float, strategy: str = "llkd", labeling: t
             "slices": [{"round": 0, "part": "random", "rows": 10, "confidence": 0.8, "accuracy": 0.7}]
             + [{"round": 1, "part": "uncertainty", "rows": 5, "confidence": 0.6, "accuracy": None}] * (rounds > 1),
         }  # fmt: skip
+        run["labeling"] |= rules
         run["data_usage"] = 0.5 if rounds == 1 else 0.25
     return run
 
@@ -190,9 +222,35 @@ def test_the_labeling_table_bolds_what_reaches_the_target_and_totals_the_teacher
     assert "total FLOPs, teacher counted" in table and next(line for line in lines if line.startswith("| 100 %"))
     assert "random subset 50 %, student-guided rounds 30 %" in table
     assert "| 50 % (50 rows) | 0.735 ± 0.000 | – | – | 1.00 / – | 2 / – |" in table.replace("**", "")
-    assert "| 30 % | 0.80 / 0.70 (10 rows) | 50 % | 0.80 / 0.70 (10 rows) | 0.60 / – (5 rows) | 25 % |" in table
-    assert "| 50 % | 0.80 / 0.70 (10 rows) | 50 % | – | – | – |" in table  # no rounds arm at 50 %
+    assert "| 30 % | 0.80 / 0.70 (10 rows) | 50 % | 0.80 / 0.70 (10 rows) | 0.60 / – (5 rows) | – | 25 % |" in table
+    assert "| 50 % | 0.80 / 0.70 (10 rows) | 50 % | – | – | – | – |" in table  # no rounds arm at 50 %
     assert labeling_lines({"labeling": None}) == []
+
+
+def test_each_rule_is_an_arm_of_its_own_with_the_head_against_the_teachers_bar() -> None:
+    results = _labeling_results()
+    chosen = [{"round": 0, "part": "typical", "rows": 10, "confidence": 0.7, "accuracy": 0.6, "clears": 0.5},
+              {"round": 1, "part": "uncertainty", "rows": 5, "confidence": 0.75, "accuracy": 0.8, "clears": 0.6,
+               "predicted": 0.7}]  # fmt: skip
+    llkd = [
+        _run(f"h30-{seed}", seed, 0.75, labeling=(0.3, 3), choose="llkd", first="typical", clip=0.05) for seed in (0, 1)
+    ]
+    for run in llkd:
+        run["labeling"]["slices"] = chosen
+    runs = results["runs"] + llkd
+    results["labeling"] = labeling_summary(runs, {"pool_flops": 10.0, "pool_labelled": 100})
+    axis = results["labeling"]
+    arm = "rounds: llkd, typical first, clip 5 %"
+    assert axis["arms"] == ["rounds", arm] and axis["smallest_fraction_reaching_target"][arm] == 0.3
+    on = axis["fractions"]["0.3"][arm]["teacher_on_rows"]
+    assert on["uncertainty"]["predicted"] == pytest.approx(0.7) and on["typical"]["clears"] == pytest.approx(0.5)
+    lines = labeling_lines(results)
+    assert sum(line.startswith("| 30 % (30 rows)") for line in lines) == 2  # one line per rounds arm
+    row = next(line for line in lines if line.startswith(f"| 30 % (30 rows), {arm.removeprefix('rounds: ')} |"))
+    assert "| 0.700 ± 0.000 | **0.750 ± 0.000** | +0.050 |" in row
+    assert f"student-guided rounds 30 %, {arm} 30 %." in "\n".join(lines)
+    where = next(line for line in lines if line.startswith("| 30 %, llkd, typical first, clip 5 % |"))
+    assert "| typical: 0.70 / 0.60 (10 rows) | 0.75 / 0.80 (5 rows) | 0.70 / 0.60 | 25 % |" in where
 
 
 def test_reuse_ignores_the_labeling_settings(tmp_path: Path) -> None:
@@ -297,6 +355,9 @@ def test_the_slices_say_how_sure_and_how_right_the_teacher_was_on_each_part(tmp_
         (2, "uncertainty", 1),
     ]
     assert parts[0]["confidence"] == pytest.approx(0.85) and parts[0]["accuracy"] == pytest.approx(0.75)
+    # one class: the teacher's bar is the mean confidence (0.7); no head chose these rows
+    assert [p["clears"] for p in parts] == [1.0, 0.0, pytest.approx(0.5), 1.0]
+    assert {p["predicted"] for p in parts} == {None}
     assert parts[1]["confidence"] == pytest.approx(0.4667, abs=1e-4) and parts[1]["accuracy"] == pytest.approx(1 / 3)
     both = teacher_on_rows([parts, parts])
     assert both["random"]["rows"] == 6 and both["uncertainty"]["rows"] == 4  # rows a run

@@ -187,7 +187,7 @@ def _rounds_document(tmp_path: Path) -> RunLayout:
                     "size": 15,
                     "labeled_rows": 30,
                     "teacher": {"flops": 3e12},
-                    "scoring": {"flops": 5e8},
+                    "scoring": {"flops": 5e8, "head": {"held_out_accuracy": 0.75, "held_out_rows": 4, "clears": 0.5}},
                     "training": None,
                 },
             ],
@@ -211,6 +211,8 @@ def test_the_records_give_each_round_its_flops_and_the_run_its_totals(tmp_path):
     lines = rounds_lines(document)
     assert lines[0].startswith("Labeling rounds: 30 of 100 pool rows (budget 0.3) in 2 round(s)")
     assert "uncertainty" in lines[3] and "3.00 TFLOP" in lines[3] and "6.00 GFLOP" in lines[3]
+    assert "teacher head, held out" in lines[1] and lines[3].endswith("0.75 of 4 (50 % clear)")  # labeling.choose: llkd
+    assert lines[2].endswith("–")  # round 0 fits no head
 
 
 def test_a_run_without_rounds_has_no_records(tmp_path):

@@ -12,11 +12,13 @@ Decided here:
   possible (the first slices one row larger); fewer budget rows than rounds is a config error.
 - **Round 0** is a uniform draw of its size with ``training.seed``, over the ids sorted first, so
   the draw does not depend on the order Ray Data reads the pool in.
-- **Later rounds** take the unlabeled rows whose prediction by the current student has the highest
-  normalised entropy (``u_i`` of the selection rule, :func:`llkd_ray.train.selection.normalized_entropy`),
-  **with a quota per predicted class**: each class the student predicts gets an equal share of
-  the slice; a class with fewer rows than its share leaves the rest to the others (water-filling);
-  what is left once less than one row per class remains goes to the most uncertain rows overall.
+- **Later rounds** (``labeling.choose: entropy``, the default; the other rules and a typical round 0
+  are :mod:`llkd_ray.pipeline.choice`'s, on this chooser) take the unlabeled rows whose prediction
+  by the current student has the highest normalised entropy (``u_i`` of the selection rule,
+  :func:`llkd_ray.train.selection.normalized_entropy`), **with a quota per predicted class**: each
+  class the student predicts gets an equal share of the slice; a class with fewer rows than its
+  share leaves the rest to the others (water-filling); what is left once less than one row per
+  class remains goes to the most uncertain rows overall.
   Why: uncertainty alone takes its slice from the boundary the student is worst at, and a class the
   student rarely predicts would get no new labels, which is how a small class starves. Ties go to
   the smaller id, so a rerun chooses the same rows.
@@ -208,7 +210,7 @@ def with_earlier_rounds(layout: RunLayout, summary: dict[str, Any]) -> dict[str,
 
 def rounds_rows(document: dict[str, Any] | None) -> list[tuple[str, ...]]:
     """One row per round for the summary and the report: round, how chosen, rows, labeled so far,
-    and FLOPs by stage (``n/a`` where not recorded)."""
+    FLOPs by stage (``n/a`` where not recorded), and the teacher-confidence head's accuracy."""
     rows = []
     for record in (document or {}).get("rounds") or []:
         flops = record.get("flops") or round_flops(record)
@@ -219,12 +221,25 @@ def rounds_rows(document: dict[str, Any] | None) -> list[tuple[str, ...]]:
                 f"{record.get('size', 0):,}",
                 f"{record.get('labeled_rows', 0):,}",
                 *(format_flops(flops[k]) if isinstance(flops.get(k), int | float) else "n/a" for k in ROUND_FLOPS),
+                head_accuracy(record),
             )
         )
     return rows
 
 
-ROUNDS_HEADER = ("round", "slice", "rows", "labeled so far", "teacher", "student scoring", "student training")
+def head_accuracy(record: dict[str, Any]) -> str:
+    """The teacher-confidence head's held-out accuracy in a round (``labeling.choose: llkd``), against
+    the share of labeled rows that clear the teacher's bar (what always guessing the majority scores)."""
+    head = (record.get("scoring") or {}).get("head") or {}
+    if head.get("held_out_accuracy") is None:
+        return "–"
+    return f"{head['held_out_accuracy']:.2f} of {head['held_out_rows']} ({100 * head['clears']:.0f} % clear)"
+
+
+ROUNDS_HEADER = (
+    "round", "slice", "rows", "labeled so far", "teacher", "student scoring", "student training",
+    "teacher head, held out",
+)  # fmt: skip
 
 
 def rounds_lines(document: dict[str, Any] | None) -> list[str]:

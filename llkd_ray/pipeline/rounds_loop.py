@@ -3,8 +3,8 @@
 :func:`label_rounds` is ``llkd run``'s label stage when ``labeling`` is on (the plan and the choice
 of rows are :mod:`llkd_ray.pipeline.rounds`). Each round, in ``RUN/rounds/round-K/``:
 
-- ``scoring.json`` then ``slice.parquet`` (ids, and the student's ``uncertainty`` and ``predicted``
-  class for the rounds it chose): the slice file is the round's commit point, written before the
+- ``scoring.json`` then ``slice.parquet`` (ids, and the student's ``uncertainty``, ``predicted``
+  class and the rule's scores for the rounds it chose): the slice file is the round's commit point, written before the
   teacher sees a row, so a rerun labels the same rows and does not score again;
 - the teacher labels the slice into ``RUN/labels`` through :func:`~llkd_ray.label.run.label_corpus`
   (``ids``): one directory grows round by round, each row committed once, a killed round resumed;
@@ -14,25 +14,25 @@ of rows are :mod:`llkd_ray.pipeline.rounds`). Each round, in ``RUN/rounds/round-
   all rounds.
 
 The student scores the unlabeled rows in a Ray Data pass over the corpus with an autoscaled pool of
-predictor actors (``labeling.scoring_*``), 2·N FLOPs per real token, counted as student scoring.
+predictor actors (``labeling.scoring_*``), 2·N FLOPs per real token and forward pass, counted as
+student scoring; the round's rule (``labeling.choose``, ``first``, ``clip``) then chooses the slice
+(:mod:`llkd_ray.pipeline.scoring`, the rules pure in :mod:`llkd_ray.pipeline.choice`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llkd_ray.artifacts import MANIFEST, TRAINING_SUMMARY, RunLayout, atomic_output, read_json, write_json
 from llkd_ray.compute import forward_flops
 from llkd_ray.config import PipelineConfig, validate_config
+from llkd_ray.pipeline.choice import epistemic_kind
 from llkd_ray.pipeline.rounds import (
-    choose_slice,
     drawn_rows,
     random_slice,
     round_training,
@@ -61,14 +61,15 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
         f"label: {len(sizes)} round(s) of student-guided labeling, {sum(sizes):,} of {len(pool):,} pool rows "
         f"(labeling.budget {settings.budget}): slices of {', '.join(map(str, sizes))} rows"
         + (f", {100 * settings.explore:g} % of each later one drawn at random" if settings.explore else "")
+        + (f"; rule {settings.choose}, first slice {settings.first}" if _rules_set(config) else "")
     )
     records: list[dict[str, Any]] = []
-    student: Path | None = None
+    students: list[Path] = []
     for index, size in enumerate(sizes):
         directory = layout.round_dir(index)
         record = read_json(directory / ROUND)
         if record is None:
-            chosen, scoring = _slice(config, layout, index, size, pool, student, records)
+            chosen, scoring = _slice(config, layout, index, size, pool, students, records)
             _call(hook, "sliced", index)
             wanted = pa.array(chosen, type=pa.string())
             if not _committed(layout, wanted):  # a rerun after the labels were committed skips the pass
@@ -78,13 +79,13 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
             tokens = teacher_tokens_of(OutputStore(layout.labels), wanted)
             training = None
             if index < len(sizes) - 1:
-                training = _train_round(config, layout, index, sizes, student, log)
+                training = _train_round(config, layout, index, sizes, students[-1] if students else None, log)
                 _call(hook, "trained", index)
             record = {
                 "round": index,
-                "kind": _kind(index, config.labeling.explore),
+                "kind": _kind(config, index),
                 "size": len(chosen),
-                "drawn": len(chosen) if index == 0 else min(len(chosen), drawn_rows(size, config.labeling.explore)),
+                "drawn": _drawn(config, index, len(chosen), size),
                 "labeled_rows": sum(r["size"] for r in records) + len(chosen),
                 "slice": str(directory / SLICE),
                 "teacher": {
@@ -97,9 +98,13 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
             write_json(directory / ROUND, record)
         records.append(record)
         if record.get("training"):
-            student = Path(record["training"]["dir"]) / "student"
+            students.append(Path(record["training"]["dir"]) / "student")
     document = {
         "budget": settings.budget,
+        "choose": settings.choose,
+        "first": settings.first,
+        "clip": settings.clip,
+        "explore": settings.explore,
         "rounds_planned": len(sizes),
         "pool_rows": len(pool),
         "budget_rows": sum(sizes),
@@ -111,11 +116,31 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
     return document
 
 
-def _kind(index: int, explore: float) -> str:
+#: A later round's rule as its records say it (entropy keeps the name the records always had).
+RULE_NAMES = {"entropy": "uncertainty", "bald": "bald", "disagreement": "disagreement", "llkd": "teacher head x bald"}
+
+
+def _rules_set(config: PipelineConfig) -> bool:
+    settings = config.labeling
+    return (settings.choose, settings.first, settings.clip) != ("entropy", "random", 0.0)
+
+
+def _kind(config: PipelineConfig, index: int) -> str:
     """How a round's slice was chosen, as the records and the summary's table say it."""
+    settings = config.labeling
     if index == 0:
-        return "random"
-    return f"uncertainty + {100 * explore:g} % random" if explore else "uncertainty"
+        return settings.first
+    rule = RULE_NAMES["llkd" if settings.choose == "llkd" else epistemic_kind(settings.choose, index) or "entropy"]
+    if settings.clip:
+        rule += f", top {100 * settings.clip:g} % clipped"
+    return f"{rule} + {100 * settings.explore:g} % random" if settings.explore else rule
+
+
+def _drawn(config: PipelineConfig, index: int, rows: int, size: int) -> int:
+    """Rows of a round's slice drawn at random (the rest chosen): all of a random round 0."""
+    if index == 0:
+        return rows if config.labeling.first == "random" else 0
+    return min(rows, drawn_rows(size, config.labeling.explore))
 
 
 def _committed(layout: RunLayout, ids: pa.Array) -> bool:
@@ -178,56 +203,36 @@ def _slice(
     index: int,
     size: int,
     pool: list[str],
-    student: Path | None,
+    students: list[Path],
     records: list[dict[str, Any]],
 ) -> tuple[list[str], dict[str, Any] | None]:
-    """Round ``index``'s slice: the one written already, else chosen now (and written)."""
+    """Round ``index``'s slice: the one written already, else chosen now (and written). ``students``
+    are the rounds' trained students so far, oldest first."""
     from llkd_ray.label.store import OutputStore, committed_ids
+    from llkd_ray.pipeline.scoring import choose_round
 
     path = layout.round_dir(index) / SLICE
     if path.is_file():
         return pq.read_table(path, columns=["id"])["id"].to_pylist(), read_json(path.parent / SCORING)
-    if index == 0 or student is None:
+    settings = config.labeling
+    if (index == 0 and settings.first == "random") or (index > 0 and not students):
         chosen = random_slice(pool, size, config.training.seed)
         table, scoring = pa.table({"id": pa.array(chosen, type=pa.string())}), None
     else:
-        labeled = committed_ids(OutputStore(layout.labels))
-        scores = score_pool(config, student, labeled)
-        names = config.task.label_names
-        chosen = choose_slice(
-            scores["id"].tolist(),
-            scores["uncertainty"].to_numpy(),
-            scores["predicted"].to_numpy(),
-            size,
-            len(names),
-            set(labeled.to_pylist()),
-            explore=config.labeling.explore,
-            seed=config.training.seed + index,
+        labeled = committed_ids(OutputStore(layout.labels)) if index else pa.array([], type=pa.string())
+        student = students[-1] if index else Path(config.student.model)
+        previous = students[-2] if len(students) > 1 else None
+        parameters = (records[-1].get("training") or {}).get("student_parameters") if records else None
+        chosen, picked, scoring = choose_round(
+            config, layout.labels, index, size, student, previous, labeled, parameters
         )
-        picked = scores.set_index("id").loc[chosen]
-        parameters = (records[-1].get("training") or {}).get("student_parameters")
-        tokens = int(scores["tokens"].sum())
-        scoring = {
-            "rows": len(scores),
-            "tokens": tokens,
-            "parameters": parameters,
-            "flops": forward_flops(parameters, tokens) if parameters else None,
-            "student": str(student),
-            "pool_by_predicted_class": _by_class(scores["predicted"], names),
-            "slice_by_predicted_class": _by_class(picked["predicted"], names),
-            "mean_uncertainty_pool": float(scores["uncertainty"].mean()) if len(scores) else None,
-            "mean_uncertainty_slice": float(picked["uncertainty"].mean()) if len(picked) else None,
-        }
-        table = pa.Table.from_pandas(picked.reset_index()[["id", "uncertainty", "predicted"]], preserve_index=False)
+        keep = [c for c in ("id", "uncertainty", "predicted", "score", "bald", "disagreement", "teacher_sure")
+                if c in picked.columns]  # fmt: skip
+        table = pa.Table.from_pandas(picked[keep], preserve_index=False)
         write_json(path.parent / SCORING, scoring)
     with atomic_output(path) as stream:
         pq.write_table(table, stream)
     return chosen, scoring
-
-
-def _by_class(predicted: pd.Series, names: list[str]) -> dict[str, int]:
-    counts = Counter(int(p) for p in predicted)
-    return {name: counts.get(i, 0) for i, name in enumerate(names)}
 
 
 def pool_ids(config: PipelineConfig) -> list[str]:
@@ -238,71 +243,3 @@ def pool_ids(config: PipelineConfig) -> list[str]:
         rows = read_corpus(config.data).rows.select_columns(["id"])
         batches = list(rows.iter_batches(batch_format="pyarrow", batch_size=None))
     return list(dict.fromkeys(str(i) for batch in batches for i in batch["id"].to_pylist()))
-
-
-# --------------------------------------------------------------------------- the student scores the pool
-
-
-class StudentScorer:
-    """The scoring pass's Ray Data actor class: one predictor, ``threads`` torch threads."""
-
-    def __init__(self, model_dir: str, max_length: int, threads: int) -> None:
-        import torch
-
-        from llkd_ray.student.predictor import Predictor
-
-        torch.set_num_threads(threads)
-        self.predictor = Predictor.load(model_dir, max_length=max_length, batch_size=64)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import torch
-
-        from llkd_ray.train.selection import normalized_entropy
-
-        probabilities, tokens = self.predictor.scored(batch["text"].tolist())
-        # softmax(log p) = p: the entropy of the predictor's probabilities, by the selection rule's function.
-        uncertainty = normalized_entropy(torch.log(probabilities.clamp_min(1e-30)))
-        return pd.DataFrame(
-            {
-                "id": batch["id"].astype(str),
-                "uncertainty": uncertainty.numpy(),
-                "predicted": probabilities.argmax(dim=-1).numpy(),
-                "tokens": tokens,
-            }
-        )
-
-
-def score_pool(config: PipelineConfig, student: Path, labeled: pa.Array) -> pd.DataFrame:
-    """``id``, ``uncertainty``, ``predicted`` and ``tokens`` of every usable pool row not in ``labeled``."""
-    import ray.data
-
-    from llkd_ray.corpus import read_corpus, read_order
-    from llkd_ray.label.store import drop_committed
-
-    settings = config.labeling
-    low, high = (
-        (settings.scoring_concurrency,) * 2
-        if isinstance(settings.scoring_concurrency, int)
-        else settings.scoring_concurrency
-    )
-    with read_order(config.data):
-        rows = read_corpus(config.data).rows.select_columns(["id", "text"])
-        unlabeled = {"committed": labeled}
-        rows = rows.map_batches(drop_committed, batch_format="pyarrow", batch_size=None, fn_kwargs=unlabeled)
-        scored = rows.map_batches(
-            StudentScorer,
-            fn_constructor_kwargs={
-                "model_dir": str(student),
-                "max_length": config.student.max_length,
-                "threads": max(1, int(settings.scoring_num_cpus)),
-            },
-            batch_size=settings.scoring_batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-            num_cpus=settings.scoring_num_cpus,
-            num_gpus=settings.scoring_num_gpus or None,
-        )
-        frames = list(scored.iter_batches(batch_format="pandas", batch_size=None))
-    columns = ["id", "uncertainty", "predicted", "tokens"]
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-    return frame.drop_duplicates("id", keep="first").reset_index(drop=True)

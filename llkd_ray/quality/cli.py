@@ -30,12 +30,13 @@ from llkd_ray.quality.tables import write_results
 # --------------------------------------------------------------------------- quick mode
 
 
-#: ``--quick``: a tiny pool, a tiny student, one seed, one pass of compute, a 4-point curve (CI).
+#: ``--quick``: a tiny pool, a tiny student, one seed, two passes of compute (room for the rounds'
+#: scoring passes of any rule, a typical first slice included), a 4-point curve (CI).
 QUICK = {
     "pool_size": 96,
     "gold_size": 96,
     "seeds": 1,
-    "budget": 1.0,
+    "budget": 2.0,
     "eval_points": 4,
     "batch_size": 16,
     "max_length": 32,
@@ -49,6 +50,7 @@ QUICK_OVERRIDES = [
     "training.stop_checks=8",
     "training.stop_churn=1",
     "training.stop_selected=0",
+    "labeling.dropout_passes=2",
 ]
 
 
@@ -126,6 +128,19 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of each later slice of the rounds drawn at random (labeling.explore; default 0)",
     )
     labeling.add_argument(
+        "--labeling-choose",
+        help="rules of the rounds' later slices, one rounds arm each, e.g. entropy,llkd,bald "
+        "(labeling.choose: entropy, bald, disagreement, llkd; default entropy)",
+    )
+    labeling.add_argument(
+        "--labeling-first",
+        choices=("random", "typical"),
+        help="the rounds' first slice (labeling.first; default random)",
+    )
+    labeling.add_argument(
+        "--labeling-clip", type=float, help="share of the most uncertain rows the rounds set aside (labeling.clip)"
+    )
+    labeling.add_argument(
         "--count-teacher", action="store_true", help="total the teacher's FLOPs with the student's in that table"
     )
     runs.add_argument(
@@ -163,6 +178,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     settings.labeling_strategy = args.labeling_strategy or settings.labeling_strategy
     if args.labeling_explore is not None:
         settings.labeling_explore = args.labeling_explore
+    if args.labeling_choose:
+        settings.labeling_choose = [c.strip() for c in args.labeling_choose.split(",") if c.strip()]
+    settings.labeling_first = args.labeling_first or settings.labeling_first
+    if args.labeling_clip is not None:
+        settings.labeling_clip = args.labeling_clip
     settings.count_teacher = args.count_teacher
     keys = ("seeds", "budget", "steps", "eval_points", "batch_size", "learning_rate", "max_length", "momentum")
     for key in (*keys, "workers", "gold_size"):
@@ -196,8 +216,9 @@ def quality_main(args: argparse.Namespace, log: Callable[[str], None] = print) -
     )
     if settings.labeling_budgets:
         variants += labeling_variants(
-            settings.labeling_strategy, settings.labeling_budgets, settings.labeling_rounds, settings.labeling_explore
-        )
+            settings.labeling_strategy, settings.labeling_budgets, settings.labeling_rounds, settings.labeling_explore,
+            settings.labeling_choose, settings.labeling_first, settings.labeling_clip,
+        )  # fmt: skip
     dataset = args.dataset or (None if args.pool else "builtin:sst2")
     name = dataset_name(dataset, args.pool)
     output = Path(args.output or f"runs/bench-quality-{name}{'-quick' if args.quick else ''}")

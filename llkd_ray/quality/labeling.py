@@ -123,18 +123,24 @@ def labeling_record(
             "pool_scoring_flops": sum(float((r.get("scoring") or {}).get("flops") or 0.0) for r in rounds),
             "sizes": document["sizes"],
             "kinds": [r.get("kind") for r in rounds],
+            **{key: document[key] for key in ("choose", "first", "clip") if key in document},
         },
     }
 
 
 def slice_quality(run_dir: Path) -> list[dict[str, Any]]:
-    """Per round of a labeling run, the teacher on the rows labeled: a ``random`` part (round 0; the
-    explored share of a later slice, drawn last) and an ``uncertainty`` part, each with its rows, the
-    teacher's mean confidence and, where the pool has gold labels, the share it labeled right."""
+    """Per round of a labeling run, the teacher on the rows labeled: a ``random`` part (a random round
+    0; the explored share of a later slice, drawn last) and the part the rule chose (``uncertainty``,
+    whatever the rule; ``typical`` for a typical round 0), each with its rows, the teacher's mean
+    confidence, the share of rows that clear its bar (:func:`~llkd_ray.pipeline.scoring.teacher_clears`
+    over every labeled row of the run), where the pool has gold labels the share it labeled right,
+    and where the teacher-confidence head chose (``labeling.choose: llkd``) its mean prediction."""
+    import pandas as pd
     import pyarrow.parquet as pq
 
     from llkd_ray.artifacts import read_label_table
     from llkd_ray.pipeline.rounds_loop import SLICE
+    from llkd_ray.pipeline.scoring import teacher_clears
 
     layout = RunLayout(run_dir)
     document = read_json(layout.rounds_json) or {}
@@ -142,39 +148,42 @@ def slice_quality(run_dir: Path) -> list[dict[str, Any]]:
         return []  # nothing to read (a run reused from another directory)
     labels = read_label_table(layout.labels).to_pandas().set_index("id")
     gold = "gold_label" in labels.columns and labels["gold_label"].notna().any()
+    classes, _ = pd.factorize(labels["pseudo_label"])
+    labels["clears"] = teacher_clears(labels["confidence"].to_numpy(), classes, max(2, int(classes.max()) + 1))
     parts = []
     for record in document.get("rounds") or []:
-        ids = [
-            i for i in pq.read_table(layout.round_dir(record["round"]) / SLICE)["id"].to_pylist() if i in labels.index
-        ]
+        table = pq.read_table(layout.round_dir(record["round"]) / SLICE).to_pandas()
+        table = table[table["id"].isin(labels.index)]
+        ids = table["id"].tolist()
         drawn = min(len(ids), record.get("drawn", len(ids) if record["round"] == 0 else 0))
-        for part, chosen in (("uncertainty", ids[: len(ids) - drawn]), ("random", ids[len(ids) - drawn :])):
+        chose = "typical" if record.get("kind") == "typical" else "uncertainty"
+        for part, chosen in ((chose, ids[: len(ids) - drawn]), ("random", ids[len(ids) - drawn :])):
             if chosen:
                 rows = labels.loc[chosen]
                 accuracy = float((rows["pseudo_label"] == rows["gold_label"]).mean()) if gold else None
+                sure = table.set_index("id").loc[chosen].get("teacher_sure")
+                predicted = None if sure is None or sure.isna().all() else float(sure.mean())
                 parts.append({"round": record["round"], "part": part, "rows": len(chosen),
-                              "confidence": float(rows["confidence"].mean()), "accuracy": accuracy})  # fmt: skip
+                              "confidence": float(rows["confidence"].mean()), "accuracy": accuracy,
+                              "clears": float(rows["clears"].mean()), "predicted": predicted})  # fmt: skip
     return parts
 
 
 def teacher_on_rows(runs: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Over the runs' :func:`slice_quality` parts: per part (random, uncertainty), the rows a run
-    (mean over the runs) and the row-weighted mean teacher confidence and accuracy (None without
-    gold labels)."""
+    """Over the runs' :func:`slice_quality` parts: per part (random, uncertainty, typical), the rows a
+    run (mean over the runs) and the row-weighted means of the teacher's confidence, its accuracy,
+    the share clearing its bar and the head's prediction (None where no part recorded it)."""
     out: dict[str, dict[str, Any]] = {}
-    for part in ("random", "uncertainty"):
+    for part in ("random", "uncertainty", "typical"):
         mine = [p for parts in runs for p in parts if p["part"] == part]
         rows = sum(p["rows"] for p in mine)
         if not rows:
             continue
-        known = [p for p in mine if p["accuracy"] is not None]
-        out[part] = {
-            "rows": round(rows / len(runs)),
-            "confidence": sum(p["confidence"] * p["rows"] for p in mine) / rows,
-            "accuracy": sum(p["accuracy"] * p["rows"] for p in known) / sum(p["rows"] for p in known)
-            if known
-            else None,
-        }
+        out[part] = {"rows": round(rows / len(runs))}
+        for key in ("confidence", "accuracy", "clears", "predicted"):
+            known = [p for p in mine if p.get(key) is not None]
+            weight = sum(p["rows"] for p in known)
+            out[part][key] = sum(p[key] * p["rows"] for p in known) / weight if weight else None
     return out
 
 
@@ -189,16 +198,18 @@ def labeling_summary(runs: list[dict[str, Any]], teacher: dict[str, Any]) -> dic
         return None
     target = all_best_f1(runs)
     rows: dict[str, dict[str, Any]] = {}
+    arms = ["random"]
     for run in labeled:
         info = run["labeling"]
-        arm = "random" if info["rounds"] == 1 else "rounds"
+        arm = arm_of(info)
+        arms += [arm] if arm not in arms else []
         entry = rows.setdefault(f"{info['fraction']:g}", {"fraction": info["fraction"], "pool_rows": info["pool_rows"]})
         entry["labeled_rows"] = info["labeled_rows"]
         cell = entry.setdefault(arm, {"runs": []})
         cell["runs"].append(run)
         cell["rounds"] = info["rounds"]
     for entry in rows.values():
-        for arm in ("random", "rounds"):
+        for arm in arms:
             cell = entry.get(arm)
             if not cell:
                 continue
@@ -215,11 +226,12 @@ def labeling_summary(runs: list[dict[str, Any]], teacher: dict[str, Any]) -> dic
     ordered = dict(sorted(rows.items(), key=lambda item: item[1]["fraction"]))
     smallest = {
         arm: next((e["fraction"] for e in ordered.values() if (e.get(arm) or {}).get("reaches_target")), None)
-        for arm in ("random", "rounds")
+        for arm in dict.fromkeys(["random", "rounds", *arms])
     }
     everything = [run for run in runs if run["strategy"] == "all" and run.get("flops")]
     return {
         "target_all_best": target,
+        "arms": [arm for arm in arms if arm != "random"],
         "fractions": ordered,
         "smallest_fraction_reaching_target": smallest,
         "whole_pool": {
@@ -230,6 +242,24 @@ def labeling_summary(runs: list[dict[str, Any]], teacher: dict[str, Any]) -> dic
         if everything
         else None,
     }
+
+
+def arm_of(info: dict[str, Any]) -> str:
+    """A labeling run's arm in the tables: ``random`` (one round), ``rounds`` (the default rules), or
+    ``rounds: RULES`` for the rules that differ (``labeling.choose``, a typical first slice, a clip)."""
+    if info["rounds"] == 1:
+        return "random"
+    rules = [
+        *([info["choose"]] if info.get("choose", "entropy") != "entropy" else []),
+        *(["typical first"] if info.get("first") == "typical" else []),
+        *([f"clip {100 * info['clip']:g} %"] if info.get("clip") else []),
+    ]
+    return "rounds: " + ", ".join(rules) if rules else "rounds"
+
+
+def _rule(arm: str) -> str:
+    """An arm's rules as the tables' first column adds them (nothing for the default rules)."""
+    return "" if arm == "rounds" else ", " + arm.removeprefix("rounds: ")
 
 
 def _f1(cell: dict[str, Any] | None) -> str:
@@ -272,25 +302,29 @@ def labeling_lines(results: dict[str, Any]) -> list[str]:
         "|---|" + "---:|" * (7 if count_teacher else 6),
     ]
     for entry in axis["fractions"].values():
-        random_cell, rounds_cell = entry.get("random"), entry.get("rounds")
-        delta = (
-            f"{rounds_cell['macro_f1'][0] - random_cell['macro_f1'][0]:+.3f}" if random_cell and rounds_cell else "–"
-        )
-        compute = " / ".join("–" if not c else f"{c['compute'][0]:.2f}" for c in (random_cell, rounds_cell))
-        teacher_flops = next((c["teacher_flops"] for c in (random_cell, rounds_cell) if c), None)
-        cells = [
-            f"{100 * entry['fraction']:g} % ({entry['labeled_rows']:,} rows)",
-            _f1(random_cell),
-            _f1(rounds_cell),
-            delta,
-            compute,
-            " / ".join("–" if not c else str(c["seeds"]) for c in (random_cell, rounds_cell)),
-            _flops(teacher_flops),
-        ]
-        if count_teacher:
-            totals = [c["student_flops"] + (c["teacher_flops"] or 0.0) for c in (random_cell, rounds_cell) if c]
-            cells.append(" / ".join(format_flops(t) for t in totals))
-        lines.append("| " + " | ".join(cells) + " |")
+        random_cell = entry.get("random")
+        for arm in _arms_at(axis, entry):
+            rounds_cell = entry.get(arm) if arm else None
+            delta = (
+                f"{rounds_cell['macro_f1'][0] - random_cell['macro_f1'][0]:+.3f}"
+                if random_cell and rounds_cell
+                else "–"
+            )
+            compute = " / ".join("–" if not c else f"{c['compute'][0]:.2f}" for c in (random_cell, rounds_cell))
+            teacher_flops = next((c["teacher_flops"] for c in (random_cell, rounds_cell) if c), None)
+            cells = [
+                f"{100 * entry['fraction']:g} % ({entry['labeled_rows']:,} rows){_rule(arm) if arm else ''}",
+                _f1(random_cell),
+                _f1(rounds_cell),
+                delta,
+                compute,
+                " / ".join("–" if not c else str(c["seeds"]) for c in (random_cell, rounds_cell)),
+                _flops(teacher_flops),
+            ]
+            if count_teacher:
+                totals = [c["student_flops"] + (c["teacher_flops"] or 0.0) for c in (random_cell, rounds_cell) if c]
+                cells.append(" / ".join(format_flops(t) for t in totals))
+            lines.append("| " + " | ".join(cells) + " |")
     whole = axis.get("whole_pool")
     if whole:
         cells = [
@@ -306,35 +340,52 @@ def labeling_lines(results: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Smallest fraction labeled whose mean macro-F1 reaches `all`'s best: random subset {said['random']}, "
-        f"student-guided rounds {said['rounds']}." + ("" if target is not None else " (`all` was not run: no target.)"),
+        f"student-guided rounds {said['rounds']}"
+        + "".join(f", {arm} {said[arm]}" for arm in axis.get("arms", []) if arm != "rounds")
+        + "."
+        + ("" if target is not None else " (`all` was not run: no target.)"),
         "",
         *_rows_lines(axis),
     ]
     return lines
 
 
+def _arms_at(axis: dict[str, Any], entry: dict[str, Any]) -> list[str | None]:
+    """The rounds arms measured at a fraction, in the summary's order; ``[None]`` when there are none."""
+    arms = [arm for arm in axis.get("arms", ["rounds"]) if entry.get(arm)]
+    return arms or [None]
+
+
 def _rows_lines(axis: dict[str, Any]) -> list[str]:
-    """Where the labels go: the teacher on the rows each arm had labeled, and the share trained on."""
+    """Where the labels go: the teacher on the rows each arm had labeled, the head's prediction against
+    the share that cleared the teacher's bar, and the share trained on."""
     lines = [
         "Where the labels go: the teacher's mean confidence / accuracy (against the pool's gold labels) on the rows "
-        "each arm had labeled — drawn at random, or chosen by the student — and the share of the labeled rows the "
+        "each arm had labeled — drawn at random (or typical, for a typical first slice), or chosen by the student's "
+        "rule — the teacher-confidence head's mean prediction / the share of the chosen rows (and of the later "
+        "rounds' random rows) that cleared the teacher's bar (`llkd` only), and the share of the labeled rows the "
         "strategy trained on at least once.",
         "",
         "| labeled | random subset: teacher on its rows | rows trained | rounds: teacher on the random rows | "
-        "teacher on the student-chosen rows | rows trained |",
-        "|---|---:|---:|---:|---:|---:|",
+        "teacher on the student-chosen rows | head: predicted / cleared the bar | rows trained |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in axis["fractions"].values():
-        random_cell, rounds_cell = entry.get("random") or {}, entry.get("rounds") or {}
-        cells = [
-            f"{100 * entry['fraction']:g} %",
-            _teacher(random_cell, "random"),
-            _share(random_cell),
-            _teacher(rounds_cell, "random"),
-            _teacher(rounds_cell, "uncertainty"),
-            _share(rounds_cell),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        random_cell = entry.get("random") or {}
+        for arm in _arms_at(axis, entry):
+            rounds_cell = (entry.get(arm) if arm else None) or {}
+            drawn = [_teacher(rounds_cell, "random"), "typical: " + _teacher(rounds_cell, "typical")]
+            first = "; ".join(cell for cell in drawn if not cell.endswith("–")) or "–"
+            cells = [
+                f"{100 * entry['fraction']:g} %{_rule(arm) if arm else ''}",
+                _teacher(random_cell, "random"),
+                _share(random_cell),
+                first,
+                _teacher(rounds_cell, "uncertainty"),
+                _head(rounds_cell),
+                _share(rounds_cell),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -344,6 +395,18 @@ def _teacher(cell: dict[str, Any], part: str) -> str:
         return "–"
     accuracy = "–" if on["accuracy"] is None else f"{on['accuracy']:.2f}"
     return f"{on['confidence']:.2f} / {accuracy} ({on['rows']:,} rows)"
+
+
+def _head(cell: dict[str, Any]) -> str:
+    """The head's mean prediction / the share that cleared the bar, on the chosen rows (and on the
+    explored random rows of the same rounds, which the head scored too)."""
+    parts = cell.get("teacher_on_rows") or {}
+    said = [
+        f"{prefix}{on['predicted']:.2f} / {on['clears']:.2f}"
+        for prefix, on in (("", parts.get("uncertainty") or {}), ("random: ", parts.get("random") or {}))
+        if on.get("predicted") is not None and on.get("clears") is not None
+    ]
+    return "; ".join(said) or "–"
 
 
 def _share(cell: dict[str, Any]) -> str:

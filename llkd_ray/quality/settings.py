@@ -10,17 +10,19 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from llkd_ray.config import (
     DEFAULT_MOMENTUM,
     MINILM,
     STRATEGIES,
+    Choose,
     PipelineConfig,
     _apply_override,
     validate_config,
 )
 from llkd_ray.errors import ConfigError
+from llkd_ray.pipeline.choice import scoring_passes
 from llkd_ray.pipeline.rounds import slice_sizes
 from llkd_ray.quality.data import BenchData
 
@@ -41,6 +43,12 @@ class Variant:
     """With ``labeled`` < 1: 1 = a random subset of B, then training; R > 1 = student-guided rounds."""
     explore: float = 0.0
     """The rounds' ``labeling.explore``: the share of each later slice drawn at random."""
+    choose: str = "entropy"
+    """The rounds' ``labeling.choose``: how later rounds rank the unlabeled rows."""
+    first: str = "random"
+    """The rounds' ``labeling.first``: round 0 random or typical."""
+    clip: float = 0.0
+    """The rounds' ``labeling.clip``: the share of the most uncertain rows set aside."""
 
     @property
     def labeling(self) -> bool:
@@ -56,10 +64,18 @@ class Variant:
             name = f"llkd (M={self.candidates_per_step})"
         if not self.labeling:
             return name
-        how = "random subset" if self.rounds == 1 else f"{self.rounds} rounds"
+        how = "random subset" if self.rounds == 1 else ", ".join([f"{self.rounds} rounds", *self._rules()])
         if self.rounds > 1 and self.explore:
             how += f", {100 * self.explore:g} % random"
         return f"{name}, {100 * self.labeled:g} % labeled ({how})"
+
+    def _rules(self) -> list[str]:
+        """The rounds' rules that differ from the defaults (entropy, a random first slice, no clip)."""
+        return [
+            *([self.choose] if self.choose != "entropy" else []),
+            *(["typical first"] if self.first == "typical" else []),
+            *([f"clip {100 * self.clip:g} %"] if self.clip else []),
+        ]
 
     @property
     def slug(self) -> str:
@@ -70,6 +86,10 @@ class Variant:
         if not self.labeling:
             return slug
         how = "random" if self.rounds == 1 else f"rounds{self.rounds}"
+        if self.rounds > 1:
+            how += "".join(
+                "-" + rule.replace(" first", "").replace(" %", "").replace(" ", "") for rule in self._rules()
+            )
         if self.rounds > 1 and self.explore:
             how += f"-explore{100 * self.explore:g}"
         return f"{slug}-{how}-{100 * self.labeled:g}pct"
@@ -117,19 +137,37 @@ def parse_fractions(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
-def labeling_variants(strategy: str, budgets: Sequence[float], rounds: int, explore: float = 0.0) -> list[Variant]:
-    """The labeling axis: for each fraction B, a random subset of B then ``strategy``, and
-    ``rounds`` student-guided rounds to the same B (M = 1, the default), ``explore`` of each later
-    slice drawn at random."""
+def labeling_variants(
+    strategy: str,
+    budgets: Sequence[float],
+    rounds: int,
+    explore: float = 0.0,
+    chooses: Sequence[str] = ("entropy",),
+    first: str = "random",
+    clip: float = 0.0,
+) -> list[Variant]:
+    """The labeling axis: for each fraction B, a random subset of B then ``strategy``, and for each
+    rule in ``chooses`` ``rounds`` student-guided rounds to the same B (M = 1, the default), ``explore``
+    of each later slice drawn at random, round 0 ``first``, ``clip`` of the most uncertain rows set aside."""
+    known = get_args(Choose)
+    if not chooses or any(c not in known for c in chooses):
+        raise ConfigError(f"--labeling-choose takes rules of {', '.join(known)}; got {', '.join(chooses) or 'none'}")
+    if first not in ("random", "typical"):
+        raise ConfigError(f"--labeling-first takes random or typical; got {first}")
+    if not 0.0 <= clip < 0.5:
+        raise ConfigError(f"--labeling-clip takes a share of the unlabeled rows in [0, 0.5), e.g. 0.05; got {clip:g}")
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown --labeling-strategy {strategy}; known: {', '.join(STRATEGIES)}")
     if rounds < 2:
         raise ConfigError("--labeling-rounds must be at least 2 (1 round is the random subset, always compared)")
     if not 0.0 <= explore < 1.0:
         raise ConfigError(f"--labeling-explore takes a share of a slice in [0, 1), e.g. 0.5; got {explore:g}")
-    return [
-        Variant(strategy, labeled=b, rounds=r, explore=explore if r > 1 else 0.0) for b in budgets for r in (1, rounds)
-    ]
+    out = []
+    for b in budgets:
+        out.append(Variant(strategy, labeled=b))
+        out += [Variant(strategy, labeled=b, rounds=rounds, explore=explore, choose=c, first=first, clip=clip)
+                for c in dict.fromkeys(chooses)]  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------- settings
@@ -172,6 +210,9 @@ class BenchSettings:
     labeling_rounds: int = 3
     labeling_strategy: str = "llkd"
     labeling_explore: float = 0.0
+    labeling_choose: list[str] = field(default_factory=lambda: ["entropy"])
+    labeling_first: str = "random"
+    labeling_clip: float = 0.0
     count_teacher: bool = False
     """Count the teacher's FLOPs in the labeling table's total compute."""
 
@@ -215,7 +256,10 @@ def base_config(data: BenchData, settings: BenchSettings) -> PipelineConfig:
 
 
 #: Settings that change no run of a fully labeled pool: ``--reuse`` ignores them.
-LABELING_SETTINGS = ("labeling_budgets", "labeling_rounds", "labeling_strategy", "labeling_explore", "count_teacher")
+LABELING_SETTINGS = (
+    "labeling_budgets", "labeling_rounds", "labeling_strategy", "labeling_explore", "labeling_choose",
+    "labeling_first", "labeling_clip", "count_teacher",
+)  # fmt: skip
 
 
 def run_config(base: PipelineConfig, variant: Variant, seed: int, pool_rows: int) -> PipelineConfig:
@@ -229,21 +273,32 @@ def run_config(base: PipelineConfig, variant: Variant, seed: int, pool_rows: int
         config.labeling.budget = variant.labeled
         config.labeling.rounds = variant.rounds
         config.labeling.explore = variant.explore
+        config.labeling.choose = variant.choose  # type: ignore[assignment]
+        config.labeling.first = variant.first  # type: ignore[assignment]
+        config.labeling.clip = variant.clip
         if config.training.budget is not None:
-            config.training.budget = labeling_training_budget(config.training.budget, pool_rows, variant)
+            config.training.budget = labeling_training_budget(
+                config.training.budget, pool_rows, variant, config.labeling.dropout_passes
+            )
     return config
 
 
-def labeling_training_budget(budget: float, pool_rows: int, variant: Variant) -> float:
+def labeling_training_budget(budget: float, pool_rows: int, variant: Variant, dropout_passes: int = 4) -> float:
     """``training.budget`` (passes over the labeled rows) that gives a labeling variant the student
     compute of ``budget`` passes of ``all`` over the whole pool: the rounds' training spends
     ``training.budget`` passes of the labeled rows in all (:func:`llkd_ray.pipeline.rounds.round_training`),
     and every round after the first also scores the unlabeled rows (2·N a token against 6·N
-    trained: a third of a pass per row), which comes out of the same budget. Rows stand in for
-    tokens; the run's FLOPs as recorded are what the benchmark reports."""
+    trained: a third of a pass per row, times the forward passes of the round's rule), which
+    comes out of the same budget; so do the labeled rows' pass of ``llkd`` and the whole pool's
+    pass of a typical round 0. Rows stand in for tokens; the run's FLOPs as recorded are what the
+    benchmark reports."""
     sizes = slice_sizes(pool_rows, variant.labeled, variant.rounds)
-    labeled_before = [sum(sizes[:k]) for k in range(1, len(sizes))]
-    scoring = sum(pool_rows - before for before in labeled_before) / 3
+    choose: Any = variant.choose
+    passes = [
+        (pool_rows - sum(sizes[:k])) * scoring_passes(choose, k, dropout_passes) + sum(sizes[:k]) * (choose == "llkd")
+        for k in range(1, len(sizes))
+    ]
+    scoring = (sum(passes) + pool_rows * (variant.rounds > 1 and variant.first == "typical")) / 3
     training_rows = budget * pool_rows - scoring
     if training_rows <= 0:
         raise ConfigError(

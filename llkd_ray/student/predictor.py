@@ -13,6 +13,7 @@ stage's (:mod:`llkd_ray.serve.backends`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,20 @@ class Encoded:
     @property
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.features["input_ids"]]
+
+
+@dataclass
+class PassScores:
+    """What :meth:`Predictor.scored_passes` returns, rows in text order."""
+
+    probabilities: torch.Tensor
+    """The plain pass's softmax probabilities (N, C)."""
+    tokens: list[int]
+    """Real tokens per text (padding excluded): one pass's cost by the FLOPs rule."""
+    embeddings: torch.Tensor | None
+    """Pooled last hidden states (N, H), when asked for."""
+    sampled: torch.Tensor | None
+    """Softmax probabilities of each dropout pass (K, N, C), when asked for."""
 
 
 class Predictor:
@@ -155,6 +170,51 @@ class Predictor:
         scoring a pool costs by the FLOPs rule (``llkd_ray.compute``)."""
         encoded = self.preprocess(texts)
         return self._forward(encoded), encoded.lengths
+
+    def scored_passes(
+        self, texts: Sequence[str], *, dropout_passes: int = 0, embed: bool = False, seed: int = 0
+    ) -> PassScores:
+        """:meth:`scored` plus, on request, each text's pooled embedding (the mean of the last hidden
+        states over its tokens) and ``dropout_passes`` more forward passes with dropout on (MC
+        dropout: the labeling rounds' epistemic uncertainty). The dropout masks are seeded by
+        ``seed`` and the chunk's token ids, so the same texts in the same batch get the same passes."""
+        encoded = self.preprocess(texts)
+        rows, classes = len(encoded.truncated), len(self.labels)
+        probabilities = torch.zeros(rows, classes)
+        sampled = torch.zeros(dropout_passes, rows, classes) if dropout_passes else None
+        embeddings: torch.Tensor | None = None
+        device = self.device
+        with self._running():
+            for chunk in self._chunks(encoded.lengths):
+                batch = self.tokenizer.pad(
+                    {k: [v[i] for i in chunk] for k, v in encoded.features.items()}, return_tensors="pt"
+                )
+                inputs = {k: v.to(device) for k, v in batch.items()}
+                output = self.model(**inputs, output_hidden_states=embed)
+                probabilities[chunk] = torch.softmax(output.logits.float(), dim=-1).cpu()
+                if embed:
+                    mask = inputs["attention_mask"].unsqueeze(-1).float()
+                    pooled = (output.hidden_states[-1].float() * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+                    if embeddings is None:
+                        embeddings = torch.zeros(rows, pooled.shape[-1])
+                    embeddings[chunk] = pooled.cpu()
+                if sampled is not None:
+                    sampled[:, chunk] = self._dropout_passes(inputs, dropout_passes, seed)
+        return PassScores(probabilities, encoded.lengths, embeddings, sampled)
+
+    def _dropout_passes(self, inputs: dict[str, torch.Tensor], passes: int, seed: int) -> torch.Tensor:
+        """``passes`` softmax outputs of one padded batch with the model's dropout on, seeded."""
+        key = hashlib.blake2b(inputs["input_ids"].cpu().numpy().tobytes(), digest_size=7, key=str(seed).encode())
+        devices = [self.device] if self.device.type == "cuda" else []
+        self.model.train()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(int.from_bytes(key.digest(), "big"))
+                return torch.stack(
+                    [torch.softmax(self.model(**inputs).logits.float(), dim=-1).cpu() for _ in range(passes)]
+                )
+        finally:
+            self.model.eval()
 
     def predict_indices(self, texts: Sequence[str]) -> list[int]:
         """The most probable class index per text."""
