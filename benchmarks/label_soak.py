@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llkd_ray.sessions import kill_session, session_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 #: What each kind of bad row must be rejected with.
@@ -204,21 +206,6 @@ def compare_labels(first: Path, second: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- processes
 
 
-def session_processes(session: int) -> list[int]:
-    """Live processes of a session (zombies left out), from ``/proc``: those this script started."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state, _ppid, _pgrp, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
-        except OSError:
-            continue
-        if int(sid) == session and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def _cmdline(pid: int) -> str:
     try:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -249,18 +236,6 @@ def rss_bytes(pid: int) -> int:
 def teacher_actors(session: int) -> list[int]:
     """The teacher actors' processes of one run (Ray titles them after the actor class)."""
     return [pid for pid in session_processes(session) if ACTOR_MARK in _cmdline(pid)]
-
-
-def kill_session(session: int, timeout: float = 60) -> None:
-    """SIGKILL every process left in a session this script started, until none is left."""
-    deadline = time.monotonic() + timeout
-    while pids := session_processes(session):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"processes {pids} of session {session} outlived SIGKILL")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
 
 
 def committed_rows(labels: Path) -> int:

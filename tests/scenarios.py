@@ -25,6 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from llkd_ray.sessions import kill_session
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = "configs/quick.yaml"
 OFFLINE_ENV = {
@@ -39,44 +41,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def session_processes(session: int) -> list[int]:
-    """Live processes of a session (zombies left out), read from ``/proc``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state, _ppid, _pgrp, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
-        except OSError:
-            continue  # ended while we looked
-        if int(sid) == session and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def freeze_session(session: int) -> None:
-    """SIGSTOP every process of a session: it stops where it is (``kill_session`` still ends it)."""
-    for pid in session_processes(session):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)
-
-
-def kill_session(session: int, timeout: float = 60) -> None:
-    """SIGKILL every process of a session and wait until none is left.
-
-    ``killpg`` is not enough for Ray: the raylet puts each worker in a process group of its own,
-    and an orphaned worker can go on writing for a moment after its driver and raylet are dead.
-    """
-    deadline = time.monotonic() + timeout
-    while pids := session_processes(session):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes {pids} of session {session} outlived SIGKILL for {timeout:.0f} s")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
 
 
 def result(payload: dict) -> None:

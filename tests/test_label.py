@@ -16,7 +16,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from scenarios import freeze_session, kill_session
 
 from llkd_ray.artifacts import MANIFEST, REJECTED_DIR
 from llkd_ray.cli import main
@@ -25,6 +24,7 @@ from llkd_ray.errors import ConfigError
 from llkd_ray.label.run import label_corpus
 from llkd_ray.label.scan import read_labels, scan_output
 from llkd_ray.label.store import JOB_FILE, OutputStore, commit_block
+from llkd_ray.sessions import freeze_session, kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from scenarios import free_port, kill_session
+from scenarios import free_port
 
 from llkd_ray.serve.client import wait_until_ready
+from llkd_ray.sessions import kill_session
 
 
 def _wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout_s: float) -> None:
