@@ -244,8 +244,8 @@ class LabelingConfig(Section):
     """Round 0: a seeded random slice, or typical rows (k-means medoids of the student's embeddings)."""
     clip: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     """Share of the most uncertain unlabeled rows set aside before choosing (outliers)."""
-    dropout_passes: Annotated[int, Field(ge=2)] = 4
-    """MC-dropout forward passes for ``bald`` and ``llkd`` (each counted as scoring)."""
+    dropout_passes: Annotated[int, Field(ge=2)] = 2
+    """MC-dropout passes of ``bald``/``llkd``, each scoring paid from the budget; 2: their JS divergence."""
 
     @property
     def enabled(self) -> bool:

@@ -40,7 +40,7 @@ TEXTS = [
 def test_the_rules_and_their_knobs_are_validated_with_entropy_the_default():
     config = load_config(QUICK)
     settings = config.labeling
-    assert (settings.choose, settings.first, settings.clip, settings.dropout_passes) == ("entropy", "random", 0.0, 4)
+    assert (settings.choose, settings.first, settings.clip, settings.dropout_passes) == ("entropy", "random", 0.0, 2)
     chosen = load_config(QUICK, ["labeling.choose=llkd", "labeling.first=typical", "labeling.clip=0.05"]).labeling
     assert (chosen.choose, chosen.first, chosen.clip) == ("llkd", "typical", 0.05)
     for override, key in [

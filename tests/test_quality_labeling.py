@@ -95,7 +95,7 @@ def test_the_labeling_budget_spends_the_whole_pool_budget_with_scoring_counted(
     pool: int, fraction: float, rounds: int
 ) -> None:
     variant = Variant("llkd", labeled=fraction, rounds=rounds)
-    budget = labeling_training_budget(5.0, pool, variant)
+    budget = labeling_training_budget(5.0, pool, variant, 2)
     sizes = slice_sizes(pool, fraction, rounds)
     training = round_training  # each round's passes over the rows labeled so far, in row-passes
     trained = sum(training(_training(budget), k, sizes)["budget"] * sum(sizes[: k + 1]) for k in range(rounds))
@@ -111,7 +111,7 @@ def _training(budget: float):
 
 def test_a_budget_smaller_than_the_scoring_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="too small for 5 labeling rounds"):
-        labeling_training_budget(0.5, 1000, Variant("llkd", labeled=0.5, rounds=5))
+        labeling_training_budget(0.5, 1000, Variant("llkd", labeled=0.5, rounds=5), 2)
 
 
 def test_run_config_sets_the_labeling_section_and_the_budget(tmp_path: Path) -> None:
@@ -123,7 +123,7 @@ def test_run_config_sets_the_labeling_section_and_the_budget(tmp_path: Path) -> 
     variant = Variant("llkd", labeled=0.5, rounds=2)
     config = run_config(base, variant, seed=1, pool_rows=20)
     assert (config.labeling.budget, config.labeling.rounds, config.training.seed) == (0.5, 2, 1)
-    assert config.training.budget == pytest.approx(labeling_training_budget(5.0, 20, variant))
+    assert config.training.budget == pytest.approx(labeling_training_budget(5.0, 20, variant, 2))
     assert config.labeling.explore == 0.0
     explored = run_config(base, Variant("llkd", labeled=0.5, rounds=2, explore=0.25), seed=1, pool_rows=20)
     assert explored.labeling.explore == 0.25 and explored.training.budget == config.training.budget

@@ -50,7 +50,6 @@ QUICK_OVERRIDES = [
     "training.stop_checks=8",
     "training.stop_churn=1",
     "training.stop_selected=0",
-    "labeling.dropout_passes=2",
 ]
 
 

@@ -283,7 +283,7 @@ def run_config(base: PipelineConfig, variant: Variant, seed: int, pool_rows: int
     return config
 
 
-def labeling_training_budget(budget: float, pool_rows: int, variant: Variant, dropout_passes: int = 4) -> float:
+def labeling_training_budget(budget: float, pool_rows: int, variant: Variant, dropout_passes: int) -> float:
     """``training.budget`` (passes over the labeled rows) that gives a labeling variant the student
     compute of ``budget`` passes of ``all`` over the whole pool: the rounds' training spends
     ``training.budget`` passes of the labeled rows in all (:func:`llkd_ray.pipeline.rounds.round_training`),
