@@ -11,7 +11,8 @@ import pytest
 
 from llkd_ray.errors import ConfigError, DataError
 from llkd_ray.quality.data import prepare_data, read_label_specs
-from llkd_ray.quality.runs import load_record, reusable_runs, run_record
+from llkd_ray.quality.quiet import load_record
+from llkd_ray.quality.runs import reusable_runs, run_record
 from llkd_ray.quality.settings import BenchSettings, Variant, base_config, build_variants, parse_candidates, run_config
 from llkd_ray.quality.summary import plateau_check, summarize
 from llkd_ray.quality.tables import render_markdown, write_results

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from llkd_ray.quality.labeling import (
     teacher_pool_flops,
     train_labeling_run,
 )
+from llkd_ray.quality.quiet import MachineSnapshot, machine_record
 from llkd_ray.quality.settings import LABELING_SETTINGS, BenchSettings, Variant, base_config, run_config
 from llkd_ray.quality.summary import plateau_check, summarize
 from llkd_ray.tracking import TrackingRun, ending, start_run
@@ -141,7 +141,7 @@ def _train_run(
 ) -> dict:
     """Train one run and record its result in ``run_dir/result.json`` (and a nested MLflow run); a
     labeling variant labels its share of the pool in rounds first (:mod:`llkd_ray.quality.labeling`)."""
-    started, load_at_start = time.perf_counter(), os.getloadavg()
+    started, machine_at_start = time.perf_counter(), MachineSnapshot.take()
     if variant.labeling:
         claim_run_dir(run_dir, key)
     tags = {"llkd.strategy": variant.name, "llkd.seed": str(seed)}
@@ -159,7 +159,7 @@ def _train_run(
         run["labeling"]["slices"] = slice_quality(run_dir)
     run["train_wall_time_s"] = train_time
     run["wall_time_s"] = time.perf_counter() - started
-    run |= load_record(load_at_start, os.getloadavg(), os.cpu_count() or 1)
+    run |= machine_record(machine_at_start, MachineSnapshot.take())
     write_json(run_dir / "result.json", run)
     return run
 
@@ -341,17 +341,6 @@ def run_record(summary: dict[str, Any], variant: Variant, seed: int, key: str) -
         "seconds_per_pflop": seconds / (compute["flops"] / 1e15) if seconds is not None and compute["flops"] else None,
         "budget_spent": summary.get("budget_spent"),
         "stop": _stop_point(summary.get("stop")),
-    }
-
-
-def load_record(start: Sequence[float], end: Sequence[float], cores: int) -> dict[str, Any]:
-    """The machine's load averages (1, 5, 15 min) at a run's start and end, and whether it ran under
-    load: a 1-minute load above the cores the run uses (the benchmark's local Ray takes every core),
-    at the start (others' work only) or at the end (its own work included). Seconds of a loaded run
-    are not comparable with a quiet one's; its FLOPs and F1 are."""
-    return {
-        "load_average": {"start": [round(x, 2) for x in start], "end": [round(x, 2) for x in end], "cores": cores},
-        "loaded": max(start[0], end[0]) > cores,
     }
 
 
