@@ -4,16 +4,19 @@ Seconds compare only between runs that ran alone (the quiet protocol, docs/quali
 average cannot say so: it counts the run's own processes too (a local Ray, its workers and the
 trainer put a run alone on 2 cores at a 1-minute load of 2.2–3.4), and at a run's start it still
 carries the work that came just before it. So a run is marked ``loaded`` by what *other* processes
-did during it: the machine's busy CPU time (``/proc/stat``) less the CPU time of the benchmark's own
-process tree (the driver, and every process it started: Ray's daemons and workers, with the time
-of those that ended, which their parents reaped), as a share of the cores over the run's wall
-time. Above :data:`OTHERS_BAR` the run is loaded. The load averages are kept in the record too.
-Without ``/proc`` (not Linux) the load average decides, as it did before.
+did during it: the machine's busy CPU time (``/proc/stat``) less the CPU time of the benchmark's
+own process tree (the driver and every process it started: Ray's daemons and workers), as a share
+of the cores over the run's wall time.
+The tree is sampled every second in a thread (:class:`TreeCpuMeter`): Ray's workers end with their
+run and nobody reaps them into their parent's time, so a snapshot at the end would lose them.
+Above :data:`OTHERS_BAR` the run is loaded. The load averages are kept in the record too. Without
+``/proc`` (not Linux) the load average decides, as it did before.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -43,12 +46,13 @@ def busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / _ticks()
 
 
-def tree_cpu_seconds(root: int | None = None) -> float | None:
-    """CPU seconds of process ``root`` (this one by default) and all its descendants, each with the
-    time of its reaped children; None without ``/proc``."""
+def tree_cpu_times(root: int | None = None) -> dict[tuple[int, int], float] | None:
+    """CPU seconds (user + system, its own) of process ``root`` (this one by default) and each of its
+    descendants, keyed by (pid, start time) so that a reused pid is another process; None without
+    ``/proc``."""
     root = os.getpid() if root is None else root
     children: dict[int, list[int]] = defaultdict(list)
-    times: dict[int, float] = {}
+    times: dict[int, tuple[int, float]] = {}
     try:
         entries = list(_PROC.iterdir())
     except OSError:
@@ -64,38 +68,91 @@ def tree_cpu_seconds(root: int | None = None) -> float | None:
         fields = stat[stat.rfind(")") + 2 :].split()
         pid, ppid = int(entry.name), int(fields[1])
         children[ppid].append(pid)
-        times[pid] = sum(int(x) for x in fields[11:15]) / _ticks()  # utime stime cutime cstime
+        times[pid] = (int(fields[19]), (int(fields[11]) + int(fields[12])) / _ticks())  # starttime; utime + stime
     if root not in times:
         return None
-    total, stack = 0.0, [root]
+    tree: dict[tuple[int, int], float] = {}
+    stack = [root]
     while stack:
         pid = stack.pop()
-        total += times.get(pid, 0.0)
-        stack.extend(children.get(pid, ()))
-    return total
+        started, cpu = times[pid]
+        tree[pid, started] = cpu
+        stack.extend(p for p in children.get(pid, ()) if p in times)
+    return tree
 
 
-@dataclass(frozen=True)
-class MachineSnapshot:
-    """The wall clock, the machine's busy CPU time, this process tree's CPU time and the load average."""
+class TreeCpuMeter:
+    """The CPU seconds this process tree spends between :meth:`start` and :meth:`stop`, sampled every
+    ``interval`` seconds in a daemon thread: a process that ends between two samples loses at most
+    one interval of its time (processes seen first after the start count from 0)."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._baseline: dict[tuple[int, int], float] = {}
+        self._last: dict[tuple[int, int], float] = {}
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.available = False
+
+    def _sample(self) -> None:
+        tree = tree_cpu_times()
+        if tree is not None:
+            self._last.update(tree)
+
+    def start(self) -> TreeCpuMeter:
+        tree = tree_cpu_times()
+        self.available = tree is not None
+        self._baseline = dict(tree or {})
+        self._last = dict(self._baseline)
+        if self.available:
+            self._thread = threading.Thread(target=self._run, name="tree-cpu-meter", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> float | None:
+        """Stop sampling; the tree's CPU seconds since :meth:`start` (None without ``/proc``)."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+        if not self.available:
+            return None
+        self._sample()
+        return sum(cpu - self._baseline.get(key, 0.0) for key, cpu in self._last.items())
+
+
+@dataclass
+class MachineUse:
+    """One run's use of the machine: started with :meth:`start`, read with :meth:`record`."""
 
     wall: float
     busy: float | None
-    ours: float | None
     load: tuple[float, float, float]
+    meter: TreeCpuMeter
 
     @classmethod
-    def take(cls) -> MachineSnapshot:
-        return cls(time.monotonic(), busy_cpu_seconds(), tree_cpu_seconds(), os.getloadavg())
+    def start(cls, interval: float = 1.0) -> MachineUse:
+        return cls(time.monotonic(), busy_cpu_seconds(), os.getloadavg(), TreeCpuMeter(interval).start())
+
+    def record(self, cores: int | None = None) -> dict[str, Any]:
+        """:func:`load_record` of the run so far: load averages, others' CPU share, ``loaded``."""
+        ours, busy, wall = self.meter.stop(), busy_cpu_seconds(), time.monotonic()
+        cores = cores or os.cpu_count() or 1
+        others = others_cpu_share(self.busy, busy, ours, wall - self.wall, cores)
+        return load_record(self.load, os.getloadavg(), cores, others)
 
 
-def others_cpu_share(start: MachineSnapshot, end: MachineSnapshot, cores: int) -> float | None:
-    """The share of the machine's cores that processes outside this tree used between the two
-    snapshots (0 when alone; clipped at 0: the two clocks are read a moment apart)."""
-    if None in (start.busy, end.busy, start.ours, end.ours) or end.wall <= start.wall:
+def others_cpu_share(
+    busy_start: float | None, busy_end: float | None, ours: float | None, wall: float, cores: int
+) -> float | None:
+    """The share of the machine's cores that processes outside the tree used over ``wall`` seconds:
+    the machine's busy CPU time less the tree's (clipped at 0: the clocks are read a moment apart)."""
+    if busy_start is None or busy_end is None or ours is None or wall <= 0:
         return None
-    others = (end.busy - start.busy) - (end.ours - start.ours)  # type: ignore[operator]
-    return max(0.0, others / ((end.wall - start.wall) * cores))
+    return max(0.0, ((busy_end - busy_start) - ours) / (wall * cores))
 
 
 def load_record(
@@ -111,9 +168,3 @@ def load_record(
         "others_cpu_share": None if others is None else round(others, 4),
         "loaded": loaded,
     }
-
-
-def machine_record(start: MachineSnapshot, end: MachineSnapshot, cores: int | None = None) -> dict[str, Any]:
-    """:func:`load_record` of two snapshots."""
-    cores = cores or os.cpu_count() or 1
-    return load_record(start.load, end.load, cores, others_cpu_share(start, end, cores))

@@ -32,7 +32,7 @@ from llkd_ray.quality.labeling import (
     teacher_pool_flops,
     train_labeling_run,
 )
-from llkd_ray.quality.quiet import MachineSnapshot, machine_record
+from llkd_ray.quality.quiet import MachineUse
 from llkd_ray.quality.settings import LABELING_SETTINGS, BenchSettings, Variant, base_config, run_config
 from llkd_ray.quality.summary import plateau_check, summarize
 from llkd_ray.tracking import TrackingRun, ending, start_run
@@ -141,7 +141,7 @@ def _train_run(
 ) -> dict:
     """Train one run and record its result in ``run_dir/result.json`` (and a nested MLflow run); a
     labeling variant labels its share of the pool in rounds first (:mod:`llkd_ray.quality.labeling`)."""
-    started, machine_at_start = time.perf_counter(), MachineSnapshot.take()
+    started, machine = time.perf_counter(), MachineUse.start()
     if variant.labeling:
         claim_run_dir(run_dir, key)
     tags = {"llkd.strategy": variant.name, "llkd.seed": str(seed)}
@@ -159,7 +159,7 @@ def _train_run(
         run["labeling"]["slices"] = slice_quality(run_dir)
     run["train_wall_time_s"] = train_time
     run["wall_time_s"] = time.perf_counter() - started
-    run |= machine_record(machine_at_start, MachineSnapshot.take())
+    run |= machine.record()
     write_json(run_dir / "result.json", run)
     return run
 
