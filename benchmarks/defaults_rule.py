@@ -2,6 +2,7 @@
 quality benchmark results.
 
     python benchmarks/defaults_rule.py RESULTS_DIR_OR_JSON [...] [--default "llkd (M=1)"] [--output FILE.md]
+                                       [--quiet RESULTS_DIR_OR_JSON ...]
 
 Every ``results.json`` given (``llkd bench quality`` output directories or files) is read; runs
 are grouped by data set and by **configuration**: the variant's name plus the benchmark's
@@ -36,17 +37,23 @@ MAX_SECONDS_RATIO = 1.10
 SEEDS = 3
 
 
-def read_results(paths: list[Path]) -> list[dict[str, Any]]:
+def read_results(paths: list[Path], quiet: list[Path] = ()) -> list[dict[str, Any]]:
     """Every run of the given results, each tagged with its data set and configuration; the same
     (data set, configuration, seed) read twice counts once (the first file given wins its F1; a
-    later quiet rerun lends it its seconds, so committed 3-seed F1 pairs with a quiet rerun's timing)."""
+    later quiet rerun lends it its seconds, so committed 3-seed F1 pairs with a quiet rerun's timing).
+    The runs of ``quiet`` (also read) count as quiet whatever their ``loaded`` mark says."""
+    quiet_files = {_file(path).resolve() for path in quiet}
     runs: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for path in paths:
-        file = path / "results.json" if path.is_dir() else path
+    for path in [*paths, *(q for q in quiet if _file(q).resolve() not in {_file(p).resolve() for p in paths})]:
+        file = _file(path)
         results = json.loads(file.read_text())
         dataset = results["data"]["name"]
         overrides = sorted(results["settings"].get("overrides") or [])
         for run in results["runs"]:
+            if run.get("strategy", "llkd") not in ("all", "llkd"):
+                continue  # the baselines are not candidate defaults of LLKD
+            if file.resolve() in quiet_files:
+                run = run | {"loaded": False}
             config = run["variant"] + "".join(f", {o}" for o in overrides)
             key = (dataset, config, run["seed"])
             if key not in runs:
@@ -54,6 +61,10 @@ def read_results(paths: list[Path]) -> list[dict[str, Any]]:
             elif run.get("loaded") is False and runs[key].get("loaded") is not False:
                 runs[key] |= {"seconds_per_pflop": run.get("seconds_per_pflop"), "loaded": False}
     return list(runs.values())
+
+
+def _file(path: Path) -> Path:
+    return path / "results.json" if path.is_dir() else path
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -165,9 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="results.json files or benchmark output directories")
     parser.add_argument("--default", default="llkd (M=1)", help="today's default configuration")
+    parser.add_argument(
+        "--quiet",
+        action="append",
+        type=Path,
+        default=[],
+        help="results whose runs count as quiet whatever their `loaded` mark (say why where you report it)",
+    )
     parser.add_argument("--output", type=Path, help="also write the table here (Markdown)")
     args = parser.parse_args(argv)
-    table = tabulate(read_results(args.results))
+    table = tabulate(read_results(args.results, args.quiet))
     text = report(table, apply_rule(table, args.default), args.default)
     print(text, end="")
     if args.output:

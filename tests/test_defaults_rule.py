@@ -80,3 +80,11 @@ def test_with_nothing_eligible_and_complete_the_defaults_stay(tmp_path) -> None:
     assert verdict["pick"] is None
     assert verdict["verdicts"]["llkd (fill, M≤8), selection.score_ttl=8"]["ineligible"] == ["not run on b"]
     assert "the defaults stay (`llkd (M=1)`)" in rule.report(table, verdict, "llkd (M=1)")
+
+
+def test_runs_named_quiet_lend_their_seconds_whatever_their_mark(tmp_path) -> None:
+    rule = _rule()
+    marked = _results(tmp_path / "marked", "a", [], [("all", 0, 0.5, 0.0, 12.0, True)])
+    assert rule.tabulate(rule.read_results([marked]))["all"]["a"]["seconds_per_pflop"] is None
+    table = rule.tabulate(rule.read_results([marked], quiet=[marked]))
+    assert table["all"]["a"]["seconds_per_pflop"] == 12.0 and table["all"]["a"]["quiet_runs"] == 1
