@@ -13,22 +13,26 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def session_processes(session: int) -> list[int]:
-    """Live processes of a session (zombies left out), read from ``/proc``."""
-    found = []
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """Every process's pid and its ``/proc/PID/stat`` fields after the command name (state, ppid,
+    pgrp, session, ...; the name may hold spaces and parentheses, so it is cut at its last ')')."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            state, _ppid, _pgrp, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            stat = (entry / "stat").read_text()
         except OSError:
             continue  # ended while we looked
-        if int(sid) == session and state != "Z":
-            found.append(int(entry.name))
-    return found
+        yield int(entry.name), stat.rsplit(")", 1)[1].split()
+
+
+def session_processes(session: int) -> list[int]:
+    """Live processes of a session (zombies left out), read from ``/proc``."""
+    return [pid for pid, fields in process_stats() if int(fields[3]) == session and fields[0] != "Z"]
 
 
 def freeze_session(session: int) -> None:

@@ -17,8 +17,8 @@ Decided here:
   ambiguous text gets the same flat prediction in every pass (high entropy, BALD near 0); a text
   the student has not learned gets different ones. A student without dropout scores 0 everywhere.
   K + 1 forward passes a row (the plain pass gives the predicted class and ``u``). K = 2 by
-  default: every pass is paid from the student's budget (at 10 % labeled, K = 4 spent about 3 of
-  its 5 passes of ``all`` scoring), and with two passes BALD is their Jensen-Shannon divergence.
+  default: every pass is paid from the student's budget (docs/labeling.md has what K costs), and
+  with two passes BALD is their Jensen-Shannon divergence.
 - **disagreement**: BALD over the committee of the last two rounds' students (one plain pass of
   each): the Jensen-Shannon divergence of their predictions, over ``log C``. Round 1 has one
   trained student (the one before it is the untrained initial model, whose near-uniform head

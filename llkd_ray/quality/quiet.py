@@ -2,15 +2,15 @@
 
 Seconds compare only between runs that ran alone (the quiet protocol, docs/quality.md). The load
 average cannot say so: it counts the run's own processes too (a local Ray, its workers and the
-trainer put a run alone on 2 cores at a 1-minute load of 2.2–3.4), and at a run's start it still
-carries the work that came just before it. So a run is marked ``loaded`` by what *other* processes
+trainer keep a run alone above the cores of a small machine; figures in docs/quality.md), and at a
+run's start it still carries the work that came just before it. So a run is marked ``loaded`` by what *other* processes
 did during it: the machine's busy CPU time (``/proc/stat``) less the CPU time of the benchmark's
 own process tree (the driver and every process it started: Ray's daemons and workers), as a share
 of the cores over the run's wall time.
 The tree is sampled every second in a thread (:class:`TreeCpuMeter`): Ray's workers end with their
 run and nobody reaps them into their parent's time, so a snapshot at the end would lose them.
 Above :data:`OTHERS_BAR` the run is loaded. The load averages are kept in the record too. Without
-``/proc`` (not Linux) the load average decides, as it did before.
+``/proc`` (not Linux) the load average decides: above the cores at the run's start or end.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from llkd_ray.sessions import process_stats
 
 #: A run is loaded when other processes used more than this share of the machine's cores during it
 #: (a second benchmark run beside it takes about half; an editor or a shell, a few per mille).
@@ -53,21 +55,10 @@ def tree_cpu_times(root: int | None = None) -> dict[tuple[int, int], float] | No
     root = os.getpid() if root is None else root
     children: dict[int, list[int]] = defaultdict(list)
     times: dict[int, tuple[int, float]] = {}
-    try:
-        entries = list(_PROC.iterdir())
-    except OSError:
+    if not _PROC.is_dir():
         return None
-    for entry in entries:
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # the process ended meanwhile
-        # the command name (field 2) may hold spaces and parentheses: split after its last ')'
-        fields = stat[stat.rfind(")") + 2 :].split()
-        pid, ppid = int(entry.name), int(fields[1])
-        children[ppid].append(pid)
+    for pid, fields in process_stats():
+        children[int(fields[1])].append(pid)
         times[pid] = (int(fields[19]), (int(fields[11]) + int(fields[12])) / _ticks())  # starttime; utime + stime
     if root not in times:
         return None
@@ -77,7 +68,7 @@ def tree_cpu_times(root: int | None = None) -> dict[tuple[int, int], float] | No
         pid = stack.pop()
         started, cpu = times[pid]
         tree[pid, started] = cpu
-        stack.extend(p for p in children.get(pid, ()) if p in times)
+        stack.extend(children.get(pid, ()))
     return tree
 
 

@@ -69,8 +69,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "Compute seconds: scoring, training and selection seconds of the run (rank 0's; start-up, "
         "evaluation and checkpoints excluded). FLOPs do not depend on the machine or its load; seconds do: "
-        "a run under load (a 1-minute load average above the machine's cores at its start or end) is "
-        "counted in the last column, and its seconds are not comparable with a quiet run's.",
+        "a run under load (other processes used more than a tenth of the machine's cores during it; "
+        "llkd_ray/quality/quiet.py) is counted in the last column, and its seconds are not comparable "
+        "with a quiet run's.",
         "",
         *_stop_table(results.get("runs", [])),
         *labeling_lines(results),
