@@ -103,7 +103,7 @@ def test_valid_labels_dir_counts_rows_from_footers(workspace):
 
 def test_plan_sizes():
     from llkd_ray.config import load_config
-    from llkd_ray.train.plan import TrainingPlan
+    from llkd_ray.train.plan import MAX_POOL_COPIES, TrainingPlan
 
     settings = ["training.batch_size=32", "training.workers=2", "training.epochs=2", "selection.candidates_per_step=4"]
     config = load_config(CONFIG, settings)
@@ -119,6 +119,8 @@ def test_plan_sizes():
     # a compute budget: the stream holds a few copies of the pool (it starts over past the last)
     budgeted = TrainingPlan.build(load_config(CONFIG, ["training.budget=2"]), pool_rows=400, pool_tokens=4000)
     assert budgeted.budget == 2 and budgeted.passes * 400 >= 3 * 2 * 400
+    # ... and may draw past them (its step cap is generous): the stream then starts over
+    assert budgeted.passes == MAX_POOL_COPIES and budgeted.cycles and not capped.cycles
 
 
 def test_budget_and_max_steps_are_exclusive():
@@ -280,24 +282,36 @@ def test_llkd_train_tracked_in_an_mlflow_file_store(ray_local, workspace, tmp_pa
 
 
 @pytest.mark.heavy
-def test_one_seed_gives_one_run_on_one_worker(ray_local, workspace):
+def test_one_seed_gives_one_run_on_one_worker_streamed_or_materialized(ray_local, workspace, monkeypatch):
     """The tokenising map's tasks finish in any order; the trainer asks Ray Data to keep the order
     (``preserve_order``), so one worker reads the same rows in the same order on every run (which a
-    restored worker's skip, a count of batches, relies on). Eight parts make eight blocks per copy."""
+    restored worker's skip, a count of batches, relies on). Eight parts make eight blocks per copy.
+    The pool is small enough for the run to start its stream over: streamed lazily once, then
+    materialized (what a small pool gets), the run is the same."""
     from llkd_ray.config import load_config
-    from llkd_ray.train.launch import train_student
+    from llkd_ray.train import data, launch
+    from llkd_ray.train.plan import TrainingPlan
 
-    pool = workspace["pool"]
-    labels = write_labels_dir(
-        workspace["work"] / "labels-8-parts", [r["text"] for r in pool], SST2_LABELS, parts=8, seed=3
-    )
+    texts = [r["text"] for r in workspace["pool"][:24]]
+    labels = write_labels_dir(workspace["work"] / "labels-8-parts", texts, SST2_LABELS, parts=8, seed=3)
     overrides = _overrides(workspace, "selection.strategy=all", "training.cpus_per_worker=1", "training.workers=1")
-    config = load_config(CONFIG, [*overrides[1::2], "training.max_steps=10"])
-    tokens = []
-    for attempt in range(2):
+    config = load_config(CONFIG, [*overrides[1::2], "training.max_steps=16"])
+    plan = TrainingPlan.build(config, pool_rows=24)
+    assert plan.cycles and plan.passes * 24 < 16 * 16  # 12 batches a stream, then it starts over
+    built = []
+
+    def build_dataset(*args, **kwargs):
+        built.append(data.build_dataset(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(launch, "build_dataset", build_dataset)
+    runs = []
+    for attempt, limit in enumerate((0, data.MATERIALIZE_ROWS)):
+        monkeypatch.setattr(data, "MATERIALIZE_ROWS", limit)
         out = workspace["work"] / f"out-order-{attempt}"
-        train_student(config, labels=labels, output=out, eval_data=None)
+        launch.train_student(config, labels=labels, output=out, eval_data=None)
         steps = [r for r in _records(out / "metrics.jsonl") if "loss" in r]
-        tokens.append([r["step_compute"]["training_tokens"] for r in steps])
-    assert len(tokens[0]) == 10 and len(set(tokens[0])) > 1
-    assert tokens[0] == tokens[1]
+        runs.append([(r["step_compute"]["training_tokens"], r["loss"]) for r in steps])
+    assert [type(d).__name__ for d in built] == ["Dataset", "MaterializedDataset"]
+    assert len(runs[0]) == 16 and len({tokens for tokens, _ in runs[0]}) > 1
+    assert runs[0] == runs[1]

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 #: Columns the trainer reads from the labeling output.
 LABEL_COLUMNS = ["id", "text", "label_index", "confidence", "probs"]
 
+#: Rows (all copies together) up to which a stream the run will start over is materialized in
+#: the object store instead of read and tokenised again at each start.
+MATERIALIZE_ROWS = 100_000
+
 
 @dataclass(frozen=True)
 class LabeledPool:
@@ -265,13 +269,25 @@ def tokenize_block(block: pa.Table, tokenizer: str, max_length: int) -> pa.Table
 def build_dataset(
     pool: LabeledPool, plan: TrainingPlan, seed: int, tokenizer: str, max_length: int
 ) -> ray.data.Dataset:
-    """The labeled Ray Dataset (lazy): ``plan.passes`` copies of the pool, each in its own block order,
-    tokenised by the student's ``tokenizer`` (a path) in CPU tasks on the way to the workers."""
+    """The labeled Ray Dataset: ``plan.passes`` copies of the pool, each in its own block order,
+    tokenised by the student's ``tokenizer`` (a path) in CPU tasks on the way to the workers.
+
+    Lazy, unless the run will start its stream over and the copies are small
+    (:data:`MATERIALIZE_ROWS`): each start of a lazy stream runs the read and the tokenising map
+    again, seconds of Ray Data start-up each time, which on a small pool (the rounds' first slices)
+    costs more than its training. Materialized in the order the lazy stream keeps, the blocks are
+    the same, so the run is too."""
     from llkd_ray.compat import read_parquet
 
     base = read_parquet(pool.files, columns=LABEL_COLUMNS)
     copies = [base.randomize_block_order(seed=seed + p) for p in range(plan.passes)]
     dataset = copies[0].union(*copies[1:]) if len(copies) > 1 else copies[0]
-    return dataset.map_batches(
+    dataset = dataset.map_batches(
         tokenize_block, batch_format="pyarrow", fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}
     )
+    if plan.cycles and plan.passes * plan.pool_rows <= MATERIALIZE_ROWS:
+        # The dataset's own context (a copy taken when it was made): the trainer's ingest options,
+        # which keep the order, do not reach a materialization run here.
+        dataset.context.execution_options.preserve_order = True
+        dataset = dataset.materialize()
+    return dataset

@@ -73,7 +73,9 @@ class TrainingPlan:
     """Fraction of the run (steps or compute) the learning rate warms up over."""
     eval_points: int | None
     passes: int
-    """Copies of the pool the candidate stream is made of (enough for the run)."""
+    """Copies of the pool the candidate stream is made of (enough for the run, up to ``MAX_POOL_COPIES``)."""
+    cycles: bool = False
+    """The run may draw more rows than the copies hold: its stream then starts over."""
     anneal: float = 0.0
     """``selection.anneal_fraction`` for ``llkd`` (0 for every other strategy)."""
     score_ttl: float = 0.0
@@ -112,7 +114,8 @@ class TrainingPlan:
             total = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
         # Equal shards drop at most workers-1 rows of the stream; one spare pass covers that. The
         # stream starts over (a new shuffle) past the last copy, so long runs need no more copies.
-        passes = min(math.ceil(total * training.batch_size * m / pool_rows) + 1, MAX_POOL_COPIES)
+        wanted = math.ceil(total * training.batch_size * m / pool_rows) + 1
+        passes = min(wanted, MAX_POOL_COPIES)
         return TrainingPlan(
             workers=training.workers,
             batch_size=training.batch_size,
@@ -129,6 +132,7 @@ class TrainingPlan:
             warmup=training.warmup_ratio,
             eval_points=training.eval_points,
             passes=passes,
+            cycles=wanted > passes,
             anneal=selection.anneal_fraction if selection.strategy == "llkd" else 0.0,
             score_ttl=selection.score_ttl * pool_rows / (training.batch_size * (1 if selection.fill_batch else m))
             if scored
