@@ -1,5 +1,5 @@
-"""The quality benchmark's labeling axis (issue 21): variants, the equal-compute budget, the records
-and the table, on made-up runs (the real runs: ``test_bench_quick.py``)."""
+"""The quality benchmark's labeling axis: variants, the equal-compute budget, the records
+and the table, on made-up runs (the real runs: ``test_quality_quick.py``)."""
 
 from __future__ import annotations
 
