@@ -37,6 +37,22 @@ OFFLINE_ENV = {
 }
 
 
+#: What the scenarios' quick pipelines read: a 200-row pool and the gold set's first 200 rows (the
+#: teacher labels the gold set too: all 872 rows of it cost more than the pool), as overrides.
+SCENARIO_ROWS = 200
+
+
+def small_data(directory: Path) -> list[str]:
+    """Overrides for a scenario's quick pipeline: a smaller pool and a smaller gold set (written to
+    ``directory``); the stages, actors and nodes are the same, with less to label and predict."""
+    from llkd_ray.corpus import builtin_path
+
+    gold = directory / "gold.jsonl"
+    lines = builtin_path("builtin:sst2/test").read_text().splitlines()[:SCENARIO_ROWS]
+    gold.write_text("".join(line + "\n" for line in lines))
+    return [f"data.limit={SCENARIO_ROWS}", f"data.gold={gold}"]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

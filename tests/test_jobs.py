@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from scenarios import run_scenario
+from scenarios import SCENARIO_ROWS, run_scenario, small_data
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ("label", "train", "serve", "pipeline")
@@ -47,12 +47,13 @@ def test_job_reports_a_bad_config_in_one_line(tmp_path):
 @pytest.mark.timeout(700)
 def test_pipeline_job_submitted_to_a_local_head(tmp_path):
     output = tmp_path / "run"
-    outcome = run_scenario("job-submission", output, "training.max_steps=12")
+    outcome = run_scenario("job-submission", output, "training.max_steps=12", *small_data(tmp_path))
     assert outcome["status"] == "SUCCEEDED", outcome["_log"]
     assert outcome["unauthenticated_status"] in (401, 403), "token auth stays on: no token, no access"
     assert not outcome["head_alive"], "the head is stopped at the end"
 
     evaluation = json.loads((output / "eval.json").read_text())
+    assert evaluation["gold_rows"] == SCENARIO_ROWS  # the job took the submitted overrides
     for who in ("teacher", "student"):
         metrics = evaluation[who]
         assert 0.0 <= metrics["accuracy"] <= 1.0

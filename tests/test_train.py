@@ -143,12 +143,20 @@ def test_batch_must_split_over_workers_and_accumulation():
 
 
 @pytest.mark.heavy
-def test_llkd_train_two_workers_writes_a_loadable_student_and_metrics(ray_local, workspace, capsys):
+def test_llkd_train_two_workers_writes_a_loadable_student_metrics_and_an_mlflow_run(
+    ray_local, workspace, tmp_path, capsys
+):
+    """``llkd train`` on 2 workers, tracked in an MLflow ``file:`` store (one Ray Train run serves
+    both: each costs tens of seconds of start-up): rank 0 logs each step from inside the workers;
+    the run, its params, metric histories with steps and the artifacts read back with MlflowClient."""
+    import mlflow  # the tracking extra, installed with the test tools (`make test`)
     from transformers import pipeline
 
     from llkd_ray.cli import main
 
     out = workspace["work"] / "out-cli"
+    store = (tmp_path / "mlruns").as_uri()
+    tracked = ["tracking.backend=mlflow", f"tracking.uri={store}", "tracking.experiment=t"]
     args = [
         "train",
         "--config",
@@ -164,7 +172,7 @@ def test_llkd_train_two_workers_writes_a_loadable_student_and_metrics(ray_local,
         "--eval",
         workspace["gold"],
     ]
-    assert main(args + _overrides(workspace)) == 0
+    assert main(args + _overrides(workspace, *tracked)) == 0
     assert "trained llkd student: 6 steps on 2 workers" in capsys.readouterr().out
 
     classifier = pipeline("text-classification", model=str(out / "student"), device="cpu")
@@ -202,6 +210,23 @@ def test_llkd_train_two_workers_writes_a_loadable_student_and_metrics(ray_local,
     assert main(["eval", "--model", str(out / "student"), "--data", workspace["gold"], "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 48 and set(metrics["per_class"]) == set(SST2_LABELS)
+
+    client = mlflow.MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "train-llkd"
+    assert run.data.params["selection.strategy"] == "llkd"
+    assert run.data.params["training.batch_size"] == "16"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3, 4, 5, 6]
+    assert sorted(m.value for m in losses) == pytest.approx(sorted(r["loss"] for r in steps))
+    thresholds = client.get_metric_history(run.info.run_id, "teacher_threshold/positive")
+    assert {m.step for m in thresholds} == {1, 2, 3, 4, 5, 6}
+    assert client.get_metric_history(run.info.run_id, "compute_flops")[-1].value > 0
+    (final,) = [m for m in client.get_metric_history(run.info.run_id, "gold_macro_f1") if m.step == 6]
+    assert final.value == pytest.approx(summary["final_metrics"]["macro_f1"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"training_summary.json", "metrics.jsonl", "student"} <= artifacts
+    assert "config.json" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "student")}
 
 
 @pytest.mark.heavy
@@ -244,41 +269,6 @@ def test_a_lost_worker_restores_the_latest_checkpoint_and_finishes(ray_local, wo
     assert [r["attempt"] for r in steps] == [0, 0, 1, 1, 1, 1]
     assert all(r["candidates"] == 32 for r in steps)  # M = 2: two candidates per trained row
     assert (out / "student" / "config.json").is_file()
-
-
-@pytest.mark.heavy
-def test_llkd_train_tracked_in_an_mlflow_file_store(ray_local, workspace, tmp_path):
-    """tracking.backend: mlflow with a file: store: rank 0 logs each step from inside the workers;
-    the run, its params, metric histories with steps and the artifacts read back with MlflowClient."""
-    mlflow = pytest.importorskip("mlflow")
-    from llkd_ray.config import load_config
-    from llkd_ray.train.launch import train_student
-
-    store = (tmp_path / "mlruns").as_uri()
-    overrides = _overrides(
-        workspace, "tracking.backend=mlflow", f"tracking.uri={store}", "tracking.experiment=t", "training.workers=2"
-    )
-    config = load_config(CONFIG, [*overrides[1::2], "training.max_steps=4"])
-    out = tmp_path / "out"
-    train_student(config, workspace["labels"], out, eval_data=workspace["gold"])
-
-    client = mlflow.MlflowClient(tracking_uri=store)
-    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
-    assert run.info.status == "FINISHED" and run.info.run_name == "train-llkd"
-    assert run.data.params["selection.strategy"] == "llkd"
-    assert run.data.params["training.batch_size"] == "16"
-    losses = client.get_metric_history(run.info.run_id, "loss")
-    assert sorted(m.step for m in losses) == [1, 2, 3, 4]
-    records = [r for r in _records(out / "metrics.jsonl") if "loss" in r]
-    assert sorted(m.value for m in losses) == pytest.approx(sorted(r["loss"] for r in records))
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "teacher_threshold/positive")} == {1, 2, 3, 4}
-    assert client.get_metric_history(run.info.run_id, "compute_flops")[-1].value > 0
-    (final,) = [m for m in client.get_metric_history(run.info.run_id, "gold_macro_f1") if m.step == 4]
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert final.value == pytest.approx(summary["final_metrics"]["macro_f1"])
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"training_summary.json", "metrics.jsonl", "student"} <= artifacts
-    assert "config.json" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "student")}
 
 
 @pytest.mark.heavy
