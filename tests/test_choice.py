@@ -43,6 +43,7 @@ def test_the_rules_and_their_knobs_are_validated_with_entropy_the_default():
     assert (settings.choose, settings.first, settings.clip, settings.dropout_passes) == ("entropy", "random", 0.0, 2)
     chosen = load_config(QUICK, ["labeling.choose=llkd", "labeling.first=typical", "labeling.clip=0.05"]).labeling
     assert (chosen.choose, chosen.first, chosen.clip) == ("llkd", "typical", 0.05)
+    assert load_config(QUICK, ["labeling.choose=head_entropy"]).labeling.choose == "head_entropy"
     for override, key in [
         ("labeling.choose=margin", "labeling.choose"),
         ("labeling.first=medoid", "labeling.first"),
@@ -58,6 +59,9 @@ def test_each_rule_counts_its_forward_passes():
     assert [scoring_passes("entropy", k, 4) for k in (1, 2)] == [1, 1]
     assert [scoring_passes("bald", k, 4) for k in (1, 2)] == [5, 5]
     assert [scoring_passes("llkd", k, 3) for k in (1, 2)] == [4, 4]
+    # the head times the entropy: the plain pass only (the labeled rows' pass is counted apart)
+    rule = "head_entropy"
+    assert [(epistemic_kind(rule, k), scoring_passes(rule, k, 3)) for k in (1, 2)] == [(None, 1), (None, 1)]
     # one trained student at round 1: nothing to disagree with, it ranks by BALD
     assert [epistemic_kind("disagreement", k) for k in (1, 2)] == ["bald", "disagreement"]
     assert [scoring_passes("disagreement", k, 4) for k in (1, 2)] == [5, 2]

@@ -30,6 +30,11 @@ Decided here:
   the mean confidence, ``T[k]`` the mean of pseudo-label class k: :meth:`Selector.teacher_gate`
   at its first step), so the head predicts LLKD's teacher gate, not a raw confidence. The
   labeled rows cost one more plain pass each (their embeddings under the current student).
+- **head_entropy**: ``P(the teacher clears its bar | the text) x u``, the same head times the
+  entropy LLKD's student gate reads (``u_i >= tauS``), where ``llkd`` multiplies by BALD: the rows
+  ``llkd`` chose were the teacher's good ones, but the student was already fairly sure of them and
+  LLKD's gate dropped most (docs/quality.md, *the two chosen rules at 30 %*). One plain pass a
+  row, plus the labeled rows' pass for the head.
 - **The head**: L2 logistic regression (scikit-learn, ``C = 1``) on standardised embeddings. Its
   accuracy is measured on a seeded 20 % of the labeled rows held out from a first fit, then it is
   refitted on all of them for the choice. A target of one value only gives a constant head.
@@ -83,9 +88,13 @@ def disagreement(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
     return bald(np.stack([current, previous]))
 
 
+#: The rules that weigh a row by the teacher-confidence head's prediction.
+HEAD_RULES: tuple[Choose, ...] = ("llkd", "head_entropy")
+
+
 def epistemic_kind(choose: Choose, index: int) -> str | None:
     """The uncertainty a round ranks by besides entropy: ``bald``, ``disagreement`` or None (entropy)."""
-    if choose == "entropy":
+    if choose in ("entropy", "head_entropy"):
         return None
     if choose == "disagreement" and index >= 2:
         return "disagreement"

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from llkd_ray.artifacts import MANIFEST, TRAINING_SUMMARY, RunLayout, atomic_output, read_json, write_json
 from llkd_ray.compute import forward_flops
 from llkd_ray.config import PipelineConfig, validate_config
-from llkd_ray.pipeline.choice import epistemic_kind
+from llkd_ray.pipeline.choice import HEAD_RULES, epistemic_kind
 from llkd_ray.pipeline.rounds import (
     drawn_rows,
     random_slice,
@@ -117,7 +117,13 @@ def label_rounds(config: PipelineConfig, layout: RunLayout, log: Log = print, ho
 
 
 #: A later round's rule as its records say it (entropy keeps the name the records always had).
-RULE_NAMES = {"entropy": "uncertainty", "bald": "bald", "disagreement": "disagreement", "llkd": "teacher head x bald"}
+RULE_NAMES = {
+    "entropy": "uncertainty",
+    "bald": "bald",
+    "disagreement": "disagreement",
+    "llkd": "teacher head x bald",
+    "head_entropy": "teacher head x uncertainty",
+}
 
 
 def _rules_set(config: PipelineConfig) -> bool:
@@ -130,7 +136,8 @@ def _kind(config: PipelineConfig, index: int) -> str:
     settings = config.labeling
     if index == 0:
         return settings.first
-    rule = RULE_NAMES["llkd" if settings.choose == "llkd" else epistemic_kind(settings.choose, index) or "entropy"]
+    named = settings.choose in HEAD_RULES  # named for the head, whatever uncertainty it weighs
+    rule = RULE_NAMES[settings.choose if named else epistemic_kind(settings.choose, index) or "entropy"]
     if settings.clip:
         rule += f", top {100 * settings.clip:g} % clipped"
     return f"{rule} + {100 * settings.explore:g} % random" if settings.explore else rule

@@ -22,6 +22,7 @@ import pyarrow as pa
 from llkd_ray.compute import forward_flops
 from llkd_ray.config import PipelineConfig
 from llkd_ray.pipeline.choice import (
+    HEAD_RULES,
     TeacherHead,
     choose_scored,
     disagreement,
@@ -211,7 +212,7 @@ def choose_round(
         scorer["previous"] = str(previous)
     elif kind == "bald":
         scorer["dropout_passes"] = settings.dropout_passes
-    if not typical and settings.choose == "llkd":
+    if not typical and settings.choose in HEAD_RULES:
         head, head_record, head_scores = fitted_head(config, student, labels_dir, labeled, seed)
         scorer["head"] = head
     scores = score_pool(config, student, labeled, **scorer)

@@ -22,7 +22,7 @@ from llkd_ray.config import (
     validate_config,
 )
 from llkd_ray.errors import ConfigError
-from llkd_ray.pipeline.choice import scoring_passes
+from llkd_ray.pipeline.choice import HEAD_RULES, scoring_passes
 from llkd_ray.pipeline.rounds import slice_sizes
 from llkd_ray.quality.data import BenchData
 
@@ -289,13 +289,14 @@ def labeling_training_budget(budget: float, pool_rows: int, variant: Variant, dr
     ``training.budget`` passes of the labeled rows in all (:func:`llkd_ray.pipeline.rounds.round_training`),
     and every round after the first also scores the unlabeled rows (2·N a token against 6·N
     trained: a third of a pass per row, times the forward passes of the round's rule), which
-    comes out of the same budget; so do the labeled rows' pass of ``llkd`` and the whole pool's
-    pass of a typical round 0. Rows stand in for tokens; the run's FLOPs as recorded are what the
-    benchmark reports."""
+    comes out of the same budget; so do the labeled rows' pass of the head rules (``llkd``,
+    ``head_entropy``) and the whole pool's pass of a typical round 0. Rows stand in for tokens; the
+    run's FLOPs as recorded are what the benchmark reports."""
     sizes = slice_sizes(pool_rows, variant.labeled, variant.rounds)
     choose: Any = variant.choose
     passes = [
-        (pool_rows - sum(sizes[:k])) * scoring_passes(choose, k, dropout_passes) + sum(sizes[:k]) * (choose == "llkd")
+        (pool_rows - sum(sizes[:k])) * scoring_passes(choose, k, dropout_passes)
+        + sum(sizes[:k]) * (choose in HEAD_RULES)
         for k in range(1, len(sizes))
     ]
     scoring = (sum(passes) + pool_rows * (variant.rounds > 1 and variant.first == "typical")) / 3
