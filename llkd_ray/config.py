@@ -22,8 +22,7 @@ MINILM = "builtin:minilm"
 
 Strategy = Literal["llkd", "all", "random", "teacher_confidence", "student_uncertainty"]
 STRATEGIES: tuple[Strategy, ...] = ("llkd", "all", "random", "teacher_confidence", "student_uncertainty")
-#: The rounds' rules of choice (llkd_ray/pipeline/choice.py).
-Choose = Literal["entropy", "bald", "disagreement", "llkd", "head_entropy"]
+Choose = Literal["entropy", "bald", "disagreement", "llkd", "head_entropy"]  # the rounds' rules (pipeline/choice.py)
 
 #: EMA momentum of the selection thresholds. The method spec's default is 0.99; at budgets of a few
 #: hundred steps the student level then needs ~1/(1-0.99) = 100 steps to follow the student and
