@@ -22,7 +22,7 @@ MINILM = "builtin:minilm"
 
 Strategy = Literal["llkd", "all", "random", "teacher_confidence", "student_uncertainty"]
 STRATEGIES: tuple[Strategy, ...] = ("llkd", "all", "random", "teacher_confidence", "student_uncertainty")
-Choose = Literal["entropy", "bald", "disagreement", "llkd", "head_entropy"]  # the rounds' rules (pipeline/choice.py)
+Choose = Literal["entropy", "bald", "disagreement", "llkd", "head_entropy", "gated_head"]  # pipeline/choice.py
 
 #: EMA momentum of the selection thresholds. The method spec's default is 0.99; at budgets of a few
 #: hundred steps the student level then needs ~1/(1-0.99) = 100 steps to follow the student and
@@ -239,7 +239,7 @@ class LabelingConfig(Section):
     scoring_batch_size: PositiveInt = 256
     """Rows per call of a scoring actor (the predictor batches them by length within)."""
     choose: Choose = "entropy"
-    """How later rounds rank rows: entropy, bald, disagreement, llkd or head_entropy (docs/labeling.md)."""
+    """How later rounds rank rows: entropy, bald, disagreement, llkd, head_entropy, gated_head (docs/labeling.md)."""
     first: Literal["random", "typical"] = "random"
     """Round 0: a seeded random slice, or typical rows (k-means medoids of the student's embeddings)."""
     clip: Annotated[float, Field(ge=0, lt=0.5)] = 0.0

@@ -4,6 +4,7 @@ disagreement, the typical first slice, the quota, the clip, the seeds."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,12 @@ from llkd_ray.errors import ConfigError
 from llkd_ray.pipeline.choice import (
     bald,
     choose_scored,
+    clears_student_level,
     clipped,
     disagreement,
     epistemic_kind,
     fit_head,
+    gated_score,
     scoring_passes,
     typical_slice,
     typicality_rank,
@@ -60,8 +63,8 @@ def test_each_rule_counts_its_forward_passes():
     assert [scoring_passes("bald", k, 4) for k in (1, 2)] == [5, 5]
     assert [scoring_passes("llkd", k, 3) for k in (1, 2)] == [4, 4]
     # the head times the entropy: the plain pass only (the labeled rows' pass is counted apart)
-    rule = "head_entropy"
-    assert [(epistemic_kind(rule, k), scoring_passes(rule, k, 3)) for k in (1, 2)] == [(None, 1), (None, 1)]
+    for rule in ("head_entropy", "gated_head"):
+        assert [(epistemic_kind(rule, k), scoring_passes(rule, k, 3)) for k in (1, 2)] == [(None, 1), (None, 1)]
     # one trained student at round 1: nothing to disagree with, it ranks by BALD
     assert [epistemic_kind("disagreement", k) for k in (1, 2)] == ["bald", "disagreement"]
     assert [scoring_passes("disagreement", k, 4) for k in (1, 2)] == [5, 2]
@@ -160,6 +163,28 @@ def test_the_score_is_taken_within_quotas_after_the_clip():
     # never clips below the slice: 10 of 12 rows labeled, 2 wanted, a 40 % clip sets none aside
     assert clipped(ids, uncertainty, 2, 0.4, set(ids[:10])) == set()
     assert clipped(ids, uncertainty, 2, 0.25, ()) == {"r00", "r01", "r02"}
+
+
+def test_the_gated_head_ranks_the_rows_clearing_the_student_level_first_each_group_by_the_head(tmp_path):
+    from llkd_ray.pipeline.scoring import student_levels
+
+    uncertainty = np.array([0.9, 0.5, 0.2, 0.6, 0.1, 0.4])
+    teacher_sure = np.array([0.1, 0.9, 0.99, 0.3, 0.8, 0.7])
+    predicted = np.array([0, 0, 0, 1, 1, 1])
+    levels = np.array([0.45, 0.5])  # tauS per class: rows 0, 1 (class 0) and 3 (class 1) clear it
+    clears = clears_student_level(uncertainty, predicted, levels)
+    assert clears.tolist() == [True, True, False, True, False, False]
+    order = np.argsort(-gated_score(teacher_sure, clears), kind="stable").tolist()
+    assert order == [1, 3, 0, 2, 4, 5]  # the head's order within each group; the product would take row 2 first
+    assert clears_student_level(uncertainty, predicted, None).all()  # no recorded levels: every row passes
+    # the levels the training ended with: the last step record of the metrics.jsonl beside the student
+    (tmp_path / "student").mkdir()
+    records = [{"step": 1, "student_thresholds": {"neg": 0.3, "pos": 0.4}}, {"step": 2, "student_thresholds":
+               {"neg": 0.2, "pos": 0.25}}, {"kind": "evaluation", "macro_f1": 0.5}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in records))
+    assert student_levels(tmp_path / "student", ["neg", "pos"]).tolist() == [0.2, 0.25]
+    assert student_levels(tmp_path / "student", ["neg", "other"]) is None
+    assert student_levels(tmp_path / "nowhere" / "student", ["neg", "pos"]) is None
 
 
 def _blobs(seed: int = 0) -> tuple[np.ndarray, list[set[int]]]:

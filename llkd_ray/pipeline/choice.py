@@ -35,6 +35,13 @@ Decided here:
   ``llkd`` chose were the teacher's good ones, but the student was already fairly sure of them and
   LLKD's gate dropped most (docs/quality.md, *the two chosen rules at 30 %*). One plain pass a
   row, plus the labeled rows' pass for the head.
+- **gated_head**: LLKD's conjunction with the student half kept a gate: the rows whose ``u``
+  clears the student level its last training ended with (``tauS[k]`` of the row's predicted
+  class, the last ``student_thresholds`` of that training's ``metrics.jsonl``; the teacher's
+  label, which the gate indexes by, is not known yet) first, each group ranked by the head. The
+  product of ``head_entropy`` follows the head, whose prediction spans [0, 1] while a half-trained
+  student's ``u`` is small and flat. Without recorded levels every row passes. Passes as
+  ``head_entropy``.
 - **The head**: L2 logistic regression (scikit-learn, ``C = 1``) on standardised embeddings. Its
   accuracy is measured on a seeded 20 % of the labeled rows held out from a first fit, then it is
   refitted on all of them for the choice. A target of one value only gives a constant head.
@@ -89,12 +96,12 @@ def disagreement(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
 
 
 #: The rules that weigh a row by the teacher-confidence head's prediction.
-HEAD_RULES: tuple[Choose, ...] = ("llkd", "head_entropy")
+HEAD_RULES: tuple[Choose, ...] = ("llkd", "head_entropy", "gated_head")
 
 
 def epistemic_kind(choose: Choose, index: int) -> str | None:
     """The uncertainty a round ranks by besides entropy: ``bald``, ``disagreement`` or None (entropy)."""
-    if choose in ("entropy", "head_entropy"):
+    if choose in ("entropy", "head_entropy", "gated_head"):
         return None
     if choose == "disagreement" and index >= 2:
         return "disagreement"
@@ -156,6 +163,20 @@ def fit_head(embeddings: np.ndarray, clears: np.ndarray, seed: int) -> tuple[Tea
 
 
 # --------------------------------------------------------------------------- the choice
+
+
+def clears_student_level(uncertainty: np.ndarray, predicted: np.ndarray, levels: np.ndarray | None) -> np.ndarray:
+    """Whether each row's ``u`` clears the student level of its predicted class (all, without ``levels``)."""
+    u = np.asarray(uncertainty, dtype=np.float64)
+    if levels is None:
+        return np.ones(len(u), dtype=bool)
+    return u >= np.asarray(levels, dtype=np.float64)[np.asarray(predicted, dtype=np.int64)]
+
+
+def gated_score(teacher_sure: np.ndarray, clears: np.ndarray) -> np.ndarray:
+    """``gated_head``'s score: the head's prediction, plus 1 where the row clears the student level,
+    so that every such row ranks before every other."""
+    return np.asarray(teacher_sure, dtype=np.float64) + np.asarray(clears, dtype=bool)
 
 
 def clipped(

@@ -228,8 +228,8 @@ def rounds_rows(document: dict[str, Any] | None) -> list[tuple[str, ...]]:
 
 
 def head_accuracy(record: dict[str, Any]) -> str:
-    """The teacher-confidence head's held-out accuracy in a round (``labeling.choose: llkd`` or
-    ``head_entropy``), against the share of labeled rows that clear the teacher's bar (what always
+    """The teacher-confidence head's held-out accuracy in a round (a rule of
+    ``HEAD_RULES``), against the share of labeled rows that clear the teacher's bar (what always
     guessing the majority scores)."""
     head = (record.get("scoring") or {}).get("head") or {}
     if head.get("held_out_accuracy") is None:

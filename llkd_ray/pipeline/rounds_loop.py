@@ -123,6 +123,7 @@ RULE_NAMES = {
     "disagreement": "disagreement",
     "llkd": "teacher head x bald",
     "head_entropy": "teacher head x uncertainty",
+    "gated_head": "teacher head, student-gated",
 }
 
 
@@ -233,8 +234,8 @@ def _slice(
         chosen, picked, scoring = choose_round(
             config, layout.labels, index, size, student, previous, labeled, parameters
         )
-        keep = [c for c in ("id", "uncertainty", "predicted", "score", "bald", "disagreement", "teacher_sure")
-                if c in picked.columns]  # fmt: skip
+        keep = [c for c in ("id", "uncertainty", "predicted", "score", "bald", "disagreement", "teacher_sure",
+                            "clears_student") if c in picked.columns]  # fmt: skip
         table = pa.Table.from_pandas(picked[keep], preserve_index=False)
         write_json(path.parent / SCORING, scoring)
     with atomic_output(path) as stream:

@@ -25,9 +25,11 @@ from llkd_ray.pipeline.choice import (
     HEAD_RULES,
     TeacherHead,
     choose_scored,
+    clears_student_level,
     disagreement,
     epistemic_kind,
     fit_head,
+    gated_score,
     typical_slice,
 )
 from llkd_ray.pipeline.choice import bald as bald_of
@@ -168,6 +170,17 @@ def _flops(frame: pd.DataFrame, parameters: int | None) -> tuple[int, float | No
     return tokens, forward_flops(parameters, tokens) if parameters else None
 
 
+def student_levels(student: Path, names: list[str]) -> np.ndarray | None:
+    """The student levels ``tauS[k]`` the training of ``student`` ended with (the last step record of
+    the ``metrics.jsonl`` beside it), in ``names``' order; None where none was recorded."""
+    from llkd_ray.artifacts import read_jsonl
+
+    steps = [r for r in read_jsonl(Path(student).parent / "metrics.jsonl") if "student_thresholds" in r]
+    if not steps or any(steps[-1]["student_thresholds"].get(name) is None for name in names):
+        return None
+    return np.array([float(steps[-1]["student_thresholds"][name]) for name in names])
+
+
 def fitted_head(
     config: PipelineConfig, student: Path, labels_dir: Path, labeled: pa.Array, seed: int
 ) -> tuple[TeacherHead, dict[str, Any], pd.DataFrame]:
@@ -205,7 +218,7 @@ def choose_round(
     typical = index == 0
     kind = None if typical else epistemic_kind(settings.choose, index)
     scorer: dict[str, Any] = {"seed": seed}
-    head, head_record, head_scores = None, None, None
+    head, head_record, head_scores, gate = None, None, None, {}
     if typical:
         scorer |= {"embed": True, "initial": (names, config.training.seed)}
     elif kind == "disagreement":
@@ -223,6 +236,11 @@ def choose_round(
     else:
         uncertainty = scores[kind].to_numpy() if kind else scores["uncertainty"].to_numpy()
         score = uncertainty * scores["teacher_sure"].to_numpy() if head is not None else uncertainty
+        if settings.choose == "gated_head":
+            levels = student_levels(student, names)
+            scores["clears_student"] = clears_student_level(uncertainty, predicted, levels)
+            score = gated_score(scores["teacher_sure"].to_numpy(), scores["clears_student"].to_numpy())
+            gate = {"student_levels": None if levels is None else dict(zip(names, levels.tolist(), strict=True))}
         scores["score"] = score
         chosen = choose_scored(
             ids, score, uncertainty, predicted, size, len(names), set(labeled.to_pylist()),
@@ -259,4 +277,9 @@ def choose_round(
         record["flops"] = None if flops is None or head_flops is None else flops + head_flops
         record["mean_teacher_sure_pool"] = float(scores["teacher_sure"].mean()) if len(scores) else None
         record["mean_teacher_sure_slice"] = float(picked["teacher_sure"].mean()) if len(picked) else None
+    if gate:  # gated_head: the levels, and the share of the pool and of the slice that cleared them
+        record |= gate | {
+            "clears_student_pool": float(scores["clears_student"].mean()) if len(scores) else None,
+            "clears_student_slice": float(picked["clears_student"].mean()) if len(picked) else None,
+        }
     return chosen, picked.reset_index(), record

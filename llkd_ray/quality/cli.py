@@ -129,7 +129,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     labeling.add_argument(
         "--labeling-choose",
         help="rules of the rounds' later slices, one rounds arm each, e.g. entropy,llkd,bald "
-        "(labeling.choose: entropy, bald, disagreement, llkd, head_entropy; default entropy)",
+        "(labeling.choose: entropy, bald, disagreement, llkd, head_entropy, gated_head; default entropy)",
     )
     labeling.add_argument(
         "--labeling-first",

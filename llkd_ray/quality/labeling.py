@@ -134,7 +134,7 @@ def slice_quality(run_dir: Path) -> list[dict[str, Any]]:
     whatever the rule; ``typical`` for a typical round 0), each with its rows, the teacher's mean
     confidence, the share of rows that clear its bar (:func:`~llkd_ray.pipeline.scoring.teacher_clears`
     over every labeled row of the run), where the pool has gold labels the share it labeled right,
-    and where the teacher-confidence head chose (``labeling.choose: llkd`` or ``head_entropy``) its mean prediction."""
+    and where the teacher-confidence head chose (the head rules, ``HEAD_RULES``) its mean prediction."""
     import pandas as pd
     import pyarrow.parquet as pq
 
@@ -363,7 +363,7 @@ def _rows_lines(axis: dict[str, Any]) -> list[str]:
         "Where the labels go: the teacher's mean confidence / accuracy (against the pool's gold labels) on the rows "
         "each arm had labeled — drawn at random (or typical, for a typical first slice), or chosen by the student's "
         "rule — the teacher-confidence head's mean prediction / the share of the chosen rows (and of the later "
-        "rounds' random rows) that cleared the teacher's bar (`llkd`, `head_entropy`), and the share of the labeled "
+        "rounds' random rows) that cleared the teacher's bar (the head rules), and the share of the labeled "
         "rows the strategy trained on at least once.",
         "",
         "| labeled | random subset: teacher on its rows | rows trained | rounds: teacher on the random rows | "

@@ -289,8 +289,8 @@ def labeling_training_budget(budget: float, pool_rows: int, variant: Variant, dr
     ``training.budget`` passes of the labeled rows in all (:func:`llkd_ray.pipeline.rounds.round_training`),
     and every round after the first also scores the unlabeled rows (2·N a token against 6·N
     trained: a third of a pass per row, times the forward passes of the round's rule), which
-    comes out of the same budget; so do the labeled rows' pass of the head rules (``llkd``,
-    ``head_entropy``) and the whole pool's pass of a typical round 0. Rows stand in for tokens; the
+    comes out of the same budget; so do the labeled rows' pass of the head rules (``HEAD_RULES``)
+    and the whole pool's pass of a typical round 0. Rows stand in for tokens; the
     run's FLOPs as recorded are what the benchmark reports."""
     sizes = slice_sizes(pool_rows, variant.labeled, variant.rounds)
     choose: Any = variant.choose
