@@ -74,7 +74,8 @@ def test_the_rules_forward_passes_come_out_of_the_training_budget() -> None:
     assert budget(choose="bald") == pytest.approx((5000 - 5 * 1700 / 3) / 300)  # K = 4 dropout passes and the plain one
     assert budget(choose="disagreement") == pytest.approx((5000 - (5 * 900 + 2 * 800) / 3) / 300)  # round 1: BALD
     assert budget(choose="llkd") == pytest.approx((5000 - (5 * 1700 + 100 + 200) / 3) / 300)  # + the labeled rows
-    assert budget(choose="head_entropy") == pytest.approx((5000 - (1700 + 100 + 200) / 3) / 300)
+    for rule in ("head_entropy", "gated_head"):  # the plain pass and the labeled rows' pass for the head
+        assert budget(choose=rule) == pytest.approx((5000 - (1700 + 100 + 200) / 3) / 300)
     assert budget(first="typical") == pytest.approx((5000 - (1700 + 1000) / 3) / 300)  # + round 0's pass
 
 

@@ -31,17 +31,16 @@ Decided here:
   at its first step), so the head predicts LLKD's teacher gate, not a raw confidence. The
   labeled rows cost one more plain pass each (their embeddings under the current student).
 - **head_entropy**: ``P(the teacher clears its bar | the text) x u``, the same head times the
-  entropy LLKD's student gate reads (``u_i >= tauS``), where ``llkd`` multiplies by BALD: the rows
-  ``llkd`` chose were the teacher's good ones, but the student was already fairly sure of them and
-  LLKD's gate dropped most (docs/quality.md, *the two chosen rules at 30 %*). One plain pass a
-  row, plus the labeled rows' pass for the head.
+  entropy LLKD's student gate reads (``u_i >= tauS``) rather than BALD, which can rank first rows
+  the student is already sure of, and those the gate then drops. One plain pass a row, plus the
+  labeled rows' pass for the head.
 - **gated_head**: LLKD's conjunction with the student half kept a gate: the rows whose ``u``
   clears the student level its last training ended with (``tauS[k]`` of the row's predicted
   class, the last ``student_thresholds`` of that training's ``metrics.jsonl``; the teacher's
-  label, which the gate indexes by, is not known yet) first, each group ranked by the head. The
-  product of ``head_entropy`` follows the head, whose prediction spans [0, 1] while a half-trained
-  student's ``u`` is small and flat. Without recorded levels every row passes. Passes as
-  ``head_entropy``.
+  label, which the gate indexes by, is not known yet) first, each group ranked by the head. A
+  product follows whichever factor varies more, and the head's prediction spans [0, 1] where a
+  half-trained student's ``u`` is small and flat: a gate keeps both halves. Without recorded
+  levels every row passes. Passes as ``head_entropy``.
 - **The head**: L2 logistic regression (scikit-learn, ``C = 1``) on standardised embeddings. Its
   accuracy is measured on a seeded 20 % of the labeled rows held out from a first fit, then it is
   refitted on all of them for the choice. A target of one value only gives a constant head.

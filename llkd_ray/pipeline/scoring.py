@@ -218,7 +218,8 @@ def choose_round(
     typical = index == 0
     kind = None if typical else epistemic_kind(settings.choose, index)
     scorer: dict[str, Any] = {"seed": seed}
-    head, head_record, head_scores, gate = None, None, None, {}
+    head, head_record, head_scores = None, None, None
+    gated, levels = not typical and settings.choose == "gated_head", None
     if typical:
         scorer |= {"embed": True, "initial": (names, config.training.seed)}
     elif kind == "disagreement":
@@ -235,12 +236,12 @@ def choose_round(
         chosen = typical_slice(ids, embeddings, predicted, size, len(names), seed)
     else:
         uncertainty = scores[kind].to_numpy() if kind else scores["uncertainty"].to_numpy()
-        score = uncertainty * scores["teacher_sure"].to_numpy() if head is not None else uncertainty
-        if settings.choose == "gated_head":
+        if gated:
             levels = student_levels(student, names)
             scores["clears_student"] = clears_student_level(uncertainty, predicted, levels)
             score = gated_score(scores["teacher_sure"].to_numpy(), scores["clears_student"].to_numpy())
-            gate = {"student_levels": None if levels is None else dict(zip(names, levels.tolist(), strict=True))}
+        else:
+            score = uncertainty * scores["teacher_sure"].to_numpy() if head is not None else uncertainty
         scores["score"] = score
         chosen = choose_scored(
             ids, score, uncertainty, predicted, size, len(names), set(labeled.to_pylist()),
@@ -277,8 +278,9 @@ def choose_round(
         record["flops"] = None if flops is None or head_flops is None else flops + head_flops
         record["mean_teacher_sure_pool"] = float(scores["teacher_sure"].mean()) if len(scores) else None
         record["mean_teacher_sure_slice"] = float(picked["teacher_sure"].mean()) if len(picked) else None
-    if gate:  # gated_head: the levels, and the share of the pool and of the slice that cleared them
-        record |= gate | {
+    if gated:  # the levels, and the share of the pool and of the slice that cleared them
+        record |= {
+            "student_levels": None if levels is None else dict(zip(names, levels.tolist(), strict=True)),
             "clears_student_pool": float(scores["clears_student"].mean()) if len(scores) else None,
             "clears_student_slice": float(picked["clears_student"].mean()) if len(picked) else None,
         }
