@@ -42,8 +42,8 @@ Decided here:
   half-trained student's ``u`` is small and flat: a gate keeps both halves. Without recorded
   levels every row passes. Passes as ``head_entropy``.
 - **The head**: L2 logistic regression (scikit-learn, ``C = 1``) on standardised embeddings. Its
-  accuracy is measured on a seeded 20 % of the labeled rows held out from a first fit, then it is
-  refitted on all of them for the choice. A target of one value only gives a constant head.
+  accuracy is measured on a seeded share (``HELD_OUT``) of the labeled rows held out from a first
+  fit, then it is refitted on all of them for the choice. A target of one value only gives a constant head.
 - **Clip**: before choosing, the ``labeling.clip`` share of the unlabeled rows with the highest
   uncertainty (entropy, BALD or disagreement; BALD for ``llkd``) is set aside (never fewer rows
   left than the slice): the very top of an uncertainty ranking is often outliers.

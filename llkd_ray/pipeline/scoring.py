@@ -175,10 +175,12 @@ def student_levels(student: Path, names: list[str]) -> np.ndarray | None:
     the ``metrics.jsonl`` beside it), in ``names``' order; None where none was recorded."""
     from llkd_ray.artifacts import read_jsonl
 
-    steps = [r for r in read_jsonl(Path(student).parent / "metrics.jsonl") if "student_thresholds" in r]
-    if not steps or any(steps[-1]["student_thresholds"].get(name) is None for name in names):
+    steps = [
+        r["student_thresholds"] for r in read_jsonl(Path(student).parent / "metrics.jsonl") if "student_thresholds" in r
+    ]
+    if not steps or any(steps[-1].get(name) is None for name in names):
         return None
-    return np.array([float(steps[-1]["student_thresholds"][name]) for name in names])
+    return np.array([float(steps[-1][name]) for name in names])
 
 
 def fitted_head(
